@@ -1,0 +1,167 @@
+-- pgslotguard: the user-facing SQL API and the inspection views. Runs last in
+-- CREATE EXTENSION, after the internal functions in schema pgslotguard exist.
+--
+-- The backup_slot_* functions are thin SQL wrappers with the documented signatures. They
+-- are SECURITY INVOKER: the functions they call check the caller's rights (REPLICATION or
+-- superuser to lease, lease owner or superuser to renew/release/keep) and only then act
+-- with the extension owner's rights. search_path is pinned on every function.
+
+CREATE FUNCTION @extschema@.backup_slot_lease(
+    slot_name    text,
+    ttl          interval DEFAULT NULL,
+    holder       text     DEFAULT NULL,
+    max_retained text     DEFAULT NULL,
+    adopt        boolean  DEFAULT false)
+RETURNS TABLE (slot_name text, lsn pg_lsn, expires_at timestamptz)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
+      FROM pgslotguard.lease_slot($1, $2, $3, $4, $5) AS l
+$$;
+COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean) IS
+'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl); returns the slot, the reserved LSN and the expiry';
+
+CREATE FUNCTION @extschema@.backup_slot_renew(slot_name text, ttl interval DEFAULT NULL)
+RETURNS timestamptz
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgslotguard.renew_slot($1, $2) $$;
+COMMENT ON FUNCTION @extschema@.backup_slot_renew(text, interval) IS
+'push the lease''s expiry to now() + ttl (default pgslotguard.default_ttl): the heartbeat of a long backup; returns the new expiry';
+
+CREATE FUNCTION @extschema@.backup_slot_release(slot_name text)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgslotguard.release_slot($1) $$;
+COMMENT ON FUNCTION @extschema@.backup_slot_release(text) IS
+'the backup is done: drop the slot and end its lease';
+
+CREATE FUNCTION @extschema@.backup_slot_keep(slot_name text)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pgslotguard.keep_slot($1) $$;
+COMMENT ON FUNCTION @extschema@.backup_slot_keep(text) IS
+'end the lease but keep the slot (the backup became a standby that now uses it)';
+
+CREATE FUNCTION @extschema@.backup_slot_enforce(dry_run boolean DEFAULT false)
+RETURNS TABLE (slot_name text, action text, reason text, retained_bytes bigint)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM pgslotguard.enforce_now($1) $$;
+COMMENT ON FUNCTION @extschema@.backup_slot_enforce(boolean) IS
+'run one enforcement pass now, in this session, with the current policy (the worker runs the same code); dry_run records would_drop and touches nothing';
+
+-- pgslotguard.max_retained_wal in bytes, NULL when off or when the library is not loaded.
+CREATE FUNCTION pgslotguard.global_max_retained() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN s IS NULL OR s = '-1' THEN NULL ELSE pg_catalog.pg_size_bytes(s) END
+      FROM pg_catalog.current_setting('pgslotguard.max_retained_wal', true) AS s
+$$;
+
+CREATE VIEW pgslotguard.leases WITH (security_barrier) AS
+SELECT l.slot_name,
+       l.holder,
+       pg_catalog.pg_get_userbyid(l.owner) AS owner,
+       l.leased_at,
+       l.renewed_at,
+       l.expires_at,
+       pg_catalog.date_trunc('second', l.expires_at - pg_catalog.now()) AS expires_in,
+       s.active,
+       s.active_pid,
+       s.wal_status,
+       s.restart_lsn,
+       d.retained_bytes,
+       pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
+       pg_catalog.coalesce(l.max_retained, pgslotguard.global_max_retained()) AS max_retained_bytes,
+       pg_catalog.pg_size_pretty(pg_catalog.coalesce(l.max_retained, pgslotguard.global_max_retained())) AS max_retained,
+       pg_catalog.coalesce(d.state, 'ok') AS state,
+       d.nearest_limit,
+       l.adopted
+  FROM pgslotguard.lease_data l
+  LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
+  LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text
+ WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+    OR l.owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER);
+COMMENT ON VIEW pgslotguard.leases IS
+'one row per lease, joined to its slot; state: ok, expired, expired_active, over_retained, over_age, over_inactive, slot_missing. pg_monitor sees all leases, other roles their own';
+
+CREATE VIEW pgslotguard.slots AS
+SELECT d.slot_name,
+       s.slot_type,
+       s.temporary,
+       s.active,
+       s.active_pid,
+       s.wal_status,
+       s.restart_lsn,
+       d.leased,
+       d.in_scope,
+       d.scope_reason,
+       d.retained_bytes,
+       pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us / 1e6)) AS age,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us / 1e6)) AS inactive_for,
+       d.nearest_limit,
+       d.state,
+       d.next_action,
+       d.action_reason
+  FROM pgslotguard.slot_decisions() d
+  JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
+ ORDER BY d.slot_name;
+COMMENT ON VIEW pgslotguard.slots IS
+'every replication slot with the guard''s view of it: in scope or not and why, retained WAL, age, inactivity, nearest limit, and what the next pass would do';
+
+CREATE VIEW pgslotguard.events WITH (security_barrier) AS
+SELECT e.id,
+       e.at,
+       e.slot_name,
+       e.action,
+       e.reason,
+       e.retained_bytes,
+       pg_catalog.pg_size_pretty(e.retained_bytes) AS retained,
+       e.actor
+  FROM pgslotguard.event_log e
+ WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+    OR e.lease_owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+ ORDER BY e.id;
+COMMENT ON VIEW pgslotguard.events IS
+'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, terminate, would_drop, warn, error; actor is a role or "worker"';
+
+CREATE VIEW pgslotguard.status AS
+SELECT w.preloaded,
+       w.running,
+       w.pid,
+       pg_catalog.current_setting('pgslotguard.enabled', true) AS enabled,
+       pg_catalog.current_setting('pgslotguard.naptime', true) AS naptime,
+       w.started_at,
+       w.last_pass_at,
+       pg_catalog.round(w.last_pass_ms::numeric, 3) AS last_pass_ms,
+       w.next_pass_at,
+       w.passes,
+       w.drops,
+       w.errors,
+       w.last_error,
+       w.last_error_at
+  FROM pgslotguard.worker_status() w;
+COMMENT ON VIEW pgslotguard.status IS
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, drops, errors, last error';
+
+-- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
+-- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
+GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(text, interval, text, text, boolean),
+                          pgslotguard.renew_slot(text, interval),
+                          pgslotguard.release_slot(text),
+                          pgslotguard.keep_slot(text),
+                          pgslotguard.enforce_now(boolean),
+                          pgslotguard.slot_decisions(),
+                          pgslotguard.global_max_retained() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgslotguard.worker_status() TO pg_monitor;
+REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status FROM PUBLIC;
+GRANT SELECT ON pgslotguard.leases, pgslotguard.events TO PUBLIC;
+GRANT SELECT ON pgslotguard.slots, pgslotguard.status TO pg_monitor;

@@ -1,0 +1,42 @@
+-- pgslotguard state: WAL-logged tables, read and written only through the extension's
+-- functions (which check the caller's rights) and the guard worker.
+
+CREATE TABLE pgslotguard.lease_data (
+    slot_name    name PRIMARY KEY,
+    holder       text,
+    owner        oid NOT NULL,
+    leased_at    timestamptz NOT NULL,
+    renewed_at   timestamptz,
+    expires_at   timestamptz NOT NULL,
+    max_retained bigint CHECK (max_retained > 0),
+    adopted      boolean NOT NULL DEFAULT false,
+    reserved_lsn pg_lsn
+);
+COMMENT ON TABLE pgslotguard.lease_data IS 'one row per leased replication slot; read it through pgslotguard.leases';
+
+CREATE TABLE pgslotguard.event_log (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at             timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    slot_name      name,
+    action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
+                        'retained_drop', 'age_drop', 'inactive_drop', 'terminate', 'would_drop', 'warn', 'error')),
+    reason         text,
+    retained_bytes bigint,
+    actor          text NOT NULL,
+    lease_owner    oid
+);
+CREATE INDEX event_log_at_idx ON pgslotguard.event_log (at);
+COMMENT ON TABLE pgslotguard.event_log IS 'audit trail of every lease operation and guard action; read it through pgslotguard.events; purged after pgslotguard.event_retention';
+
+CREATE TABLE pgslotguard.slot_seen (
+    slot_name      name PRIMARY KEY,
+    first_seen     timestamptz NOT NULL,
+    inactive_since timestamptz
+);
+COMMENT ON TABLE pgslotguard.slot_seen IS 'when the guard first saw each slot and since when it has had no walsender (PostgreSQL 15 does not track this)';
+
+REVOKE ALL ON pgslotguard.lease_data, pgslotguard.event_log, pgslotguard.slot_seen FROM PUBLIC;
+
+-- Leases and events are the state to keep across pg_dump of this database.
+SELECT pg_catalog.pg_extension_config_dump('pgslotguard.lease_data', '');
+SELECT pg_catalog.pg_extension_config_dump('pgslotguard.event_log', '');

@@ -1,0 +1,291 @@
+//! The SQL API, as internal functions in schema `pgslotguard`; the user-facing
+//! `backup_slot_*` functions in sql/api.sql are thin SQL wrappers with the documented
+//! signatures. Each function checks its arguments and the caller's rights, then does its
+//! work with the extension owner's rights (like a SECURITY DEFINER function, but with the
+//! caller still known), through state.rs.
+
+use crate::error::{or_report, GuardError};
+use crate::state::{self, Event, NewLease};
+use crate::validate::{self, pretty_duration, pretty_size};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+type Result<T> = std::result::Result<T, GuardError>;
+
+fn caller() -> pg_sys::Oid {
+    unsafe { pg_sys::GetUserId() }
+}
+
+fn is_superuser(role: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::superuser_arg(role) }
+}
+
+fn no_recovery(what: &'static str) -> Result<()> {
+    if state::in_recovery() {
+        Err(GuardError::InRecovery(what))
+    } else {
+        Ok(())
+    }
+}
+
+/// Lease length: the given interval or `pgslotguard.default_ttl`, within (0, max_ttl].
+fn check_ttl(slot: &str, ttl: Option<Interval>) -> Result<Interval> {
+    let ttl = match ttl {
+        Some(t) => t,
+        None => Interval::from_micros(crate::guc::default_ttl_us()),
+    };
+    let us = ttl.as_micros();
+    if us <= 0 {
+        return Err(GuardError::TtlNotPositive { slot: slot.into(), ttl: ttl.to_string() });
+    }
+    let max = crate::guc::max_ttl_us();
+    if us > max as i128 {
+        return Err(GuardError::TtlTooLong { slot: slot.into(), ttl: ttl.to_string(), max: pretty_duration(max) });
+    }
+    Ok(ttl)
+}
+
+/// The caller may change this lease: its owner, or a superuser.
+fn check_owner(slot: &str, owner: pg_sys::Oid, verb: &str) -> Result<()> {
+    let me = caller();
+    if me == owner || is_superuser(me) {
+        return Ok(());
+    }
+    Err(GuardError::PermissionDenied {
+        what: format!("{verb} the lease of replication slot \"{slot}\" (owned by role \"{}\")", state::role_name(owner)),
+        hint: "Only the role that took a lease, or a superuser, may renew, release or keep it.",
+    })
+}
+
+fn warn_if_unguarded() {
+    if crate::shmem::worker_running().is_none() {
+        ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            "pgslotguard: no guard worker is running; this lease will not be enforced",
+            "Add pgslotguard to shared_preload_libraries, set pgslotguard.database to this database, and restart the server."
+        );
+    }
+}
+
+#[pg_schema]
+pub mod pgslotguard {
+    use super::*;
+
+    /// Implementation of backup_slot_lease(); see sql/api.sql.
+    #[pg_extern(volatile, parallel_unsafe, name = "lease_slot")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn lease_slot(
+        slot_name: Option<&str>,
+        ttl: Option<Interval>,
+        holder: Option<&str>,
+        max_retained: Option<&str>,
+        adopt: Option<bool>,
+    ) -> TableIterator<
+        'static,
+        (name!(slot_name, String), name!(lsn, Option<String>), name!(expires_at, TimestampWithTimeZone)),
+    > {
+        let row = or_report(lease(slot_name, ttl, holder, max_retained, adopt.unwrap_or(false)));
+        warn_if_unguarded();
+        TableIterator::once(row)
+    }
+
+
+    #[pg_extern(volatile, parallel_unsafe, name = "renew_slot")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn renew_slot(slot_name: Option<&str>, ttl: Option<Interval>) -> TimestampWithTimeZone {
+        or_report(renew(slot_name, ttl))
+    }
+
+
+    #[pg_extern(volatile, parallel_unsafe, name = "release_slot")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn release_slot(slot_name: Option<&str>) -> bool {
+        or_report(release(slot_name, true))
+    }
+
+
+    #[pg_extern(volatile, parallel_unsafe, name = "keep_slot")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn keep_slot(slot_name: Option<&str>) -> bool {
+        or_report(release(slot_name, false))
+    }
+
+
+    #[pg_extern(volatile, parallel_unsafe, name = "enforce_now")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn enforce_now(
+        dry_run: Option<bool>,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(slot_name, String),
+            name!(action, String),
+            name!(reason, String),
+            name!(retained_bytes, Option<i64>),
+        ),
+    > {
+        let rows = or_report(enforce(dry_run.unwrap_or(false)));
+        TableIterator::new(rows.into_iter().map(|d| (d.slot_name, d.action, d.reason, d.retained_bytes)))
+    }
+}
+
+fn lease(
+    name: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    max_retained: Option<&str>,
+    adopt: bool,
+) -> Result<(String, Option<String>, TimestampWithTimeZone)> {
+    let name = validate::slot_name(name)?;
+    let holder = validate::holder(holder)?;
+    let max_retained = validate::max_retained(max_retained)?;
+    let me = caller();
+    if !is_superuser(me) && !unsafe { pg_sys::has_rolreplication(me) } {
+        return Err(GuardError::PermissionDenied {
+            what: format!("lease replication slot \"{name}\""),
+            hint: "Only superusers and roles with the REPLICATION attribute may lease replication slots.",
+        });
+    }
+    if let (Some(asked), Some(global)) = (max_retained, crate::guc::max_retained_wal()) {
+        if asked > global && !is_superuser(me) {
+            return Err(GuardError::LimitRaise {
+                slot: name.into(),
+                asked: pretty_size(asked),
+                global: pretty_size(global),
+            });
+        }
+    }
+    let ttl = check_ttl(name, ttl)?;
+    no_recovery("take a lease")?;
+
+    state::as_owner(|| {
+        state::lock_name(name)?;
+        if let Some(existing) = state::lease_for_update(name)? {
+            return Err(GuardError::AlreadyLeased { slot: name.into(), until: existing.expires_at.to_string() });
+        }
+        let lsn = match (state::slot(name)?, adopt) {
+            (Some(_), false) => return Err(GuardError::SlotExists(name.into())),
+            (None, true) => return Err(GuardError::NoSlot(name.into())),
+            (Some(s), true) => {
+                if !s.physical {
+                    return Err(GuardError::LogicalSlot(name.into()));
+                }
+                if s.temporary {
+                    return Err(GuardError::TemporarySlot(name.into()));
+                }
+                if let Some(pid) = s.active_pid {
+                    return Err(GuardError::SlotActive { slot: name.into(), pid, action: "adopt" });
+                }
+                s.restart_lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xFFFF_FFFF))
+            }
+            (None, false) => {
+                let lsn = state::create_slot(name)?;
+                crate::rollback::created_in_this_transaction(name);
+                Some(lsn)
+            }
+        };
+        let expires_at = state::insert_lease(&NewLease {
+            slot_name: name,
+            holder,
+            owner: me,
+            ttl,
+            max_retained,
+            adopted: adopt,
+            lsn: lsn.as_deref(),
+        })?;
+        let mut reason = format!("{} for {}", if adopt { "adopted existing slot" } else { "created slot" }, ttl);
+        if let Some(h) = holder {
+            reason.push_str(&format!(", holder {h}"));
+        }
+        if let Some(m) = max_retained {
+            reason.push_str(&format!(", max_retained {}", pretty_size(m)));
+        }
+        state::record(&Event {
+            slot_name: Some(name),
+            action: "lease",
+            reason: &reason,
+            retained_bytes: None,
+            actor: &state::role_name(me),
+            lease_owner: Some(me),
+        })?;
+        Ok((name.to_string(), lsn, expires_at))
+    })
+}
+
+fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZone> {
+    let name = validate::slot_name(name)?;
+    let ttl = check_ttl(name, ttl)?;
+    no_recovery("renew a lease")?;
+    let me = caller();
+    state::as_owner(|| {
+        state::lock_name(name)?;
+        let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
+        check_owner(name, lease.owner, "renew")?;
+        if state::slot(name)?.is_none() {
+            return Err(GuardError::LeasedSlotGone { slot: name.into() });
+        }
+        let expires_at = state::renew_lease(name, ttl)?;
+        state::record(&Event {
+            slot_name: Some(name),
+            action: "renew",
+            reason: &format!("renewed for {ttl}, until {expires_at}"),
+            retained_bytes: None,
+            actor: &state::role_name(me),
+            lease_owner: Some(lease.owner),
+        })?;
+        Ok(expires_at)
+    })
+}
+
+/// End a lease: drop its slot (`backup_slot_release`) or keep it (`backup_slot_keep`).
+fn release(name: Option<&str>, drop: bool) -> Result<bool> {
+    let name = validate::slot_name(name)?;
+    let verb = if drop { "release" } else { "keep" };
+    no_recovery(if drop { "release a lease" } else { "keep a leased slot" })?;
+    let me = caller();
+    state::as_owner(|| {
+        state::lock_name(name)?;
+        let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
+        check_owner(name, lease.owner, verb)?;
+        let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
+        if drop {
+            if let Some(pid) = slot.active_pid {
+                return Err(GuardError::SlotActive { slot: name.into(), pid, action: "release" });
+            }
+        }
+        let retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
+        state::delete_lease(name)?;
+        let reason = if drop { "backup done: slot dropped" } else { "lease ended, slot kept" };
+        state::record(&Event {
+            slot_name: Some(name),
+            action: verb,
+            reason,
+            retained_bytes: retained,
+            actor: &state::role_name(me),
+            lease_owner: Some(lease.owner),
+        })?;
+        if drop {
+            state::drop_slot(name)?;
+        }
+        Ok(true)
+    })
+}
+
+fn enforce(dry_run: bool) -> Result<Vec<crate::enforce::Done>> {
+    let me = caller();
+    let allowed = is_superuser(me) || (dry_run && state::is_member_of_pg_monitor(me));
+    if !allowed {
+        return Err(GuardError::PermissionDenied {
+            what: "run an enforcement pass".into(),
+            hint: "Only a superuser may run backup_slot_enforce(); members of pg_monitor may run it with dry_run => true.",
+        });
+    }
+    no_recovery("run an enforcement pass")?;
+    let name = state::role_name(me);
+    state::as_owner(|| {
+        let mut actor = crate::enforce::Actor { name: &name, warned: None };
+        Ok(crate::enforce::run_pass(&mut actor, dry_run)?.done)
+    })
+}

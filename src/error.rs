@@ -1,0 +1,119 @@
+//! One error type for the whole extension, and the one place where each error gets its
+//! SQLSTATE, message and HINT. Functions inside return `Result<T, GuardError>`; the SQL
+//! boundary calls [`GuardError::report`].
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
+    #[error("replication slot name \"\" is too short")]
+    SlotNameTooShort,
+    #[error("replication slot name \"{0}\" is too long")]
+    SlotNameTooLong(String),
+    #[error("replication slot name \"{0}\" contains invalid character")]
+    SlotNameInvalid(String),
+    #[error("holder is too long ({0} bytes, at most 1024)")]
+    HolderTooLong(usize),
+    #[error("invalid max_retained \"{0}\": {1}")]
+    BadSize(String, String),
+    #[error("lease time for replication slot \"{slot}\" must be positive, got {ttl}")]
+    TtlNotPositive { slot: String, ttl: String },
+    #[error("lease time {ttl} for replication slot \"{slot}\" exceeds pgslotguard.max_ttl ({max})")]
+    TtlTooLong { slot: String, ttl: String, max: String },
+    #[error("replication slot \"{0}\" already exists")]
+    SlotExists(String),
+    #[error("replication slot \"{slot}\" is already leased until {until}")]
+    AlreadyLeased { slot: String, until: String },
+    #[error("no lease for replication slot \"{0}\"")]
+    NoLease(String),
+    #[error("replication slot \"{0}\" does not exist")]
+    NoSlot(String),
+    #[error("replication slot \"{slot}\" of lease no longer exists")]
+    LeasedSlotGone { slot: String },
+    #[error("replication slot \"{0}\" is a logical slot")]
+    LogicalSlot(String),
+    #[error("replication slot \"{0}\" is temporary")]
+    TemporarySlot(String),
+    #[error("replication slot \"{slot}\" is active for PID {pid}")]
+    SlotActive { slot: String, pid: i32, action: &'static str },
+    #[error("permission denied to {what}")]
+    PermissionDenied { what: String, hint: &'static str },
+    #[error("max_retained {asked} for replication slot \"{slot}\" is above pgslotguard.max_retained_wal ({global})")]
+    LimitRaise { slot: String, asked: String, global: String },
+    #[error("cannot {0} during recovery")]
+    InRecovery(&'static str),
+    #[error("{0}")]
+    Spi(#[from] pgrx::spi::Error),
+}
+
+impl GuardError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use GuardError::*;
+        use PgSqlErrorCode::*;
+        match self {
+            NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            SlotNameTooShort | SlotNameInvalid(_) => ERRCODE_INVALID_NAME,
+            SlotNameTooLong(_) => ERRCODE_NAME_TOO_LONG,
+            HolderTooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            BadSize(..) | TtlNotPositive { .. } | TtlTooLong { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
+            NoLease(_) | NoSlot(_) | LeasedSlotGone { .. } => ERRCODE_UNDEFINED_OBJECT,
+            LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
+            PermissionDenied { .. } | LimitRaise { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            InRecovery(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            Spi(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> String {
+        use GuardError::*;
+        match self {
+            NullArgument(_) => "Pass a value.".into(),
+            SlotNameTooShort | SlotNameInvalid(_) => {
+                "Replication slot names may only contain lower case letters, numbers, and the underscore character.".into()
+            }
+            SlotNameTooLong(_) => "Replication slot names are at most 63 bytes long.".into(),
+            HolderTooLong(_) => "Use a short label such as the host and job name.".into(),
+            BadSize(..) => "Give a size above zero such as '512MB' or '50GB' (units: bytes, kB, MB, GB, TB, PB).".into(),
+            TtlNotPositive { .. } => "Give an interval such as '2 hours'.".into(),
+            TtlTooLong { .. } => "Take a shorter lease and renew it with backup_slot_renew(), or raise pgslotguard.max_ttl.".into(),
+            SlotExists(_) => "Call backup_slot_lease() with adopt => true to put the existing slot under a lease, or choose another name.".into(),
+            AlreadyLeased { .. } => "Renew it with backup_slot_renew(), or release it with backup_slot_release() first.".into(),
+            NoLease(_) => "SELECT * FROM pgslotguard.leases shows the leases that exist.".into(),
+            NoSlot(_) => "Call backup_slot_lease() without adopt to create the slot.".into(),
+            LeasedSlotGone { .. } => "The slot was dropped outside pgslotguard; the guard worker ends such leases at its next pass.".into(),
+            LogicalSlot(_) => "Only physical slots can be leased.".into(),
+            TemporarySlot(_) => "A temporary slot ends with its session; it cannot be leased.".into(),
+            SlotActive { action, .. } => format!("Stop the client that streams from it before you {action} the slot, or call backup_slot_keep() to keep the slot and end the lease."),
+            PermissionDenied { hint, .. } => (*hint).into(),
+            LimitRaise { .. } => "Only a superuser may give a lease a limit above pgslotguard.max_retained_wal.".into(),
+            InRecovery(_) => "Leases are taken on the primary; connect to the primary server.".into(),
+            Spi(_) => "This is a bug in pgslotguard; please report it with the server log.".into(),
+        }
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn report(self) -> ! {
+        ErrorReport::new(self.sqlstate(), self.to_string(), "pgslotguard")
+            .set_hint(self.hint())
+            .report(PgLogLevel::ERROR);
+        unreachable!("ERROR returned")
+    }
+}
+
+/// Unwrap a result at the SQL boundary: the value, or an ERROR with SQLSTATE and HINT.
+pub fn or_report<T>(r: Result<T, GuardError>) -> T {
+    r.unwrap_or_else(|e| e.report())
+}
+
+/// The message of an error caught with `PgTryBuilder`.
+pub fn caught_message(e: &pgrx::pg_sys::panic::CaughtError) -> String {
+    use pgrx::pg_sys::panic::CaughtError::*;
+    match e {
+        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.message().to_string(),
+    }
+}

@@ -1,0 +1,282 @@
+//! Every GUC in one place: name, unit, bounds, check hooks, and the `Policy` snapshot
+//! that a pass reads once. The rest of the code never reads a GUC directly.
+
+use crate::policy::{Policy, Scope};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ScopeGuc {
+    #[name = c"leased"]
+    Leased,
+    #[name = c"physical"]
+    Physical,
+    #[name = c"all"]
+    All,
+}
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// milliseconds
+pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// seconds
+pub static DEFAULT_TTL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// seconds
+pub static MAX_TTL: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// megabytes, -1 = off
+pub static MAX_RETAINED_WAL: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// seconds, -1 = off
+pub static MAX_SLOT_AGE: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// seconds, -1 = off
+pub static MAX_INACTIVE_TIME: GucSetting<i32> = GucSetting::<i32>::new(-1);
+pub static SCOPE: GucSetting<ScopeGuc> = GucSetting::<ScopeGuc>::new(ScopeGuc::Leased);
+pub static EXCLUDE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static TERMINATE_ACTIVE: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// seconds, -1 = keep forever
+pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+
+const US_PER_S: i64 = 1_000_000;
+
+/// Define every GUC, then reserve the prefix so a typo such as `pgslotguard.naptme` is
+/// refused rather than silently kept as a placeholder.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pgslotguard.database",
+        c"Database that holds the pgslotguard extension; the guard worker connects there.",
+        c"Like cron.database_name: CREATE EXTENSION pgslotguard is refused in any other database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgslotguard.enabled",
+        c"Whether the guard worker enforces leases and limits.",
+        c"When off, the worker stays connected but runs no pass.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.naptime",
+        c"Time between two enforcement passes of the guard worker.",
+        c"A breach is acted on at most this long (plus the pass itself) after it happens.",
+        &NAPTIME,
+        10,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"pgslotguard.default_ttl",
+            c"Lease length when backup_slot_lease() or backup_slot_renew() is given no ttl.",
+            c"Must not exceed pgslotguard.max_ttl.",
+            &DEFAULT_TTL,
+            1,
+            i32::MAX,
+            GucContext::Userset,
+            GucFlags::UNIT_S,
+            Some(check_default_ttl),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_ttl",
+        c"Longest lease anyone may take or renew to.",
+        c"",
+        &MAX_TTL,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_retained_wal",
+        c"Drop a slot in scope that retains more WAL than this (-1 disables).",
+        c"Retained WAL is the current WAL position minus the slot's restart_lsn. A lease may set a lower limit of its own.",
+        &MAX_RETAINED_WAL,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_slot_age",
+        c"Drop a slot in scope older than this (-1 disables).",
+        c"Leased slots count from the lease, others from when the guard first saw them.",
+        &MAX_SLOT_AGE,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_inactive_time",
+        c"Drop a slot in scope that has had no walsender for longer than this (-1 disables).",
+        c"Inactivity is tracked by the guard worker and survives restarts.",
+        &MAX_INACTIVE_TIME,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_enum_guc(
+        c"pgslotguard.scope",
+        c"Which slots the limits cover: leased, physical (all physical slots) or all.",
+        c"Unleased slots are never touched under scope = leased.",
+        &SCOPE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pgslotguard.exclude",
+            c"Regular expression of slot names the guard never touches, whatever the scope.",
+            c"Rust regex syntax (close to POSIX ERE); an empty string excludes nothing.",
+            &EXCLUDE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_exclude),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"pgslotguard.terminate_active",
+        c"For a retained-WAL or age breach on an active slot, terminate its walsender, then drop the slot.",
+        c"Lease expiry and inactivity never terminate a walsender.",
+        &TERMINATE_ACTIVE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgslotguard.dry_run",
+        c"Record and log would_drop instead of dropping slots.",
+        c"",
+        &DRY_RUN,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.event_retention",
+        c"Events older than this are purged from pgslotguard.events (-1 keeps them forever).",
+        c"",
+        &EVENT_RETENTION,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"pgslotguard".as_ptr());
+    }
+}
+
+/// Set the DETAIL of a refused GUC value (a check hook may not raise an ERROR).
+unsafe fn check_detail(msg: &str) {
+    let c = CString::new(msg).unwrap_or_default();
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(c.as_ptr());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_exclude(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        CStr::from_ptr(*newval).to_string_lossy().into_owned()
+    };
+    match compile_exclude(&value) {
+        Ok(_) => true,
+        Err(e) => {
+            unsafe { check_detail(&format!("pgslotguard.exclude is not a valid regular expression: {e}")) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_default_ttl(
+    newval: *mut i32,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let v = unsafe { *newval };
+    let max = MAX_TTL.get();
+    if v > max {
+        unsafe {
+            check_detail(&format!(
+                "pgslotguard.default_ttl ({v}s) must not exceed pgslotguard.max_ttl ({max}s)."
+            ))
+        };
+        return false;
+    }
+    true
+}
+
+fn compile_exclude(pattern: &str) -> Result<Option<regex::Regex>, regex::Error> {
+    if pattern.is_empty() {
+        Ok(None)
+    } else {
+        regex::Regex::new(pattern).map(Some)
+    }
+}
+
+fn opt_limit(v: i32, scale: i64) -> Option<i64> {
+    (v >= 0).then_some(v as i64 * scale)
+}
+
+/// The policy in force now. Read once at the start of a pass.
+pub fn policy() -> Policy {
+    let exclude = EXCLUDE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .and_then(|p| compile_exclude(&p).ok().flatten());
+    Policy {
+        max_retained_wal: opt_limit(MAX_RETAINED_WAL.get(), 1 << 20),
+        max_slot_age_us: opt_limit(MAX_SLOT_AGE.get(), US_PER_S),
+        max_inactive_us: opt_limit(MAX_INACTIVE_TIME.get(), US_PER_S),
+        scope: match SCOPE.get() {
+            ScopeGuc::Leased => Scope::Leased,
+            ScopeGuc::Physical => Scope::Physical,
+            ScopeGuc::All => Scope::All,
+        },
+        exclude,
+        terminate_active: TERMINATE_ACTIVE.get(),
+        dry_run: DRY_RUN.get(),
+    }
+}
+
+pub fn database() -> String {
+    DATABASE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+}
+pub fn enabled() -> bool {
+    ENABLED.get()
+}
+pub fn naptime_ms() -> u64 {
+    NAPTIME.get().max(10) as u64
+}
+pub fn default_ttl_us() -> i64 {
+    DEFAULT_TTL.get() as i64 * US_PER_S
+}
+pub fn max_ttl_us() -> i64 {
+    MAX_TTL.get() as i64 * US_PER_S
+}
+/// Global retained-WAL limit in bytes, if set.
+pub fn max_retained_wal() -> Option<i64> {
+    opt_limit(MAX_RETAINED_WAL.get(), 1 << 20)
+}
+/// Event retention in microseconds, if events are purged at all.
+pub fn event_retention_us() -> Option<i64> {
+    opt_limit(EVENT_RETENTION.get(), US_PER_S)
+}

@@ -1,0 +1,61 @@
+//! pgslotguard: replication slots for backups as leases, enforced by a background worker.
+//!
+//! Module map: `guc` (every setting, the `Policy` snapshot), `validate` and `policy` (pure
+//! logic, unit-tested without PostgreSQL), `error` (SQLSTATE + HINT mapping), `state` (SPI),
+//! `rollback` (no slot survives a rolled-back lease), `api` (the SQL functions), `enforce`
+//! (one pass, shared by the worker and backup_slot_enforce), `views`, `shmem`, `worker`.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod enforce;
+pub mod error;
+pub mod guc;
+pub mod policy;
+pub mod rollback;
+pub mod shmem;
+pub mod state;
+pub mod validate;
+pub mod views;
+pub mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/tables.sql", name = "tables", requires = ["bootstrap"]);
+extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    // Skip the worker and shared memory during pg_upgrade, as pg_cron does.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::init();
+        worker::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Used by `cargo pgrx test`: the test cluster preloads pgslotguard so the worker runs.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pgslotguard'",
+            "pgslotguard.database = 'pgrx_tests'",
+            "pgslotguard.naptime = '1s'",
+            "max_replication_slots = 64",
+            "max_wal_senders = 16",
+            "wal_level = replica",
+        ]
+    }
+}

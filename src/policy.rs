@@ -1,0 +1,615 @@
+//! PURE decision logic: given the policy, the slots, the leases, what the guard has seen
+//! of each slot and the clock, what must happen to each slot?
+//!
+//! No pgrx types, no SPI, no clock: every input is a plain value, so every limit, scope
+//! and edge case is a unit test. Times are microseconds (PostgreSQL `TimestampTz` scale),
+//! sizes are bytes, LSNs are plain `u64`.
+//!
+//! Rules (DESIGN.md "Policy" and "Lease rules"), as decided here:
+//! * A limit is breached when the value is strictly above it (`> limit`); a lease is
+//!   expired from the instant `now >= expires_at`.
+//! * Excluded names (`pgslotguard.exclude`) and temporary slots are never in scope.
+//!   A leased slot is always in scope unless excluded; unleased slots follow `scope`.
+//! * Hard limits (retained WAL, age) may terminate an active slot's walsender when
+//!   `terminate_active` is on; lease expiry and inactivity never do.
+//! * An active slot is never dropped for lease expiry alone: it waits (`expired_active`).
+//! * A lease whose slot no longer exists is ended.
+
+use regex::Regex;
+use std::collections::{HashMap, HashSet};
+
+/// Which slots the limits cover (`pgslotguard.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Leased,
+    Physical,
+    All,
+}
+
+/// One snapshot of the policy GUCs, read once per pass.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub max_retained_wal: Option<i64>,
+    pub max_slot_age_us: Option<i64>,
+    pub max_inactive_us: Option<i64>,
+    pub scope: Scope,
+    pub exclude: Option<Regex>,
+    pub terminate_active: bool,
+    pub dry_run: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_retained_wal: None,
+            max_slot_age_us: None,
+            max_inactive_us: None,
+            scope: Scope::Leased,
+            exclude: None,
+            terminate_active: false,
+            dry_run: false,
+        }
+    }
+}
+
+/// A row of `pg_replication_slots`, as the guard needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotInfo {
+    pub name: String,
+    pub physical: bool,
+    pub temporary: bool,
+    pub active_pid: Option<i32>,
+    pub restart_lsn: Option<u64>,
+}
+
+impl SlotInfo {
+    pub fn active(&self) -> bool {
+        self.active_pid.is_some()
+    }
+}
+
+/// A lease row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub slot_name: String,
+    pub leased_at: i64,
+    pub expires_at: i64,
+    pub max_retained: Option<i64>,
+}
+
+/// What the guard has recorded of a slot over time (PostgreSQL 15 has no `inactive_since`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub slot_name: String,
+    pub first_seen: i64,
+    pub inactive_since: Option<i64>,
+}
+
+/// Everything a decision needs, taken at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub now: i64,
+    /// Current WAL position (on a standby: last replayed).
+    pub current_lsn: u64,
+    pub slots: Vec<SlotInfo>,
+    pub leases: Vec<Lease>,
+    pub seen: Vec<Seen>,
+}
+
+/// Why a slot is (not) dropped; also the event action name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breach {
+    Expired,
+    Retained,
+    Age,
+    Inactive,
+}
+
+impl Breach {
+    /// Hard limits may terminate an active walsender (with `terminate_active`).
+    pub fn is_hard(self) -> bool {
+        matches!(self, Breach::Retained | Breach::Age)
+    }
+    /// The `pgslotguard.events.action` recorded for a drop for this reason.
+    pub fn drop_action(self) -> &'static str {
+        match self {
+            Breach::Expired => "expire_drop",
+            Breach::Retained => "retained_drop",
+            Breach::Age => "age_drop",
+            Breach::Inactive => "inactive_drop",
+        }
+    }
+    /// The `state` shown in `pgslotguard.leases` for an inactive slot with this breach.
+    pub fn state(self) -> &'static str {
+        match self {
+            Breach::Expired => "expired",
+            Breach::Retained => "over_retained",
+            Breach::Age => "over_age",
+            Breach::Inactive => "over_inactive",
+        }
+    }
+}
+
+/// What the pass does about one slot (or one lease without a slot).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Nothing to do.
+    None,
+    /// Drop the slot (terminating its walsender first when `terminate` is set).
+    Drop { breach: Breach, terminate: Option<i32>, reason: String },
+    /// A limit is breached but the slot is active and may not be touched now.
+    Wait { breach: Breach, reason: String },
+    /// The lease's slot is gone: end the lease.
+    EndLease { reason: String },
+}
+
+/// The guard's verdict on one slot, with everything the `slots` view shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub slot_name: String,
+    /// False for a lease whose slot no longer exists.
+    pub slot_exists: bool,
+    pub leased: bool,
+    pub in_scope: bool,
+    /// Why the slot is in scope or not, in words.
+    pub scope_reason: String,
+    pub retained_bytes: Option<i64>,
+    pub age_us: Option<i64>,
+    pub inactive_us: Option<i64>,
+    /// The limit closest to being hit, in words ("lease expires in 59m 10s").
+    pub nearest_limit: Option<String>,
+    /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
+    /// `slot_missing`, or `out_of_scope`.
+    pub state: &'static str,
+    pub action: Action,
+}
+
+fn fmt_bytes(b: i64) -> String {
+    crate::validate::pretty_size(b)
+}
+fn fmt_us(us: i64) -> String {
+    crate::validate::pretty_duration(us)
+}
+
+/// Decide, for every slot and every lease in the snapshot, what must happen.
+/// The result is in slot-name order, so passes and views are stable.
+pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
+    let leases: HashMap<&str, &Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
+    let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let slots: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
+    let mut out: Vec<Decision> = snap
+        .slots
+        .iter()
+        .map(|slot| {
+            let name = slot.name.as_str();
+            decide_slot(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied())
+        })
+        .collect();
+
+    for lease in &snap.leases {
+        if slots.contains(lease.slot_name.as_str()) {
+            continue;
+        }
+        out.push(Decision {
+            slot_name: lease.slot_name.clone(),
+            slot_exists: false,
+            leased: true,
+            in_scope: true,
+            scope_reason: "leased".into(),
+            retained_bytes: None,
+            age_us: Some(snap.now - lease.leased_at),
+            inactive_us: None,
+            nearest_limit: None,
+            state: "slot_missing",
+            action: Action::EndLease {
+                reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
+            },
+        });
+    }
+    out.sort_by(|a, b| a.slot_name.cmp(&b.slot_name));
+    out
+}
+
+fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, String) {
+    if let Some(re) = &policy.exclude {
+        if re.is_match(&slot.name) {
+            return (false, "excluded by pgslotguard.exclude".into());
+        }
+    }
+    if slot.temporary {
+        return (false, "temporary slot (ends with its session)".into());
+    }
+    if leased {
+        return (true, "leased".into());
+    }
+    match policy.scope {
+        Scope::Leased => (false, "not leased (scope = leased)".into()),
+        Scope::Physical if !slot.physical => (false, "logical slot (scope = physical)".into()),
+        Scope::Physical => (true, "physical slot (scope = physical)".into()),
+        Scope::All => (true, "any slot (scope = all)".into()),
+    }
+}
+
+fn decide_slot(
+    policy: &Policy,
+    snap: &Snapshot,
+    slot: &SlotInfo,
+    lease: Option<&Lease>,
+    seen: Option<&Seen>,
+) -> Decision {
+    let now = snap.now;
+    let retained = slot.restart_lsn.map(|r| snap.current_lsn.saturating_sub(r) as i64).unwrap_or(0);
+    let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
+    let age = born.map(|b| now - b);
+    let inactive = if slot.active() {
+        None
+    } else {
+        seen.and_then(|s| s.inactive_since).map(|t| now - t)
+    };
+    let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
+
+    let mut d = Decision {
+        slot_name: slot.name.clone(),
+        slot_exists: true,
+        leased: lease.is_some(),
+        in_scope,
+        scope_reason,
+        retained_bytes: slot.restart_lsn.map(|_| retained),
+        age_us: age,
+        inactive_us: inactive,
+        nearest_limit: None,
+        state: if in_scope { "ok" } else { "out_of_scope" },
+        action: Action::None,
+    };
+    if !in_scope {
+        return d;
+    }
+
+    let retained_limit = lease.and_then(|l| l.max_retained).or(policy.max_retained_wal);
+
+    // Every limit that applies: (breach, breached?, how close in 0..=1+, words).
+    let mut limits: Vec<(Breach, bool, f64, String)> = Vec::new();
+    if let Some(limit) = retained_limit {
+        let over = retained > limit;
+        let words = if over {
+            format!("retains {} of WAL, above the limit of {}", fmt_bytes(retained), fmt_bytes(limit))
+        } else {
+            format!("retained WAL {} of {}", fmt_bytes(retained), fmt_bytes(limit))
+        };
+        limits.push((Breach::Retained, over, ratio(retained, limit), words));
+    }
+    if let (Some(limit), Some(age)) = (policy.max_slot_age_us, age) {
+        let over = age > limit;
+        let words = if over {
+            format!("age {} is above pgslotguard.max_slot_age ({})", fmt_us(age), fmt_us(limit))
+        } else {
+            format!("age limit reached in {}", fmt_us(limit - age))
+        };
+        limits.push((Breach::Age, over, ratio(age, limit), words));
+    }
+    if let Some(l) = lease {
+        let over = now >= l.expires_at;
+        let words = if over {
+            format!("lease expired {} ago", fmt_us(now - l.expires_at))
+        } else {
+            format!("lease expires in {}", fmt_us(l.expires_at - now))
+        };
+        let span = (l.expires_at - l.leased_at).max(1);
+        let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
+        limits.push((Breach::Expired, over, frac, words));
+    }
+    if let (Some(limit), Some(idle)) = (policy.max_inactive_us, inactive) {
+        let over = idle > limit;
+        let words = if over {
+            format!("inactive for {}, above pgslotguard.max_inactive_time ({})", fmt_us(idle), fmt_us(limit))
+        } else {
+            format!("inactivity limit reached in {}", fmt_us(limit - idle))
+        };
+        limits.push((Breach::Inactive, over, ratio(idle, limit), words));
+    }
+
+    d.nearest_limit = limits
+        .iter()
+        .max_by(|a, b| a.2.partial_cmp(&b.2).unwrap_or(std::cmp::Ordering::Equal))
+        .map(|l| l.3.clone());
+
+    // The first breach in priority order decides: hard limits, then expiry, then inactivity.
+    let breach = [Breach::Retained, Breach::Age, Breach::Expired, Breach::Inactive]
+        .into_iter()
+        .find_map(|b| limits.iter().find(|l| l.0 == b && l.1).map(|l| (b, l.3.clone())));
+    let Some((breach, words)) = breach else { return d };
+
+    match slot.active_pid {
+        None => {
+            d.state = breach.state();
+            d.action = Action::Drop { breach, terminate: None, reason: words };
+        }
+        Some(pid) if breach.is_hard() && policy.terminate_active => {
+            d.state = breach.state();
+            d.action = Action::Drop {
+                breach,
+                terminate: Some(pid),
+                reason: format!("{words}; walsender PID {pid} terminated (terminate_active)"),
+            };
+        }
+        Some(pid) => {
+            d.state = if breach == Breach::Expired { "expired_active" } else { breach.state() };
+            let why = if breach.is_hard() {
+                "terminate_active is off"
+            } else {
+                "an active slot is not dropped for this limit alone"
+            };
+            d.action = Action::Wait {
+                breach,
+                reason: format!("{words}; active for PID {pid}, not dropped: {why}"),
+            };
+        }
+    }
+    d
+}
+
+fn ratio(value: i64, limit: i64) -> f64 {
+    if limit <= 0 {
+        if value > 0 {
+            f64::INFINITY
+        } else {
+            1.0
+        }
+    } else {
+        value as f64 / limit as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000; // one second in microseconds
+    const MB: i64 = 1 << 20;
+    const NOW: i64 = 1_000_000 * S;
+
+    fn slot(name: &str) -> SlotInfo {
+        SlotInfo { name: name.into(), physical: true, temporary: false, active_pid: None, restart_lsn: Some(0) }
+    }
+    fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
+        Lease { slot_name: name.into(), leased_at: NOW - leased_ago, expires_at: NOW + expires_in, max_retained: None }
+    }
+    fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![] }
+    }
+    fn one(policy: &Policy, s: &Snapshot) -> Decision {
+        let d = decide(policy, s);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        d.into_iter().next().unwrap()
+    }
+    fn dropped(d: &Decision) -> Option<Breach> {
+        match &d.action {
+            Action::Drop { breach, .. } => Some(*breach),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn unexpired_lease_is_ok() {
+        let d = one(&Policy::default(), &snap(vec![slot("a")], vec![lease("a", 60 * S, 3600 * S)]));
+        assert_eq!(d.state, "ok");
+        assert_eq!(d.action, Action::None);
+        assert!(d.in_scope);
+        assert_eq!(d.retained_bytes, Some(10 * MB));
+        assert_eq!(d.nearest_limit.as_deref(), Some("lease expires in 1h 00m"));
+    }
+
+    #[test]
+    fn expired_inactive_lease_is_dropped() {
+        let d = one(&Policy::default(), &snap(vec![slot("a")], vec![lease("a", 3600 * S, -S)]));
+        assert_eq!(dropped(&d), Some(Breach::Expired));
+        assert_eq!(d.state, "expired");
+    }
+
+    #[test]
+    fn lease_expires_exactly_at_expires_at() {
+        let d = one(&Policy::default(), &snap(vec![slot("a")], vec![lease("a", 3600 * S, 0)]));
+        assert_eq!(dropped(&d), Some(Breach::Expired));
+        let d = one(&Policy::default(), &snap(vec![slot("a")], vec![lease("a", 3600 * S, 1)]));
+        assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn expired_active_lease_waits_even_with_terminate_active() {
+        let mut s = slot("a");
+        s.active_pid = Some(42);
+        let p = Policy { terminate_active: true, ..Policy::default() };
+        let d = one(&p, &snap(vec![s], vec![lease("a", 3600 * S, -S)]));
+        assert_eq!(d.state, "expired_active");
+        assert!(matches!(d.action, Action::Wait { breach: Breach::Expired, .. }));
+    }
+
+    #[test]
+    fn global_retained_limit_drops_leased_slot() {
+        let p = Policy { max_retained_wal: Some(8 * MB), ..Policy::default() };
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", S, 3600 * S)]));
+        assert_eq!(dropped(&d), Some(Breach::Retained));
+        assert_eq!(d.state, "over_retained");
+        // exactly at the limit is not over it
+        let p = Policy { max_retained_wal: Some(10 * MB), ..Policy::default() };
+        assert_eq!(one(&p, &snap(vec![slot("a")], vec![lease("a", S, 3600 * S)])).action, Action::None);
+    }
+
+    #[test]
+    fn per_lease_limit_overrides_global_both_ways() {
+        let mut l = lease("a", S, 3600 * S);
+        l.max_retained = Some(4 * MB);
+        let p = Policy::default();
+        assert_eq!(dropped(&one(&p, &snap(vec![slot("a")], vec![l.clone()]))), Some(Breach::Retained));
+        l.max_retained = Some(100 * MB);
+        let p = Policy { max_retained_wal: Some(MB), ..Policy::default() };
+        assert_eq!(one(&p, &snap(vec![slot("a")], vec![l])).action, Action::None);
+    }
+
+    #[test]
+    fn slot_without_reserved_wal_retains_nothing() {
+        let mut s = slot("a");
+        s.restart_lsn = None;
+        let p = Policy { max_retained_wal: Some(0), ..Policy::default() };
+        let d = one(&p, &snap(vec![s], vec![lease("a", S, 3600 * S)]));
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.retained_bytes, None);
+    }
+
+    #[test]
+    fn restart_lsn_ahead_of_current_counts_as_zero() {
+        let mut s = slot("a");
+        s.restart_lsn = Some(20 * MB as u64);
+        let p = Policy { max_retained_wal: Some(0), ..Policy::default() };
+        let d = one(&p, &snap(vec![s], vec![lease("a", S, 3600 * S)]));
+        assert_eq!(d.retained_bytes, Some(0));
+        assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn age_limit_counts_from_lease_or_first_seen() {
+        let p = Policy { max_slot_age_us: Some(100 * S), scope: Scope::Physical, ..Policy::default() };
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 101 * S, 3600 * S)]));
+        assert_eq!(dropped(&d), Some(Breach::Age));
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 100 * S, 3600 * S)]));
+        assert_eq!(d.action, Action::None, "exactly at the limit");
+        let mut s = snap(vec![slot("u")], vec![]);
+        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None }];
+        assert_eq!(dropped(&one(&p, &s)), Some(Breach::Age));
+        // never seen before: no age yet, so no age breach
+        assert_eq!(one(&p, &snap(vec![slot("u")], vec![])).action, Action::None);
+    }
+
+    #[test]
+    fn inactivity_limit_uses_tracked_inactive_since() {
+        let p = Policy { max_inactive_us: Some(60 * S), ..Policy::default() };
+        let mut s = snap(vec![slot("a")], vec![lease("a", 3600 * S, 3600 * S)]);
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S) }];
+        let d = one(&p, &s);
+        assert_eq!(dropped(&d), Some(Breach::Inactive));
+        assert_eq!(d.inactive_us, Some(61 * S));
+        s.seen[0].inactive_since = Some(NOW - 60 * S);
+        assert_eq!(one(&p, &s).action, Action::None);
+        // an active slot is never inactive, whatever the record says
+        s.seen[0].inactive_since = Some(NOW - 600 * S);
+        s.slots[0].active_pid = Some(7);
+        let d = one(&p, &s);
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.inactive_us, None);
+    }
+
+    #[test]
+    fn scope_leased_never_touches_unleased_slots() {
+        let p = Policy { max_retained_wal: Some(MB), max_slot_age_us: Some(S), ..Policy::default() };
+        let mut s = snap(vec![slot("standby1")], vec![]);
+        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0) }];
+        let d = one(&p, &s);
+        assert!(!d.in_scope);
+        assert_eq!(d.state, "out_of_scope");
+        assert_eq!(d.scope_reason, "not leased (scope = leased)");
+        assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn scope_physical_covers_unleased_physical_not_logical() {
+        let p = Policy { max_retained_wal: Some(MB), scope: Scope::Physical, ..Policy::default() };
+        let mut logical = slot("sub");
+        logical.physical = false;
+        let d = decide(&p, &snap(vec![slot("phys"), logical], vec![]));
+        assert_eq!(dropped(&d[0]), Some(Breach::Retained));
+        assert_eq!(d[1].slot_name, "sub");
+        assert!(!d[1].in_scope);
+        assert_eq!(d[1].action, Action::None);
+    }
+
+    #[test]
+    fn scope_all_covers_logical_slots() {
+        let p = Policy { max_retained_wal: Some(MB), scope: Scope::All, ..Policy::default() };
+        let mut logical = slot("sub");
+        logical.physical = false;
+        assert_eq!(dropped(&one(&p, &snap(vec![logical], vec![]))), Some(Breach::Retained));
+    }
+
+    #[test]
+    fn exclude_wins_over_every_scope_and_lease() {
+        for scope in [Scope::Leased, Scope::Physical, Scope::All] {
+            let p = Policy {
+                max_retained_wal: Some(MB),
+                scope,
+                exclude: Some(Regex::new("^standby_").unwrap()),
+                ..Policy::default()
+            };
+            let d = decide(&p, &snap(vec![slot("standby_1"), slot("x")], vec![lease("standby_1", S, -S)]));
+            assert!(!d[0].in_scope, "{scope:?}");
+            assert_eq!(d[0].scope_reason, "excluded by pgslotguard.exclude");
+            assert_eq!(d[0].action, Action::None);
+            assert_eq!(d[1].in_scope, scope != Scope::Leased);
+        }
+    }
+
+    #[test]
+    fn temporary_slots_are_never_in_scope() {
+        let mut t = slot("pg_basebackup_123");
+        t.temporary = true;
+        let p = Policy { max_retained_wal: Some(0), scope: Scope::All, ..Policy::default() };
+        let d = one(&p, &snap(vec![t], vec![]));
+        assert!(!d.in_scope);
+        assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn hard_breach_on_active_slot_waits_without_terminate_active() {
+        let mut s = slot("a");
+        s.active_pid = Some(99);
+        let p = Policy { max_retained_wal: Some(MB), ..Policy::default() };
+        let d = one(&p, &snap(vec![s.clone()], vec![lease("a", S, 3600 * S)]));
+        assert!(matches!(d.action, Action::Wait { breach: Breach::Retained, .. }));
+        assert_eq!(d.state, "over_retained");
+        let p = Policy { terminate_active: true, ..p };
+        let d = one(&p, &snap(vec![s], vec![lease("a", S, 3600 * S)]));
+        match d.action {
+            Action::Drop { breach: Breach::Retained, terminate: Some(99), reason } => {
+                assert!(reason.contains("PID 99 terminated"), "{reason}")
+            }
+            other => panic!("expected terminate+drop, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn retained_breach_takes_priority_over_expiry() {
+        let p = Policy { max_retained_wal: Some(MB), ..Policy::default() };
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 3600 * S, -S)]));
+        assert_eq!(dropped(&d), Some(Breach::Retained));
+    }
+
+    #[test]
+    fn lease_without_slot_is_ended() {
+        let d = one(&Policy::default(), &snap(vec![], vec![lease("gone", S, 3600 * S)]));
+        assert!(!d.slot_exists);
+        assert_eq!(d.state, "slot_missing");
+        assert!(matches!(d.action, Action::EndLease { .. }));
+    }
+
+    #[test]
+    fn dry_run_does_not_change_the_decision() {
+        // dry_run is applied where actions are carried out (enforce.rs), so the views show
+        // what a real pass would do.
+        let p = Policy { dry_run: true, ..Policy::default() };
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 3600 * S, -S)]));
+        assert_eq!(dropped(&d), Some(Breach::Expired));
+    }
+
+    #[test]
+    fn nearest_limit_is_the_most_used_one() {
+        let p = Policy { max_retained_wal: Some(11 * MB), ..Policy::default() };
+        let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 60 * S, 3600 * S)]));
+        assert_eq!(d.nearest_limit.as_deref(), Some("retained WAL 10 MB of 11 MB"));
+    }
+
+    #[test]
+    fn decisions_come_out_sorted_by_name() {
+        let d = decide(&Policy::default(), &snap(vec![slot("b"), slot("a")], vec![lease("c", 0, 10)]));
+        let names: Vec<_> = d.iter().map(|d| d.slot_name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}

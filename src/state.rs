@@ -1,0 +1,346 @@
+//! SPI access to the `pgslotguard.*` tables and to `pg_replication_slots`; slot creation
+//! and drops go through PostgreSQL's own functions. Every query is schema-qualified and
+//! takes its values as `$n` arguments, never spliced into the text.
+
+use crate::error::GuardError;
+use crate::policy::{Lease, Seen, SlotInfo, Snapshot};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiTupleTable;
+
+pub type Result<T> = std::result::Result<T, GuardError>;
+
+/// Microseconds since 2000-01-01 (PostgreSQL's `TimestampTz`) → SQL argument.
+pub fn ts(us: i64) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(us as pg_sys::TimestampTz).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
+}
+
+fn us(t: TimestampWithTimeZone) -> i64 {
+    pg_sys::TimestampTz::from(t)
+}
+
+pub fn now_us() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn select<T>(
+    query: &str,
+    args: &[DatumWithOid],
+    f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
+) -> Result<T> {
+    Ok(Spi::connect(|c| c.select(query, None, args).and_then(f))?)
+}
+
+fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
+    Ok(Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))?)
+}
+
+/// The replication slots of the cluster.
+pub fn slots() -> Result<Vec<SlotInfo>> {
+    select(
+        "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
+                (restart_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8
+           FROM pg_catalog.pg_replication_slots ORDER BY slot_name",
+        &[],
+        |t| {
+            t.map(|r| {
+                Ok(SlotInfo {
+                    name: r.get::<String>(1)?.unwrap_or_default(),
+                    physical: r.get::<bool>(2)?.unwrap_or(false),
+                    temporary: r.get::<bool>(3)?.unwrap_or(false),
+                    active_pid: r.get::<i32>(4)?,
+                    restart_lsn: r.get::<i64>(5)?.map(|v| v as u64),
+                })
+            })
+            .collect()
+        },
+    )
+}
+
+pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
+    Ok(slots()?.into_iter().find(|s| s.name == name))
+}
+
+/// Current WAL position: the insert position on a primary, the last replayed one on a standby.
+pub fn current_lsn() -> u64 {
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut())
+        } else {
+            pg_sys::GetXLogInsertRecPtr()
+        }
+    }
+}
+
+pub fn in_recovery() -> bool {
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+pub fn leases() -> Result<Vec<Lease>> {
+    select(
+        "SELECT slot_name::text, leased_at, expires_at, max_retained FROM pgslotguard.lease_data",
+        &[],
+        |t| {
+            t.map(|r| {
+                Ok(Lease {
+                    slot_name: r.get::<String>(1)?.unwrap_or_default(),
+                    leased_at: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
+                    expires_at: r.get::<TimestampWithTimeZone>(3)?.map(us).unwrap_or(0),
+                    max_retained: r.get::<i64>(4)?,
+                })
+            })
+            .collect()
+        },
+    )
+}
+
+pub fn seen() -> Result<Vec<Seen>> {
+    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], |t| {
+        t.map(|r| {
+            Ok(Seen {
+                slot_name: r.get::<String>(1)?.unwrap_or_default(),
+                first_seen: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
+                inactive_since: r.get::<TimestampWithTimeZone>(3)?.map(us),
+            })
+        })
+        .collect()
+    })
+}
+
+/// Everything a decision needs, read now.
+pub fn snapshot() -> Result<Snapshot> {
+    let now = now_us();
+    Ok(Snapshot { now, current_lsn: current_lsn(), slots: slots()?, leases: leases()?, seen: seen()? })
+}
+
+/// Record first-seen and inactive-since times for the slots of `snap`, and forget slots
+/// that are gone. Rows are written only when something changed, so an idle pass writes
+/// no WAL. Returns the tracking as it now stands.
+pub fn track(snap: &Snapshot) -> Result<Vec<Seen>> {
+    let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
+    let active: Vec<bool> = snap.slots.iter().map(|s| s.active()).collect();
+    let known: std::collections::HashMap<&str, &Seen> =
+        snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let changed = snap.slots.iter().any(|s| match known.get(s.name.as_str()) {
+        None => true,
+        Some(k) => k.inactive_since.is_some() == s.active(),
+    }) || snap.seen.len() != snap.slots.len();
+    if !changed {
+        return Ok(snap.seen.clone());
+    }
+    update(
+        "DELETE FROM pgslotguard.slot_seen WHERE slot_name::text <> ALL ($1::text[])",
+        &[names.clone().into()],
+    )?;
+    update(
+        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, inactive_since)
+         SELECT n, $3, CASE WHEN a THEN NULL ELSE $3 END
+           FROM pg_catalog.unnest($1::text[], $2::bool[]) AS u(n, a)
+         ON CONFLICT (slot_name) DO UPDATE
+            SET inactive_since = CASE WHEN excluded.inactive_since IS NULL THEN NULL
+                                      ELSE pg_catalog.coalesce(t.inactive_since, excluded.inactive_since) END
+          WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
+        &[names.into(), active.into(), ts(snap.now).into()],
+    )?;
+    seen()
+}
+
+/// A lease row with what the API needs to check rights and state.
+pub struct LeaseRow {
+    pub owner: pg_sys::Oid,
+    pub expires_at: TimestampWithTimeZone,
+}
+
+/// The lease of `name`, locked against concurrent change until the end of the transaction.
+pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
+    select(
+        "SELECT owner, expires_at FROM pgslotguard.lease_data WHERE slot_name = $1::name FOR UPDATE",
+        &[name.into()],
+        |mut t| {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t = t.first();
+            Ok(Some(LeaseRow {
+                owner: t.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                expires_at: t.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
+            }))
+        },
+    )
+}
+
+/// Serialise every lease operation on one slot name until the end of the transaction, so
+/// two sessions racing for a name see each other's result rather than half of it.
+pub fn lock_name(name: &str) -> Result<()> {
+    select(
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgslotguard'), pg_catalog.hashtext($1))",
+        &[name.into()],
+        |_| Ok(()),
+    )
+}
+
+/// Create a physical slot that reserves WAL now; returns its restart LSN as text.
+pub fn create_slot(name: &str) -> Result<String> {
+    select(
+        "SELECT lsn::text FROM pg_catalog.pg_create_physical_replication_slot($1::name, true, false)",
+        &[name.into()],
+        |t| Ok(t.first().get::<String>(1)?.unwrap_or_default()),
+    )
+}
+
+pub fn drop_slot(name: &str) -> Result<()> {
+    select("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
+}
+
+/// Terminate a walsender and wait up to 5 s for it to go.
+pub fn terminate(pid: i32) -> Result<bool> {
+    select("SELECT pg_catalog.pg_terminate_backend($1, 5000)", &[pid.into()], |t| {
+        Ok(t.first().get::<bool>(1)?.unwrap_or(false))
+    })
+}
+
+pub struct NewLease<'a> {
+    pub slot_name: &'a str,
+    pub holder: Option<&'a str>,
+    pub owner: pg_sys::Oid,
+    pub ttl: Interval,
+    pub max_retained: Option<i64>,
+    pub adopted: bool,
+    pub lsn: Option<&'a str>,
+}
+
+/// Insert a lease; returns its expiry.
+pub fn insert_lease(l: &NewLease) -> Result<TimestampWithTimeZone> {
+    select(
+        "INSERT INTO pgslotguard.lease_data
+                (slot_name, holder, owner, leased_at, expires_at, max_retained, adopted, reserved_lsn)
+         VALUES ($1::name, $2, $3, pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) $4,
+                 $5, $6, $7::pg_catalog.pg_lsn)
+         RETURNING expires_at",
+        &[
+            l.slot_name.into(),
+            l.holder.into(),
+            l.owner.into(),
+            l.ttl.into(),
+            l.max_retained.into(),
+            l.adopted.into(),
+            l.lsn.into(),
+        ],
+        |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
+    )
+    .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
+}
+
+pub fn renew_lease(name: &str, ttl: Interval) -> Result<TimestampWithTimeZone> {
+    select(
+        "UPDATE pgslotguard.lease_data
+            SET expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) $2, renewed_at = pg_catalog.now()
+          WHERE slot_name = $1::name RETURNING expires_at",
+        &[name.into(), ttl.into()],
+        |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
+    )
+    .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
+}
+
+pub fn delete_lease(name: &str) -> Result<usize> {
+    update("DELETE FROM pgslotguard.lease_data WHERE slot_name = $1::name", &[name.into()])
+}
+
+/// Owner of the lease on `name`, if any (for event visibility).
+pub fn lease_owner(name: &str) -> Result<Option<pg_sys::Oid>> {
+    select("SELECT owner FROM pgslotguard.lease_data WHERE slot_name = $1::name", &[name.into()], |t| {
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get::<pg_sys::Oid>(1)
+        }
+    })
+}
+
+pub struct Event<'a> {
+    pub slot_name: Option<&'a str>,
+    pub action: &'a str,
+    pub reason: &'a str,
+    pub retained_bytes: Option<i64>,
+    pub actor: &'a str,
+    pub lease_owner: Option<pg_sys::Oid>,
+}
+
+pub fn record(e: &Event) -> Result<()> {
+    update(
+        "INSERT INTO pgslotguard.event_log (slot_name, action, reason, retained_bytes, actor, lease_owner)
+         VALUES ($1::name, $2, $3, $4, $5, $6)",
+        &[
+            e.slot_name.into(),
+            e.action.into(),
+            e.reason.into(),
+            e.retained_bytes.into(),
+            e.actor.into(),
+            e.lease_owner.into(),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Delete events older than the retention; returns how many went.
+pub fn purge_events(older_than_us: i64) -> Result<usize> {
+    update(
+        "DELETE FROM pgslotguard.event_log WHERE at < $1",
+        &[ts(now_us() - older_than_us).into()],
+    )
+}
+
+/// Is the extension installed in this database (its tables readable)?
+pub fn extension_installed() -> Result<bool> {
+    select(
+        "SELECT pg_catalog.to_regclass('pgslotguard.lease_data') IS NOT NULL
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard')",
+        &[],
+        |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
+    )
+}
+
+/// Owner of the extension: the role whose rights the API uses for its own tables and slots.
+pub fn extension_owner() -> Result<pg_sys::Oid> {
+    select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard'", &[], |t| {
+        Ok(t.first().get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)))
+    })
+}
+
+pub fn role_name(oid: pg_sys::Oid) -> String {
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() {
+            format!("oid {}", oid.to_u32())
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+pub fn is_member_of_pg_monitor(role: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_MONITOR)) }
+}
+
+/// Slot names of the leases a role owns.
+pub fn leases_owned_by(role: pg_sys::Oid) -> Result<Vec<String>> {
+    select("SELECT slot_name::text FROM pgslotguard.lease_data WHERE owner = $1", &[role.into()], |t| {
+        t.map(|r| Ok(r.get::<String>(1)?.unwrap_or_default())).collect()
+    })
+}
+
+/// Run `f` as the extension owner, restoring the caller's identity afterwards (also on
+/// ERROR: transaction abort restores it, as for SECURITY DEFINER functions).
+pub fn as_owner<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let owner = extension_owner()?;
+    let (mut saved_user, mut saved_ctx) = (pg_sys::InvalidOid, 0i32);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
+    r
+}
+

@@ -1,0 +1,1 @@
+//! `#[pg_test]`s: the SQL surface inside the pgrx test cluster (preloaded, worker running).

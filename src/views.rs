@@ -1,0 +1,131 @@
+//! Set-returning functions behind the inspection views in sql/schema.sql. They show the
+//! decision of `policy::decide` for the current state, so the views say exactly what the
+//! next pass would do.
+
+use crate::policy::Action;
+use crate::state;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod pgslotguard {
+    use super::*;
+
+    /// One row per slot and per lease without a slot: the guard's verdict.
+    /// Members of pg_monitor see every row; other roles the rows of their own leases.
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(stable, parallel_unsafe, name = "slot_decisions")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn slot_decisions() -> TableIterator<
+        'static,
+        (
+            name!(slot_name, String),
+            name!(slot_exists, bool),
+            name!(leased, bool),
+            name!(in_scope, bool),
+            name!(scope_reason, String),
+            name!(retained_bytes, Option<i64>),
+            name!(age_us, Option<i64>),
+            name!(inactive_us, Option<i64>),
+            name!(nearest_limit, Option<String>),
+            name!(state, String),
+            name!(next_action, String),
+            name!(action_reason, Option<String>),
+        ),
+    > {
+        let me = unsafe { pg_sys::GetUserId() };
+        let all = state::is_member_of_pg_monitor(me);
+        let (policy, decisions) = crate::error::or_report(super::read_decisions());
+        let owned: Vec<String> = if all { vec![] } else { crate::error::or_report(super::owned_leases(me)) };
+        let rows: Vec<_> = decisions
+            .into_iter()
+            .filter(|d| all || owned.contains(&d.slot_name))
+            .map(|d| {
+                let (next, reason) = match &d.action {
+                    Action::None => ("none".to_string(), None),
+                    Action::Drop { breach, terminate, reason } => {
+                        let a = if policy.dry_run {
+                            "would_drop".to_string()
+                        } else if terminate.is_some() {
+                            format!("terminate, {}", breach.drop_action())
+                        } else {
+                            breach.drop_action().to_string()
+                        };
+                        (a, Some(reason.clone()))
+                    }
+                    Action::Wait { reason, .. } => ("wait".to_string(), Some(reason.clone())),
+                    Action::EndLease { reason } => ("end_lease".to_string(), Some(reason.clone())),
+                };
+                (
+                    d.slot_name,
+                    d.slot_exists,
+                    d.leased,
+                    d.in_scope,
+                    d.scope_reason,
+                    d.retained_bytes,
+                    d.age_us,
+                    d.inactive_us,
+                    d.nearest_limit,
+                    d.state.to_string(),
+                    next,
+                    reason,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// The guard worker's status block from shared memory.
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(volatile, parallel_unsafe, name = "worker_status")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn worker_status() -> TableIterator<
+        'static,
+        (
+            name!(preloaded, bool),
+            name!(running, bool),
+            name!(pid, Option<i32>),
+            name!(started_at, Option<TimestampWithTimeZone>),
+            name!(last_pass_at, Option<TimestampWithTimeZone>),
+            name!(last_pass_ms, Option<f64>),
+            name!(next_pass_at, Option<TimestampWithTimeZone>),
+            name!(passes, i64),
+            name!(drops, i64),
+            name!(errors, i64),
+            name!(last_error, Option<String>),
+            name!(last_error_at, Option<TimestampWithTimeZone>),
+        ),
+    > {
+        let t = |v: i64| (v != 0).then(|| state::ts(v));
+        let row = match crate::shmem::read() {
+            None => (false, false, None, None, None, None, None, 0, 0, 0, None, None),
+            Some(s) => {
+                let running = crate::shmem::worker_running().is_some();
+                (
+                    true,
+                    running,
+                    running.then_some(s.pid),
+                    t(s.started_at),
+                    t(s.last_pass_start),
+                    (s.last_pass_start != 0).then(|| s.last_pass_us as f64 / 1000.0),
+                    if running { t(s.next_pass) } else { None },
+                    s.passes,
+                    s.drops,
+                    s.errors,
+                    s.last_error(),
+                    t(s.last_error_at),
+                )
+            }
+        };
+        TableIterator::once(row)
+    }
+}
+
+fn read_decisions() -> Result<(crate::policy::Policy, Vec<crate::policy::Decision>), crate::error::GuardError> {
+    state::as_owner(crate::enforce::preview)
+}
+
+fn owned_leases(role: pg_sys::Oid) -> Result<Vec<String>, crate::error::GuardError> {
+    state::as_owner(|| state::leases_owned_by(role))
+}

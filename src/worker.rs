@@ -1,0 +1,123 @@
+//! The guard worker: connect, then one enforcement pass every `pgslotguard.naptime` (and
+//! at once on SIGHUP). Errors are contained per slot (enforce.rs) and per pass (here): the
+//! worker logs them, publishes them in shared memory and carries on; it never panics.
+
+use crate::{enforce, guc, shmem, state};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashSet;
+use std::time::Duration;
+
+pub const WORKER_NAME: &str = "pgslotguard guard";
+
+/// Register the guard worker (from _PG_init, when preloaded).
+pub fn register() {
+    BackgroundWorkerBuilder::new(WORKER_NAME)
+        .set_type(WORKER_NAME)
+        .set_library("pgslotguard")
+        .set_function("pgslotguard_worker_main")
+        .enable_spi_access()
+        // Start after recovery: on a hot standby the guard neither writes nor fails; after
+        // promotion the postmaster starts it.
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+
+    let pid = unsafe { pg_sys::MyProcPid };
+    shmem::update(|s| {
+        s.pid = pid;
+        s.started_at = state::now_us();
+    });
+    log!("pgslotguard: guard worker started (database \"{db}\", naptime {} ms)", guc::naptime_ms());
+
+    let mut warned = HashSet::new();
+    let mut missing_logged = false;
+    let mut disabled_logged = false;
+    loop {
+        let started = state::now_us();
+        if guc::enabled() {
+            disabled_logged = false;
+            one_pass(&db, &mut warned, &mut missing_logged);
+        } else if !disabled_logged {
+            log!("pgslotguard: pgslotguard.enabled is off; the guard worker idles");
+            disabled_logged = true;
+        }
+        let naptime = guc::naptime_ms() as i64 * 1000;
+        let next = started + naptime;
+        shmem::update(|s| s.next_pass = next);
+        let wait = (next - state::now_us()).clamp(0, naptime) as u64;
+        if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait))) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    shmem::update(|s| s.pid = 0);
+    log!("pgslotguard: guard worker shutting down");
+}
+
+fn one_pass(db: &str, warned: &mut HashSet<(String, &'static str)>, missing_logged: &mut bool) {
+    let start = state::now_us();
+    let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        enforce::in_subtransaction(|| {
+            if state::in_recovery() {
+                return Ok(None);
+            }
+            if !state::extension_installed()? {
+                return Ok(None);
+            }
+            let mut actor = enforce::Actor { name: "worker", warned: Some(warned) };
+            enforce::run_pass(&mut actor, false).map(Some)
+        })
+    }));
+    let elapsed = state::now_us() - start;
+    match outcome {
+        Ok(None) => {
+            if !*missing_logged {
+                ereport!(
+                    PgLogLevel::LOG,
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                    format!("pgslotguard: extension \"pgslotguard\" is not installed in database \"{db}\"; the guard worker waits for it"),
+                    format!("Run CREATE EXTENSION pgslotguard in database \"{db}\" (pgslotguard.database).")
+                );
+                *missing_logged = true;
+            }
+        }
+        Ok(Some(summary)) => {
+            if *missing_logged {
+                log!("pgslotguard: extension found in database \"{db}\"; enforcing");
+                *missing_logged = false;
+            }
+            shmem::update(|s| {
+                s.passes += 1;
+                s.last_pass_start = start;
+                s.last_pass_us = elapsed;
+                s.drops += summary.drops;
+                s.errors += summary.errors;
+                if let Some(e) = &summary.last_error {
+                    s.set_last_error(e, state::now_us());
+                }
+            });
+        }
+        Err(msg) => {
+            warning!("pgslotguard: enforcement pass failed: {msg}");
+            shmem::update(|s| {
+                s.passes += 1;
+                s.errors += 1;
+                s.last_pass_start = start;
+                s.last_pass_us = elapsed;
+                s.set_last_error(&format!("pass failed: {msg}"), state::now_us());
+            });
+        }
+    }
+}
