@@ -77,9 +77,9 @@ SELECT l.slot_name,
        s.restart_lsn,
        d.retained_bytes,
        pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
-       pg_catalog.coalesce(l.max_retained, pgslotguard.global_max_retained()) AS max_retained_bytes,
-       pg_catalog.pg_size_pretty(pg_catalog.coalesce(l.max_retained, pgslotguard.global_max_retained())) AS max_retained,
-       pg_catalog.coalesce(d.state, 'ok') AS state,
+       COALESCE(l.max_retained, pgslotguard.global_max_retained()) AS max_retained_bytes,
+       pg_catalog.pg_size_pretty(COALESCE(l.max_retained, pgslotguard.global_max_retained())) AS max_retained,
+       COALESCE(d.state, 'ok') AS state,
        d.nearest_limit,
        l.adopted
   FROM pgslotguard.lease_data l

@@ -5,7 +5,7 @@
 -- (as pg_cron does with cron.database_name).
 DO $pgslotguard$
 DECLARE
-    guard_db text := pg_catalog.coalesce(pg_catalog.current_setting('pgslotguard.database', true), 'postgres');
+    guard_db text := COALESCE(pg_catalog.current_setting('pgslotguard.database', true), 'postgres');
 BEGIN
     IF pg_catalog.current_database() OPERATOR(pg_catalog.<>) guard_db THEN
         RAISE EXCEPTION 'can only create extension "pgslotguard" in database "%"', guard_db

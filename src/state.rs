@@ -29,7 +29,9 @@ fn select<T>(
     args: &[DatumWithOid],
     f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
 ) -> Result<T> {
-    Ok(Spi::connect(|c| c.select(query, None, args).and_then(f))?)
+    // Always through update(): several of these queries write (INSERT ... RETURNING,
+    // FOR UPDATE, slot functions) and a read-only SPI call would refuse them.
+    Ok(Spi::connect_mut(|c| c.update(query, None, args).and_then(f))?)
 }
 
 fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
@@ -136,10 +138,10 @@ pub fn track(snap: &Snapshot) -> Result<Vec<Seen>> {
     update(
         "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, inactive_since)
          SELECT n, $3, CASE WHEN a THEN NULL ELSE $3 END
-           FROM pg_catalog.unnest($1::text[], $2::bool[]) AS u(n, a)
+           FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bool[])) AS u(n, a)
          ON CONFLICT (slot_name) DO UPDATE
             SET inactive_since = CASE WHEN excluded.inactive_since IS NULL THEN NULL
-                                      ELSE pg_catalog.coalesce(t.inactive_since, excluded.inactive_since) END
+                                      ELSE COALESCE(t.inactive_since, excluded.inactive_since) END
           WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
         &[names.into(), active.into(), ts(snap.now).into()],
     )?;
@@ -289,6 +291,12 @@ pub fn purge_events(older_than_us: i64) -> Result<usize> {
         "DELETE FROM pgslotguard.event_log WHERE at < $1",
         &[ts(now_us() - older_than_us).into()],
     )
+}
+
+/// Pin the session's search_path (the worker's SPI queries must not resolve anything
+/// through a schema a user can write to).
+pub fn pin_search_path() -> Result<()> {
+    select("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)", &[], |_| Ok(()))
 }
 
 /// Is the extension installed in this database (its tables readable)?

@@ -31,6 +31,9 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = guc::database();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    if let Err(e) = BackgroundWorker::transaction(|| enforce::in_subtransaction(state::pin_search_path)) {
+        warning!("pgslotguard: could not pin search_path: {e}");
+    }
 
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::update(|s| {
