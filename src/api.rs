@@ -47,8 +47,7 @@ fn check_ttl(slot: &str, ttl: Option<Interval>) -> Result<Interval> {
 }
 
 /// The caller may change this lease: its owner, or a superuser.
-fn check_owner(slot: &str, owner: pg_sys::Oid, verb: &str) -> Result<()> {
-    let me = caller();
+fn check_owner(me: pg_sys::Oid, slot: &str, owner: pg_sys::Oid, verb: &str) -> Result<()> {
     if me == owner || is_superuser(me) {
         return Ok(());
     }
@@ -222,7 +221,7 @@ fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZ
     state::as_owner(|| {
         state::lock_name(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(name, lease.owner, "renew")?;
+        check_owner(me, name, lease.owner, "renew")?;
         if state::slot(name)?.is_none() {
             return Err(GuardError::LeasedSlotGone { slot: name.into() });
         }
@@ -248,7 +247,7 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
     state::as_owner(|| {
         state::lock_name(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(name, lease.owner, verb)?;
+        check_owner(me, name, lease.owner, verb)?;
         let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
         if drop {
             if let Some(pid) = slot.active_pid {

@@ -40,7 +40,6 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
 mod tests;
 
 /// Used by `cargo pgrx test`: the test cluster preloads pgslotguard so the worker runs.
@@ -55,7 +54,7 @@ pub mod pg_test {
             "pgslotguard.naptime = '1s'",
             "max_replication_slots = 64",
             "max_wal_senders = 16",
-            "wal_level = replica",
+            "wal_level = logical",
         ]
     }
 }

@@ -1,1 +1,430 @@
-//! `#[pg_test]`s: the SQL surface inside the pgrx test cluster (preloaded, worker running).
+//! `#[pg_test]`s: the SQL surface, inside the pgrx test cluster (pgslotguard preloaded,
+//! worker running in database pgrx_tests). Each test runs in a transaction that is rolled
+//! back, so errors are caught with a PL/pgSQL helper that runs the statement in a
+//! subtransaction and returns its SQLSTATE.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn text(sql: &str) -> String {
+        one::<String>(sql).unwrap_or_default()
+    }
+
+    fn helpers() {
+        run(r#"
+            CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+            BEGIN
+                EXECUTE q;
+                RETURN '00000';
+            EXCEPTION WHEN OTHERS THEN
+                RETURN SQLSTATE;
+            END $$;
+            CREATE OR REPLACE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+            DECLARE m text; h text;
+            BEGIN
+                EXECUTE q;
+                RETURN NULL;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT;
+                RETURN SQLSTATE || ': ' || m || ' HINT: ' || h;
+            END $$;
+        "#);
+    }
+
+    /// Everything a failed call must leave as it was: slots, leases, events.
+    fn world(q: &str) -> String {
+        // Read as the session user (a test may have switched to a role that cannot read the
+        // tables), then switch back.
+        let role = text("SELECT current_user::text");
+        let session = text("SELECT session_user::text");
+        run("RESET ROLE");
+        let w = text(&format!(
+            "SELECT COALESCE((SELECT string_agg(slot_name || ':' || slot_type, ',' ORDER BY slot_name) FROM pg_replication_slots
+                                    WHERE position(slot_name::text in $q$ {q} $q$) > 0), '')
+                 || ' | ' || COALESCE((SELECT string_agg(slot_name || '@' || expires_at::text || '#' || owner::text, ',' ORDER BY slot_name) FROM pgslotguard.lease_data), '')
+                 || ' | ' || (SELECT count(*) FROM pgslotguard.event_log)::text",
+            q = q.replace("$q$", "")
+        ));
+        if role != session {
+            run(&format!("SET ROLE {}", pgrx::spi::quote_identifier(&role)));
+        }
+        w
+    }
+
+    /// Run `q`, expect SQLSTATE `code`, and that nothing changed.
+    fn expect_error(q: &str, code: &str) {
+        let before = world(q);
+        let got = text(&format!("SELECT pg_temp.error_of({})", pgrx::spi::quote_literal(q)));
+        assert!(got.starts_with(code), "{q}: expected SQLSTATE {code}, got {got:?}");
+        // 22007 comes from PostgreSQL's interval input, before pgslotguard runs: no HINT there.
+        if code != "22007" {
+            assert!(got.contains("HINT: ") && !got.ends_with("HINT: "), "{q}: no HINT in {got:?}");
+        }
+        assert_eq!(world(q), before, "{q} changed slots, leases or events");
+    }
+
+    fn slot_exists(name: &str) -> bool {
+        one::<bool>(&format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {})",
+            pgrx::spi::quote_literal(name)
+        ))
+        .unwrap_or(false)
+    }
+
+    #[pg_test]
+    fn lease_creates_physical_slot_with_wal_reserved() {
+        run("SELECT * FROM backup_slot_lease('nightly', '2h')");
+        assert!(slot_exists("nightly"));
+        assert_eq!(text("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'nightly'"), "physical");
+        assert!(one::<bool>("SELECT restart_lsn IS NOT NULL FROM pg_replication_slots WHERE slot_name = 'nightly'").unwrap());
+        assert_eq!(text("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'nightly'"), "reserved");
+        assert!(!one::<bool>("SELECT temporary FROM pg_replication_slots WHERE slot_name = 'nightly'").unwrap());
+        let exp = one::<bool>(
+            "SELECT abs(extract(epoch FROM expires_at - (now() + interval '2h'))) < 1 FROM pgslotguard.leases WHERE slot_name = 'nightly'",
+        );
+        assert_eq!(exp, Some(true));
+        assert_eq!(text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'nightly'"), "ok");
+        assert_eq!(
+            text("SELECT action || '/' || actor FROM pgslotguard.events WHERE slot_name = 'nightly'"),
+            "lease/postgres"
+        );
+    }
+
+    #[pg_test]
+    fn lease_returns_the_reserved_lsn_and_expiry() {
+        run("CREATE TEMP TABLE got AS SELECT * FROM backup_slot_lease('r1', '10 minutes', 'host b2')");
+        let ok = one::<bool>(
+            "SELECT l.lsn = s.restart_lsn AND l.slot_name = 'r1' AND l.expires_at > now()
+               FROM got l JOIN pg_replication_slots s ON s.slot_name = l.slot_name",
+        );
+        assert_eq!(ok, Some(true));
+        assert_eq!(text("SELECT holder FROM pgslotguard.leases WHERE slot_name = 'r1'"), "host b2");
+    }
+
+    #[pg_test]
+    fn default_ttl_applies_when_ttl_is_null() {
+        run("SET pgslotguard.default_ttl = '15min'");
+        run("SELECT * FROM backup_slot_lease('d1')");
+        let ok = one::<bool>(
+            "SELECT abs(extract(epoch FROM expires_at - now()) - 900) < 2 FROM pgslotguard.leases WHERE slot_name = 'd1'",
+        );
+        assert_eq!(ok, Some(true));
+    }
+
+    #[pg_test]
+    fn renew_pushes_expiry_and_records_event() {
+        run("SELECT * FROM backup_slot_lease('rn', '1min')");
+        let t = one::<bool>("SELECT backup_slot_renew('rn', '3h') > now() + interval '2h 59min'");
+        assert_eq!(t, Some(true));
+        assert_eq!(
+            text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'rn'"),
+            "lease,renew"
+        );
+        assert!(one::<bool>("SELECT renewed_at IS NOT NULL FROM pgslotguard.leases WHERE slot_name = 'rn'").unwrap());
+    }
+
+    #[pg_test]
+    fn release_drops_slot_and_ends_lease() {
+        run("SELECT * FROM backup_slot_lease('rel', '1h')");
+        assert_eq!(one::<bool>("SELECT backup_slot_release('rel')"), Some(true));
+        assert!(!slot_exists("rel"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'rel'"), Some(0));
+        assert_eq!(
+            text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'rel'"),
+            "lease,release"
+        );
+    }
+
+    #[pg_test]
+    fn keep_ends_lease_and_keeps_slot() {
+        run("SELECT * FROM backup_slot_lease('kp', '1h')");
+        assert_eq!(one::<bool>("SELECT backup_slot_keep('kp')"), Some(true));
+        assert!(slot_exists("kp"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'kp'"), Some(0));
+        assert_eq!(text("SELECT action FROM pgslotguard.events WHERE slot_name = 'kp' ORDER BY id DESC LIMIT 1"), "keep");
+        run("SELECT pg_drop_replication_slot('kp')");
+    }
+
+    #[pg_test]
+    fn adopt_puts_existing_slot_under_lease() {
+        run("SELECT pg_create_physical_replication_slot('made_by_basebackup', true)");
+        helpers();
+        expect_error("SELECT * FROM backup_slot_lease('made_by_basebackup', '1h')", "42710");
+        run("SELECT * FROM backup_slot_lease('made_by_basebackup', '1h', adopt => true)");
+        assert!(one::<bool>("SELECT adopted FROM pgslotguard.leases WHERE slot_name = 'made_by_basebackup'").unwrap());
+        assert!(text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'made_by_basebackup'").starts_with("adopted"));
+    }
+
+    #[pg_test]
+    fn lease_rolled_back_in_savepoint_leaves_no_slot() {
+        helpers();
+        // An error after the slot was made (the holder breaks the table's rules only through a
+        // failing statement later in the same subtransaction) rolls the slot back too.
+        run(r#"DO $$ BEGIN
+                 PERFORM backup_slot_lease('rb1', '1h');
+                 RAISE EXCEPTION 'backup script failed';
+               EXCEPTION WHEN OTHERS THEN NULL; END $$"#);
+        assert!(!slot_exists("rb1"), "slot of a rolled-back lease survived");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'rb1'"), Some(0));
+        // nested: made in an inner block that committed into an outer one that rolled back
+        run(r#"DO $$ BEGIN
+                 BEGIN
+                   BEGIN PERFORM backup_slot_lease('rb2', '1h'); END;
+                   RAISE EXCEPTION 'outer failure';
+                 EXCEPTION WHEN OTHERS THEN NULL; END;
+               END $$"#);
+        assert!(!slot_exists("rb2"), "slot of a rolled-back outer block survived");
+        // and a lease that commits in its block stays
+        run(r#"DO $$ BEGIN BEGIN PERFORM backup_slot_lease('rb3', '1h'); END; END $$"#);
+        assert!(slot_exists("rb3"));
+    }
+
+    #[pg_test]
+    fn bad_input_gets_sqlstate_hint_and_changes_nothing() {
+        // (adopting a logical slot is in tests/bad_input.rs: a logical slot cannot be made in
+        // the transaction a #[pg_test] runs in)
+        helpers();
+        run("SELECT * FROM backup_slot_lease('taken', '1h')");
+        let long = "x".repeat(64);
+        let cases: Vec<(String, &str)> = vec![
+            ("SELECT backup_slot_lease(NULL)".into(), "22004"),
+            ("SELECT backup_slot_lease('')".into(), "42602"),
+            (format!("SELECT backup_slot_lease('{long}')"), "42622"),
+            ("SELECT backup_slot_lease('Upper')".into(), "42602"),
+            ("SELECT backup_slot_lease('a''b')".into(), "42602"),
+            ("SELECT backup_slot_lease('a b')".into(), "42602"),
+            ("SELECT backup_slot_lease('; drop table x')".into(), "42602"),
+            ("SELECT backup_slot_lease('ünï')".into(), "42602"),
+            ("SELECT backup_slot_lease('t0', '0')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', '-1 hour')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', '1000 years')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', 'soon')".into(), "22007"),
+            ("SELECT backup_slot_lease('t0', '1h', max_retained => '-1')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', '1h', max_retained => '0')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', '1h', max_retained => '10XB')".into(), "22023"),
+            ("SELECT backup_slot_lease('t0', '1h', max_retained => '99999999999PB')".into(), "22023"),
+            (format!("SELECT backup_slot_lease('t0', '1h', holder => '{}')", "h".repeat(100_000)), "22001"),
+            ("SELECT backup_slot_lease('missing', '1h', adopt => true)".into(), "42704"),
+            ("SELECT backup_slot_lease('taken', '1h')".into(), "42710"),
+            ("SELECT backup_slot_lease('taken', '1h', adopt => true)".into(), "42710"),
+            ("SELECT backup_slot_renew('nolease')".into(), "42704"),
+            ("SELECT backup_slot_renew('taken', '0')".into(), "22023"),
+            ("SELECT backup_slot_renew('taken', '1000 years')".into(), "22023"),
+            ("SELECT backup_slot_renew(NULL)".into(), "22004"),
+            ("SELECT backup_slot_release('nolease')".into(), "42704"),
+            ("SELECT backup_slot_release('Bad')".into(), "42602"),
+            ("SELECT backup_slot_keep('nolease')".into(), "42704"),
+            ("SELECT backup_slot_keep(NULL)".into(), "22004"),
+        ];
+        for (q, code) in &cases {
+            expect_error(q, code);
+        }
+        // a slot dropped behind our back
+        run("SELECT pg_drop_replication_slot('taken')");
+        for q in ["SELECT backup_slot_renew('taken')", "SELECT backup_slot_release('taken')", "SELECT backup_slot_keep('taken')"] {
+            expect_error(q, "42704");
+        }
+    }
+
+    #[pg_test]
+    fn error_messages_name_the_slot_and_the_limit() {
+        helpers();
+        run("SET pgslotguard.default_ttl = '1h'");
+        let e = text("SELECT pg_temp.error_of($$SELECT backup_slot_lease('big', '30 days')$$)");
+        assert!(e.contains("\"big\"") && e.contains("pgslotguard.max_ttl (7d 00h)"), "{e}");
+        run("SELECT * FROM backup_slot_lease('dup', '1h')");
+        let e = text("SELECT pg_temp.error_of($$SELECT backup_slot_lease('dup')$$)");
+        assert!(e.contains("\"dup\" is already leased until "), "{e}");
+    }
+
+    #[pg_test]
+    fn roles_without_replication_cannot_lease() {
+        helpers();
+        run("CREATE ROLE sg_plain LOGIN");
+        run("SET ROLE sg_plain");
+        expect_error("SELECT backup_slot_lease('mine', '1h')", "42501");
+        run("RESET ROLE");
+        assert!(!slot_exists("mine"));
+    }
+
+    #[pg_test]
+    fn lessee_cannot_touch_anothers_lease_but_superuser_can() {
+        helpers();
+        run("CREATE ROLE sg_alice LOGIN REPLICATION");
+        run("CREATE ROLE sg_bob LOGIN REPLICATION");
+        run("SET ROLE sg_alice");
+        run("SELECT * FROM backup_slot_lease('alice_slot', '1h')");
+        assert_eq!(text("SELECT owner::text FROM pgslotguard.leases WHERE slot_name = 'alice_slot'"), "sg_alice");
+        run("SET ROLE sg_bob");
+        for q in [
+            "SELECT backup_slot_renew('alice_slot', '2h')",
+            "SELECT backup_slot_release('alice_slot')",
+            "SELECT backup_slot_keep('alice_slot')",
+        ] {
+            let before = world(q);
+            let got = text(&format!("SELECT pg_temp.sqlstate_of({})", pgrx::spi::quote_literal(q)));
+            assert_eq!(got, "42501", "{q}");
+            assert_eq!(world(q), before);
+        }
+        // bob does not even see alice's lease or its events
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'alice_slot'"), Some(0));
+        // bob may not read the tables directly either
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.lease_data')"), "42501");
+        run("SET ROLE sg_alice");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'alice_slot'"), Some(1));
+        run("SELECT backup_slot_renew('alice_slot', '2h')");
+        run("RESET ROLE");
+        assert_eq!(one::<bool>("SELECT backup_slot_release('alice_slot')"), Some(true));
+        assert_eq!(
+            text("SELECT string_agg(action || '/' || actor, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'alice_slot'"),
+            "lease/sg_alice,renew/sg_alice,release/postgres"
+        );
+    }
+
+    #[pg_test]
+    fn non_superuser_may_not_raise_the_global_retained_limit() {
+        helpers();
+        run("CREATE ROLE sg_rep LOGIN REPLICATION");
+        // pgslotguard.max_retained_wal is PGC_SIGHUP; set it for this transaction's check via
+        // set_config as superuser is refused, so test with the value in force (-1 = off):
+        // with no global limit any per-lease limit is a lowering.
+        run("SET ROLE sg_rep");
+        run("SELECT * FROM backup_slot_lease('capped', '1h', max_retained => '50GB')");
+        run("RESET ROLE");
+        assert_eq!(one::<i64>("SELECT max_retained_bytes FROM pgslotguard.leases WHERE slot_name = 'capped'"), Some(50 << 30));
+    }
+
+    #[pg_test]
+    fn malicious_search_path_objects_cannot_hijack() {
+        helpers();
+        run("CREATE ROLE sg_evil LOGIN REPLICATION");
+        run("CREATE SCHEMA evil AUTHORIZATION sg_evil");
+        run("SET ROLE sg_evil");
+        // a shadowing operator and function that would log the caller's identity if called
+        run(r#"CREATE TABLE evil.calls (who text, at timestamptz DEFAULT now())"#);
+        run(r#"CREATE FUNCTION evil.name_eq(name, name) RETURNS boolean LANGUAGE sql AS
+               $$ INSERT INTO evil.calls(who) VALUES (current_user); SELECT $1::text = $2::text $$"#);
+        run("CREATE OPERATOR evil.= (LEFTARG = name, RIGHTARG = name, FUNCTION = evil.name_eq)");
+        run(r#"CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS
+               $$ INSERT INTO evil.calls(who) VALUES (current_user) RETURNING now() $$"#);
+        run(r#"CREATE FUNCTION evil.pg_size_pretty(bigint) RETURNS text LANGUAGE sql AS
+               $$ INSERT INTO evil.calls(who) VALUES (current_user) RETURNING 'x' $$"#);
+        run("SET search_path = evil, pg_catalog, public");
+        run("SELECT * FROM public.backup_slot_lease('evil_slot', '1h')");
+        run("SELECT public.backup_slot_renew('evil_slot', '2h')");
+        run("SELECT count(*) FROM pgslotguard.leases");
+        run("SELECT public.backup_slot_release('evil_slot')");
+        assert_eq!(one::<i64>("SELECT count(*) FROM evil.calls"), Some(0), "a shadowing object was called");
+        run("RESET search_path");
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn views_show_state_and_pretty_sizes() {
+        run("SELECT * FROM backup_slot_lease('v1', '1h', max_retained => '1GB')");
+        let row = text(
+            "SELECT state || '|' || (retained_bytes >= 0)::text || '|' || max_retained || '|' || (expires_in > '59 min')::text
+               FROM pgslotguard.leases WHERE slot_name = 'v1'",
+        );
+        assert_eq!(row, "ok|true|1024 MB|true");
+        let s = text(
+            "SELECT in_scope::text || '|' || scope_reason || '|' || next_action FROM pgslotguard.slots WHERE slot_name = 'v1'",
+        );
+        assert_eq!(s, "true|leased|none");
+        run("SELECT pg_create_physical_replication_slot('standby1')");
+        let s = text("SELECT in_scope::text || '|' || scope_reason FROM pgslotguard.slots WHERE slot_name = 'standby1'");
+        assert_eq!(s, "false|not leased (scope = leased)");
+        run("SELECT pg_drop_replication_slot('standby1')");
+    }
+
+    #[pg_test]
+    fn status_view_shows_the_running_worker() {
+        // The worker may be between restarts when the suite starts (it connects to the test
+        // database, which the framework creates after the server starts): poll for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let q = "SELECT preloaded::text || '|' || running::text || '|' || COALESCE((pid > 0)::text, 'no pid') FROM pgslotguard.status";
+        let mut row = text(q);
+        while row != "true|true|true" && std::time::Instant::now() < deadline {
+            run("SELECT pg_sleep(0.2)");
+            row = text(q);
+        }
+        assert_eq!(row, "true|true|true", "the guard worker was not seen running within 30 s");
+    }
+
+    #[pg_test]
+    fn expired_lease_shows_expired_and_enforce_drops_it() {
+        run("SELECT * FROM backup_slot_lease('ex', '1 second')");
+        // make it expired without sleeping: move the lease back in time
+        run("UPDATE pgslotguard.lease_data SET leased_at = now() - interval '1h', expires_at = now() - interval '1 min' WHERE slot_name = 'ex'");
+        assert_eq!(text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'ex'"), "expired");
+        assert_eq!(text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'ex'"), "expire_drop");
+        // dry run: recorded, nothing touched
+        let a = text("SELECT string_agg(action, ',') FROM backup_slot_enforce(true) WHERE slot_name = 'ex'");
+        assert_eq!(a, "would_drop");
+        assert!(slot_exists("ex"));
+        assert_eq!(text("SELECT action FROM pgslotguard.events WHERE slot_name = 'ex' ORDER BY id DESC LIMIT 1"), "would_drop");
+        // real pass
+        let a = text("SELECT string_agg(action, ',') FROM backup_slot_enforce() WHERE slot_name = 'ex'");
+        assert_eq!(a, "expire_drop");
+        assert!(!slot_exists("ex"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'ex'"), Some(0));
+        let ev = text("SELECT actor || ':' || reason FROM pgslotguard.events WHERE slot_name = 'ex' ORDER BY id DESC LIMIT 1");
+        assert!(ev.starts_with("postgres:lease expired 1m"), "{ev}");
+    }
+
+    #[pg_test]
+    fn enforce_ends_lease_whose_slot_vanished() {
+        run("SELECT * FROM backup_slot_lease('vanish', '1h')");
+        run("SELECT pg_drop_replication_slot('vanish')");
+        assert_eq!(text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'vanish'"), "slot_missing");
+        let a = text("SELECT string_agg(action, ',') FROM backup_slot_enforce() WHERE slot_name = 'vanish'");
+        assert_eq!(a, "end_lease");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'vanish'"), Some(0));
+    }
+
+    #[pg_test]
+    fn enforce_requires_superuser_unless_dry_run_by_monitor() {
+        helpers();
+        run("CREATE ROLE sg_mon LOGIN IN ROLE pg_monitor");
+        run("SET ROLE sg_mon");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM backup_slot_enforce()')"), "42501");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM backup_slot_enforce(true)')"), "00000");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.slots')"), "00000");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.status')"), "00000");
+        run("RESET ROLE");
+        run("CREATE ROLE sg_nobody LOGIN");
+        run("SET ROLE sg_nobody");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM backup_slot_enforce(true)')"), "42501");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.slots')"), "42501");
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn gucs_are_visible_with_units_and_bad_values_are_refused() {
+        helpers();
+        assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.naptime'"), "ms");
+        assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_retained_wal'"), "MB");
+        assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_ttl'"), "s");
+        assert_eq!(text("SELECT current_setting('pgslotguard.max_ttl')"), "7d");
+        assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.scope'"), "{leased,physical,all}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(13));
+        // default_ttl above max_ttl, a typo'd name under the reserved prefix
+        assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.default_ttl = '8d'$$)"), "22023");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptme = '1s'$$)"), "42602");
+        // SIGHUP settings cannot be SET in a session
+        assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptime = '5s'$$)"), "55P02");
+    }
+
+}
