@@ -43,12 +43,20 @@ const US_PER_S: i64 = 1_000_000;
 /// Define every GUC, then reserve the prefix so a typo such as `pgslotguard.naptme` is
 /// refused rather than silently kept as a placeholder.
 pub fn init() {
+    // A PGC_POSTMASTER setting can only be defined while the postmaster loads the library;
+    // when pgslotguard is loaded later (not preloaded: no worker), it is shown read from
+    // the configuration file instead, so CREATE EXTENSION still checks the database.
+    let database_context = if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucContext::Postmaster
+    } else {
+        GucContext::Sighup
+    };
     GucRegistry::define_string_guc(
         c"pgslotguard.database",
         c"Database that holds the pgslotguard extension; the guard worker connects there.",
         c"Like cron.database_name: CREATE EXTENSION pgslotguard is refused in any other database.",
         &DATABASE,
-        GucContext::Postmaster,
+        database_context,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -5,6 +5,7 @@
 use crate::{enforce, guc, shmem, state};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -67,6 +68,10 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     }
     shmem::update(|s| s.pid = 0);
     log!("pgslotguard: guard worker shutting down");
+    // Exit code 1, not 0: a bgworker that exits with 0 is unregistered for good, and a
+    // guard stopped by a stray SIGTERM must come back (bgw_restart_time). At server
+    // shutdown the postmaster restarts nothing, whatever the code.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn one_pass(db: &str, warned: &mut HashSet<(String, &'static str)>, missing_logged: &mut bool) {
@@ -87,12 +92,13 @@ fn one_pass(db: &str, warned: &mut HashSet<(String, &'static str)>, missing_logg
     match outcome {
         Ok(None) => {
             if !*missing_logged {
-                ereport!(
-                    PgLogLevel::LOG,
+                ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                     format!("pgslotguard: extension \"pgslotguard\" is not installed in database \"{db}\"; the guard worker waits for it"),
-                    format!("Run CREATE EXTENSION pgslotguard in database \"{db}\" (pgslotguard.database).")
-                );
+                    "pgslotguard",
+                )
+                .set_hint(format!("Run CREATE EXTENSION pgslotguard in database \"{db}\" (pgslotguard.database)."))
+                .report(PgLogLevel::LOG);
                 *missing_logged = true;
             }
         }

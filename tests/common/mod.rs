@@ -1,0 +1,345 @@
+//! Shared helpers for the integration suites: throwaway PostgreSQL 15 clusters run as the
+//! `postgres` system user, on 127.0.0.1 at a free port with the socket in a temp dir,
+//! always stopped (by their own data directory) when the test ends, pass or fail.
+#![allow(dead_code)]
+
+use postgres::{Client, NoTls, Row};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn running_as_postgres() -> bool {
+    std::env::var("USER").map(|u| u == "postgres").unwrap_or(false)
+        || Command::new("id").arg("-un").output().map(|o| o.stdout == b"postgres\n").unwrap_or(false)
+}
+
+/// A command run as the postgres system user.
+pub fn pg_cmd(program: &str) -> Command {
+    if running_as_postgres() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "-u", "postgres", "--", program]);
+        c
+    }
+}
+
+pub fn bin(name: &str) -> String {
+    format!("{BIN}/{name}")
+}
+
+fn check(out: Output, what: &str) -> Output {
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh temp directory that postgres owns.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("pgsg-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if !running_as_postgres() {
+        check(Command::new("chown").args(["postgres:postgres"]).arg(&dir).output().unwrap(), "chown");
+    }
+    dir
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// initdb + our settings + `extra` postgresql.conf lines, then start. The extension
+    /// is preloaded with pgslotguard.database = 'postgres' and naptime 1s unless `extra`
+    /// says otherwise (later lines win).
+    pub fn start(tag: &str, extra: &[&str]) -> Cluster {
+        let c = Cluster::init(tag, extra);
+        c.pg_ctl_start();
+        c
+    }
+
+    pub fn init(tag: &str, extra: &[&str]) -> Cluster {
+        let dir = temp_dir(tag);
+        let data = dir.join("data");
+        check(
+            pg_cmd(&bin("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&data)
+                .output()
+                .unwrap(),
+            "initdb",
+        );
+        let c = Cluster { dir, data, port: free_port() };
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("port = {}", c.port),
+            format!("unix_socket_directories = '{}'", c.dir.display()),
+            "shared_preload_libraries = 'pgslotguard'".into(),
+            "pgslotguard.database = 'postgres'".into(),
+            "pgslotguard.naptime = '1s'".into(),
+            "max_replication_slots = 20".into(),
+            "max_wal_senders = 20".into(),
+            "wal_level = logical".into(),
+            "fsync = off".into(),
+            "log_line_prefix = '%m [%p] %b '".into(),
+        ];
+        conf.extend(extra.iter().map(|s| s.to_string()));
+        c.append_conf(&conf.join("\n"));
+        c
+    }
+
+    pub fn from_data(dir: PathBuf, data: PathBuf) -> Cluster {
+        let conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
+        let port = conf
+            .lines()
+            .filter_map(|l| l.strip_prefix("port = "))
+            .last()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        Cluster { dir, data, port }
+    }
+
+    pub fn append_conf(&self, text: &str) {
+        let path = self.data.join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&path).unwrap();
+        conf.push('\n');
+        conf.push_str(text);
+        conf.push('\n');
+        std::fs::write(&path, conf).unwrap();
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("server-{}.log", self.data.file_name().unwrap().to_string_lossy()))
+    }
+
+    pub fn pg_ctl_start(&self) {
+        check(
+            pg_cmd(&bin("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.log_path())
+                .arg("start")
+                .stdout(Stdio::null())
+                .output()
+                .unwrap(),
+            "pg_ctl start",
+        );
+    }
+
+    /// pg_ctl stop with `mode` (fast, immediate); quiet if already stopped.
+    pub fn stop(&self, mode: &str) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = pg_cmd(&bin("pg_ctl"))
+                .args(["-w", "-t", "60", "-m", mode, "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    pub fn restart(&self, mode: &str) {
+        self.stop(mode);
+        self.pg_ctl_start();
+    }
+
+    pub fn conninfo(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    pub fn client_db(&self, db: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(&self.conninfo(db), NoTls) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("cannot connect to cluster on port {}: {e}\n{}", self.port, self.log_tail(30)),
+            }
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        self.client_db("postgres")
+    }
+
+    pub fn try_sql(&self, q: &str) -> Result<Vec<Row>, postgres::Error> {
+        let mut c = self.client();
+        c.simple_query("SET client_min_messages = error").ok();
+        c.query(q, &[])
+    }
+
+    pub fn sql(&self, q: &str) -> Vec<Row> {
+        self.try_sql(q).unwrap_or_else(|e| panic!("{q}: {e}\n{}", self.log_tail(20)))
+    }
+
+    pub fn exec(&self, q: &str) {
+        let mut c = self.client();
+        c.batch_execute(q).unwrap_or_else(|e| panic!("{q}: {e}\n{}", self.log_tail(20)));
+    }
+
+    pub fn text(&self, q: &str) -> String {
+        self.sql(q).first().and_then(|r| r.get::<_, Option<String>>(0)).unwrap_or_default()
+    }
+
+    pub fn count(&self, q: &str) -> i64 {
+        self.sql(q).first().map(|r| r.get::<_, i64>(0)).unwrap_or(0)
+    }
+
+    /// The SQLSTATE `q` fails with, or None when it succeeds.
+    pub fn sqlstate(&self, q: &str) -> Option<String> {
+        match self.client().batch_execute(q) {
+            Ok(()) => None,
+            Err(e) => Some(e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no code: {e}"))),
+        }
+    }
+
+    pub fn slot_exists(&self, name: &str) -> bool {
+        self.sql(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}'")).len() == 1
+    }
+
+    /// Slots and leases as text, for failure messages.
+    pub fn describe(&self) -> String {
+        let slots = self
+            .try_sql("SELECT string_agg(format('%s(active=%s restart=%s)', slot_name, active, restart_lsn), ', ') FROM pg_replication_slots")
+            .ok()
+            .and_then(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
+            .unwrap_or_default();
+        let events = self
+            .try_sql("SELECT string_agg(format('%s %s %s', slot_name, action, reason), E'\\n  ' ORDER BY id) FROM pgslotguard.events")
+            .ok()
+            .and_then(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
+            .unwrap_or_default();
+        format!("slots: [{slots}]\nevents:\n  {events}\nserver log tail:\n{}", self.log_tail(25))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Poll `probe` every 100 ms until it returns Some, or panic after `timeout` saying
+    /// what we waited for and what we saw.
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut probe: impl FnMut(&Cluster) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = probe(self) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("gave up after {timeout:?} waiting for {what}\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.try_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pgslotguard guard'")
+            .ok()
+            .and_then(|r| r.first().map(|r| r.get::<_, i32>(0)))
+    }
+
+    /// Wait for the guard to complete `n` more passes (reads pgslotguard.status).
+    pub fn wait_passes(&self, n: i64) {
+        let start = self.count("SELECT passes FROM pgslotguard.status");
+        self.wait_for(&format!("{n} more guard passes"), Duration::from_secs(60), |c| {
+            (c.count("SELECT passes FROM pgslotguard.status") >= start + n).then_some(())
+        });
+    }
+
+    /// ALTER SYSTEM SET each (name, value) — one statement each: ALTER SYSTEM cannot run in a
+    /// transaction block — then reload.
+    pub fn set_policy(&self, settings: &[(&str, &str)]) {
+        for (name, value) in settings {
+            self.exec(&format!("ALTER SYSTEM SET {name} = '{value}'"));
+        }
+        self.reload();
+    }
+
+    pub fn reload(&self) {
+        self.exec("SELECT pg_reload_conf()");
+    }
+
+    /// Run a client program (pg_basebackup, pgbench, ...) as postgres against this cluster.
+    pub fn tool(&self, name: &str) -> Command {
+        let mut c = pg_cmd(&bin(name));
+        c.current_dir(&self.dir);
+        c
+    }
+
+    pub fn run_tool(&self, name: &str, args: &[&str]) -> Output {
+        check(self.tool(name).args(args).output().unwrap(), name)
+    }
+
+    pub fn port_s(&self) -> String {
+        self.port.to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop("immediate");
+        if std::env::var_os("PGSG_KEEP").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A child process we started, killed by its own PID when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// SIGTERM by PID (sudo passes it on to the program), then wait up to 10 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

@@ -1,0 +1,115 @@
+//! The lease API where it needs a cluster of its own: top-level ROLLBACK, a lease failing
+//! half-way (max_replication_slots exhausted), adopting logical and active slots, two
+//! sessions racing for one name, and the warning when no guard worker runs.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn lease_rolled_back_leaves_no_slot() {
+    let c = Cluster::start("rollback", &[]);
+    c.exec("CREATE EXTENSION pgslotguard");
+    let mut cl = c.client();
+    let mut tx = cl.transaction().unwrap();
+    tx.batch_execute("SELECT * FROM backup_slot_lease('t', '1h')").unwrap();
+    assert!(c.slot_exists("t"), "the slot exists inside the transaction");
+    tx.rollback().unwrap();
+    assert!(!c.slot_exists("t"), "ROLLBACK left the slot behind\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+    assert!(c.log().contains("dropped replication slot \"t\": the lease that created it was rolled back"));
+
+    // a session that dies mid-transaction rolls back too
+    let mut cl2 = c.client();
+    cl2.batch_execute("BEGIN; SELECT * FROM backup_slot_lease('t2', '1h');").unwrap();
+    assert!(c.slot_exists("t2"));
+    drop(cl2);
+    c.wait_for("the slot of a disconnected session's lease to go", Duration::from_secs(20), |c| {
+        (!c.slot_exists("t2")).then_some(())
+    });
+}
+
+#[test]
+fn lease_failing_half_way_leaves_nothing() {
+    let c = Cluster::start("exhaust", &["max_replication_slots = 2"]);
+    c.exec("CREATE EXTENSION pgslotguard");
+    c.exec("SELECT * FROM backup_slot_lease('a', '1h'); SELECT * FROM backup_slot_lease('b', '1h')");
+    let events = c.count("SELECT count(*) FROM pgslotguard.event_log");
+    let code = c.sqlstate("SELECT * FROM backup_slot_lease('c', '1h')");
+    assert_eq!(code.as_deref(), Some("53400"), "{}", c.describe());
+    assert!(!c.slot_exists("c"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 2);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log"), events);
+
+    // the insert of the lease fails after the slot was made: the slot must go too
+    c.exec("SELECT backup_slot_release('b')");
+    c.exec("ALTER TABLE pgslotguard.lease_data ADD CONSTRAINT sabotage CHECK (slot_name <> 'late_fail')");
+    let code = c.sqlstate("SELECT * FROM backup_slot_lease('late_fail', '1h')");
+    assert_eq!(code.as_deref(), Some("23514"));
+    assert!(!c.slot_exists("late_fail"), "a lease that failed after creating its slot left it\n{}", c.describe());
+}
+
+#[test]
+fn adopt_refuses_logical_and_active_slots() {
+    let c = Cluster::start("adopt", &[]);
+    c.exec("CREATE EXTENSION pgslotguard");
+    c.exec("SELECT pg_create_logical_replication_slot('logical1', 'test_decoding')");
+    assert_eq!(c.sqlstate("SELECT backup_slot_lease('logical1', '1h', adopt => true)").as_deref(), Some("55000"));
+    c.exec("SELECT pg_create_physical_replication_slot('busy', true)");
+    let dir = temp_dir("adopt-wal");
+    let _recv = Proc(
+        c.tool("pg_receivewal")
+            .args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-S", "busy", "-D"])
+            .arg(&dir)
+            .spawn()
+            .unwrap(),
+    );
+    c.wait_for("pg_receivewal to attach to the slot", Duration::from_secs(30), |c| {
+        (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'busy' AND active") == 1).then_some(())
+    });
+    assert_eq!(c.sqlstate("SELECT backup_slot_lease('busy', '1h', adopt => true)").as_deref(), Some("55006"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_sessions_racing_for_one_name_one_wins() {
+    let c = Cluster::start("race", &[]);
+    c.exec("CREATE EXTENSION pgslotguard");
+    for round in 0..5 {
+        let name = format!("race_{round}");
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let conn = c.conninfo("postgres");
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let mut cl = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+                    cl.batch_execute(&format!("SELECT * FROM backup_slot_lease('{name}', '1h')"))
+                        .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {results:?}");
+        let loser = results.iter().find_map(|r| r.clone().err()).unwrap();
+        assert_eq!(loser, "42710", "the loser gets 'already leased'");
+        assert_eq!(c.count(&format!("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = '{name}'")), 1);
+    }
+}
+
+#[test]
+fn lease_warns_when_no_guard_worker_runs() {
+    let c = Cluster::start("nopreload", &["shared_preload_libraries = ''"]);
+    c.exec("CREATE EXTENSION pgslotguard");
+    // capture the WARNING through the server log (the client library drops notices)
+    c.exec("SELECT * FROM backup_slot_lease('unguarded', '1h')");
+    assert!(
+        c.log().contains("WARNING:  pgslotguard: no guard worker is running; this lease will not be enforced"),
+        "{}",
+        c.log_tail(10)
+    );
+    assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "false");
+    assert_eq!(c.text("SELECT preloaded::text FROM pgslotguard.status"), "false");
+}
