@@ -315,11 +315,31 @@ impl Drop for Cluster {
 /// A child process we started, killed by its own PID when dropped.
 pub struct Proc(pub Child);
 
+/// Every process below `pid` (children first found, then theirs), by PID.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        let o = Command::new("pgrep").args(["-P", &p.to_string()]).output();
+        for c in o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines() {
+            if let Ok(c) = c.trim().parse::<u32>() {
+                out.push(c);
+                queue.push(c);
+            }
+        }
+    }
+    out
+}
+
 impl Proc {
-    /// SIGTERM by PID (sudo passes it on to the program), then wait up to 10 s, then SIGKILL.
+    /// SIGTERM to the program and every process it forked (pg_basebackup streams WAL from
+    /// a child), by their PIDs; wait up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
         if let Ok(Some(_)) = self.0.try_wait() {
             return;
+        }
+        for pid in descendants(self.0.id()) {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
         }
         let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,261 @@
+//! End to end, the way a DBA lives it: real pg_basebackup through leased slots, standbys
+//! built from those backups, backups that die, long backups with a heartbeat, a retained
+//! WAL breach under pgbench, restarts and crashes, promotion, and the shipped backup script.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn primary(tag: &str, extra: &[&str]) -> Cluster {
+    let c = Cluster::start(tag, extra);
+    c.exec("CREATE EXTENSION pgslotguard");
+    c
+}
+
+fn basebackup(c: &Cluster, slot: &str, dir: &PathBuf, extra: &[&str]) -> std::process::Output {
+    let mut cmd = c.tool("pg_basebackup");
+    // -c fast: a spread checkpoint would keep pg_basebackup off the slot for minutes
+    cmd.args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-c", "fast", "-S", slot, "--wal-method=stream", "-D"])
+        .arg(dir)
+        .args(extra);
+    cmd.output().unwrap()
+}
+
+/// Make a standby cluster out of a backup taken with -R, on its own port and socket dir.
+fn standby_from(backup: PathBuf, keep_slot_setting: bool) -> Cluster {
+    let dir = backup.parent().unwrap().to_path_buf();
+    let s = Cluster { dir, data: backup, port: free_port() };
+    let auto = s.data.join("postgresql.auto.conf");
+    if !keep_slot_setting {
+        let text = std::fs::read_to_string(&auto).unwrap();
+        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("primary_slot_name")).collect();
+        std::fs::write(&auto, kept.join("\n") + "\n").unwrap();
+    }
+    s.append_conf(&format!("port = {}\nhot_standby = on", s.port));
+    s.pg_ctl_start();
+    s
+}
+
+fn wait_streaming(primary: &Cluster) {
+    primary.wait_for("a standby streaming from the primary", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") >= 1).then_some(())
+    });
+}
+
+fn make_wal(c: &Cluster, mb: i64) {
+    c.exec(&format!(
+        "CREATE TABLE IF NOT EXISTS filler (x text);
+         INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, {});
+         SELECT pg_switch_wal();",
+        mb * 1100
+    ));
+}
+
+#[test]
+fn backup_through_lease_then_release_gives_a_valid_standby() {
+    let c = primary("bb-release", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('nightly', '10 min', 'test')");
+    let dir = temp_dir("backup1").join("data");
+    let out = basebackup(&c, "nightly", &dir, &["-R"]);
+    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.sql("SELECT backup_slot_release('nightly')").len(), 1);
+    assert!(!c.slot_exists("nightly"));
+    assert_eq!(
+        c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'nightly'"),
+        "lease,release"
+    );
+    let standby = standby_from(dir, false);
+    wait_streaming(&c);
+    assert_eq!(standby.text("SELECT pg_is_in_recovery()::text"), "true");
+}
+
+#[test]
+fn backup_kept_as_standby_slot_is_never_dropped() {
+    let c = primary("bb-keep", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('standby1', '10 min')");
+    let dir = temp_dir("backup2").join("data");
+    let out = basebackup(&c, "standby1", &dir, &["-R"]);
+    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    c.exec("SELECT backup_slot_keep('standby1')");
+    // limits that the slot would break at once, were it still in scope
+    c.set_policy(&[("pgslotguard.max_retained_wal", "1MB"), ("pgslotguard.max_slot_age", "2s")]);
+    let _standby = standby_from(dir, true);
+    wait_streaming(&c);
+    assert_eq!(c.text("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'standby1'"), "true");
+    make_wal(&c, 4);
+    c.wait_passes(4); // well past the 2 s age limit and with more than 1 MB retained at times
+    assert!(c.slot_exists("standby1"), "the guard dropped a kept slot\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
+    assert_eq!(c.text("SELECT scope_reason FROM pgslotguard.slots WHERE slot_name = 'standby1'"), "not leased (scope = leased)");
+}
+
+#[test]
+fn backup_that_dies_is_cleaned_up_after_expiry() {
+    let c = primary("bb-dies", &[]);
+    make_wal(&c, 20); // something to copy, slowly
+    c.exec("SELECT * FROM backup_slot_lease('dying', '4 s')");
+    let first_seg = c.text("SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = 'dying'");
+    let dir = c.dir.join("backup3");
+    let mut bb = Proc(
+        c.tool("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-S", "dying", "--wal-method=stream"])
+            .args(["-c", "fast", "--max-rate=2M", "-D"])
+            .arg(&dir)
+            .spawn()
+            .unwrap(),
+    );
+    c.wait_for("pg_basebackup to stream from the slot", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'dying' AND active") == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5)); // past the TTL while streaming
+    assert!(c.slot_exists("dying"), "an active slot was dropped for expiry alone\n{}", c.describe());
+    assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'dying'"), "expired_active");
+    bb.stop(); // the backup dies half-way
+    make_wal(&c, 48);
+    c.wait_for("the guard to drop the dead backup's slot", WAIT, |c| (!c.slot_exists("dying")).then_some(()));
+    assert_eq!(
+        c.text("SELECT action || ' by ' || actor FROM pgslotguard.events WHERE slot_name = 'dying' ORDER BY id DESC LIMIT 1"),
+        "expire_drop by worker"
+    );
+    c.exec("CHECKPOINT");
+    c.exec("CHECKPOINT");
+    let still = c.count(&format!("SELECT count(*) FROM pg_ls_waldir() WHERE name = '{first_seg}'"));
+    assert_eq!(still, 0, "segment {first_seg} pinned by the slot is still in pg_wal after the drop and a checkpoint");
+}
+
+#[test]
+fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
+    let c = primary("bb-long", &[]);
+    make_wal(&c, 16);
+    // with the shipped script: ttl 2 s, heartbeat 1 s, a backup that takes several seconds
+    let dir = c.dir.join("backup4");
+    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", c.port);
+    let script = std::fs::canonicalize("scripts/pgslotguard-backup").unwrap();
+    let out = pg_cmd("bash")
+        .arg(&script)
+        .args(["-d", &conn, "-s", "heartbeat", "-t", "2 s", "-i", "1", "-D"])
+        .arg(&dir)
+        .args(["--", "-c", "fast", "--max-rate=8M"])
+        .env("PSQL", bin("psql"))
+        .env("PG_BASEBACKUP", bin("pg_basebackup"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "script failed: {stderr}\n{}", c.describe());
+    assert!(stderr.contains("released"), "{stderr}");
+    let renewals = c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'heartbeat' AND action = 'renew'");
+    let dropped = c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'heartbeat' AND action LIKE '%drop'");
+    assert!(renewals >= 2, "the backup outlived its TTL without renewing?\n{}", c.describe());
+    assert_eq!(dropped, 0, "the guard dropped a renewed lease\n{}", c.describe());
+    assert!(std::path::Path::new(&dir).join("backup_manifest").exists());
+
+    // without heartbeat: expires while streaming, survives, dropped once it stops
+    c.exec("SELECT * FROM backup_slot_lease('no_heartbeat', '3 s')");
+    let dir2 = c.dir.join("backup5");
+    let out = basebackup(&c, "no_heartbeat", &dir2, &["--max-rate=8M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'no_heartbeat'");
+    // expired while streaming: reported (warn), not dropped
+    assert_eq!(ev, "lease,warn", "dropped while streaming? {ev}\n{}", c.describe());
+    c.wait_for("the slot to be dropped once the backup stopped", WAIT, |c| (!c.slot_exists("no_heartbeat")).then_some(()));
+}
+
+#[test]
+fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
+    let c = primary("bb-retained", &["pgslotguard.max_retained_wal = '16MB'", "max_wal_size = '1GB'"]);
+    c.exec("SELECT * FROM backup_slot_lease('idle_slot', '1h')");
+    c.run_tool("pgbench", &["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-i", "-s", "2", "-q", "postgres"]);
+    let load = |secs: &str| {
+        c.run_tool("pgbench", &["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-c", "2", "-T", secs, "-n", "postgres"]);
+    };
+    load("3");
+    make_wal(&c, 20);
+    c.wait_for("the idle slot to be dropped for retained WAL", WAIT, |c| (!c.slot_exists("idle_slot")).then_some(()));
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1"), "retained_drop");
+    let retained = c.count("SELECT retained_bytes FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1");
+    assert!(retained > 16 << 20, "recorded retained {retained}");
+
+    // active consumer: pg_receivewal attached, then frozen (SIGSTOP) so WAL piles up
+    c.set_policy(&[("pgslotguard.terminate_active", "on")]);
+    c.exec("SELECT * FROM backup_slot_lease('receiver', '1h')");
+    let waldir = temp_dir("recv");
+    let recv = Proc(
+        c.tool("pg_receivewal")
+            .args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-S", "receiver", "-D"])
+            .arg(&waldir)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = c.wait_for("pg_receivewal on the slot", WAIT, |c| {
+        c.sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'receiver' AND active")
+            .first()
+            .map(|r| r.get::<_, i32>(0))
+    });
+    let child = child_of(recv.0.id());
+    let _ = std::process::Command::new("kill").args(["-STOP", &child.to_string()]).status();
+    make_wal(&c, 24);
+    c.wait_for("the active slot to be terminated and dropped", WAIT, |c| (!c.slot_exists("receiver")).then_some(()));
+    let _ = std::process::Command::new("kill").args(["-CONT", &child.to_string()]).status();
+    let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'receiver'");
+    assert_eq!(ev, "lease,terminate,retained_drop", "{}", c.describe());
+    assert!(c.log().contains(&format!("terminated walsender PID {pid}")), "{}", c.log_tail(20));
+    let _ = std::fs::remove_dir_all(&waldir);
+}
+
+/// The program sudo started for us (or the pid itself when not run through sudo).
+fn child_of(pid: u32) -> u32 {
+    let out = std::process::Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(pid)
+}
+
+#[test]
+fn leases_events_and_tracking_survive_restarts_and_nothing_is_done_twice() {
+    let c = primary("bb-restart", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('keeps', '1h', 'restart test')");
+    c.exec("SELECT * FROM backup_slot_lease('short', '2 s')");
+    c.wait_for("the short lease to be enforced", WAIT, |c| (!c.slot_exists("short")).then_some(()));
+    c.wait_passes(1);
+    let seen = c.text("SELECT first_seen::text FROM pgslotguard.slot_seen WHERE slot_name = 'keeps'");
+    let events = c.count("SELECT count(*) FROM pgslotguard.events");
+    for mode in ["fast", "immediate"] {
+        c.restart(mode);
+        c.wait_for(&format!("the worker after a {mode} restart"), WAIT, |c| c.worker_pid());
+        c.wait_passes(2);
+        assert!(c.slot_exists("keeps"), "{mode}: {}", c.describe());
+        assert_eq!(c.text("SELECT holder FROM pgslotguard.leases WHERE slot_name = 'keeps'"), "restart test");
+        assert_eq!(c.text("SELECT first_seen::text FROM pgslotguard.slot_seen WHERE slot_name = 'keeps'"), seen);
+        assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events"), events, "{mode}: an action was taken again\n{}", c.describe());
+    }
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'"), 1);
+}
+
+#[test]
+fn on_a_standby_the_guard_writes_nothing_and_takes_over_after_promotion() {
+    let c = primary("bb-standby", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('to_standby', '10 min')");
+    c.exec("SELECT * FROM backup_slot_lease('expires_later', '20 s')");
+    let dir = temp_dir("backup6").join("data");
+    let out = basebackup(&c, "to_standby", &dir, &["-R"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = standby_from(dir, false);
+    wait_streaming(&c);
+    // the standby carries the lease rows (WAL-logged) but no guard runs there
+    s.wait_for("the standby to accept queries", WAIT, |s| s.try_sql("SELECT 1").ok().map(|_| ()));
+    assert_eq!(s.text("SELECT running::text FROM pgslotguard.status"), "false");
+    let err = s.client().batch_execute("SELECT * FROM backup_slot_lease('on_standby', '1h')").unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "25006");
+    assert!(db.hint().unwrap_or("").contains("primary"), "{:?}", db.hint());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!s.log().contains("pgslotguard guard"), "a guard ran on the standby:\n{}", s.log_tail(20));
+    assert!(!s.log().contains("ERROR:  pgslotguard") && !s.log().contains("FATAL"), "{}", s.log_tail(20));
+
+    c.stop("fast");
+    s.exec("SELECT pg_promote()");
+    s.wait_for("the guard worker on the promoted server", WAIT, |s| s.worker_pid());
+    s.exec("SELECT * FROM backup_slot_lease('after_promote', '1 s')");
+    s.wait_for("the promoted server's guard to enforce", WAIT, |s| (!s.slot_exists("after_promote")).then_some(()));
+}
