@@ -115,7 +115,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                                 "pgslotguard: terminated walsender PID {} of replication slot \"{}\"{}",
                                 pid,
                                 d.slot_name,
-                                if gone { "" } else { " (it had not exited after 5 s)" }
+                                if gone { "" } else { " (still exiting; the slot is dropped at the next pass)" }
                             );
                             state::record(&Event {
                                 slot_name: Some(&d.slot_name),
@@ -125,6 +125,11 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                                 actor: actor.name,
                                 lease_owner: owner,
                             })?;
+                            if !gone {
+                                // A walsender blocked on a stalled client can take a while to
+                                // exit; dropping now would only fail. The next pass drops it.
+                                return Ok("terminate".to_string());
+                            }
                         }
                         state::delete_lease(&d.slot_name)?;
                         state::drop_slot(&d.slot_name)?;

@@ -195,9 +195,10 @@ pub fn drop_slot(name: &str) -> Result<()> {
     select("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
 }
 
-/// Terminate a walsender and wait up to 5 s for it to go.
+/// Terminate a walsender and wait up to 1 s for it to go (a longer wait would hold up
+/// the whole pass).
 pub fn terminate(pid: i32) -> Result<bool> {
-    select("SELECT pg_catalog.pg_terminate_backend($1, 5000)", &[pid.into()], |t| {
+    select("SELECT pg_catalog.pg_terminate_backend($1, 1000)", &[pid.into()], |t| {
         Ok(t.first().get::<bool>(1)?.unwrap_or(false))
     })
 }
