@@ -1,0 +1,47 @@
+-- Helpers the benchmark creates in its own throwaway cluster.
+
+-- Poll (every 5 ms, inside one statement: pg_replication_slots is not transactional)
+-- until every slot named bench_r_* is gone; return each slot's reaction time: the time
+-- it vanished minus its lease's expiry.
+CREATE FUNCTION bench_wait_gone(timeout_s float8)
+RETURNS TABLE (slot text, reaction_s float8) LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz := clock_timestamp();
+    r record;
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS pending AS
+        SELECT slot_name::text AS slot, expires_at, NULL::timestamptz AS gone_at
+          FROM pgslotguard.lease_data WHERE slot_name LIKE 'bench_r_%';
+    LOOP
+        UPDATE pending p SET gone_at = clock_timestamp()
+         WHERE p.gone_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = p.slot);
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pending WHERE gone_at IS NULL);
+        EXIT WHEN clock_timestamp() - t0 > make_interval(secs => timeout_s);
+        PERFORM pg_sleep(0.005);
+    END LOOP;
+    RETURN QUERY SELECT p.slot, extract(epoch FROM p.gone_at - p.expires_at)::float8 FROM pending p;
+    DROP TABLE pending;
+END $$;
+
+-- Sample the WAL a slot retains every 50 ms until it is dropped or lost; return the peak
+-- and when the slot went (NULL if it did not within the timeout).
+CREATE FUNCTION bench_peak_retained(slot text, timeout_s float8, OUT peak bigint, OUT gone_after_s float8, OUT how text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz := clock_timestamp();
+    cur bigint;
+    st text;
+BEGIN
+    peak := 0;
+    LOOP
+        SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint, wal_status INTO cur, st
+          FROM pg_replication_slots WHERE slot_name = slot;
+        IF NOT FOUND THEN how := 'dropped'; EXIT; END IF;
+        IF st = 'lost' OR cur IS NULL THEN how := 'invalidated (wal_status lost)'; EXIT; END IF;
+        peak := greatest(peak, cur);
+        IF clock_timestamp() - t0 > make_interval(secs => timeout_s) THEN how := 'timeout'; RETURN; END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    gone_after_s := extract(epoch FROM clock_timestamp() - t0);
+END $$;
