@@ -177,7 +177,7 @@ fn lease(
                 if let Some(pid) = s.active_pid {
                     return Err(GuardError::SlotActive { slot: name.into(), pid, action: "adopt" });
                 }
-                s.restart_lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xFFFF_FFFF))
+                s.restart_lsn.map(crate::validate::format_lsn)
             }
             (None, false) => {
                 let lsn = state::create_slot(name)?;

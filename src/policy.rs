@@ -152,16 +152,56 @@ pub struct Decision {
     pub leased: bool,
     pub in_scope: bool,
     /// Why the slot is in scope or not, in words.
-    pub scope_reason: String,
+    pub scope_reason: &'static str,
     pub retained_bytes: Option<i64>,
     pub age_us: Option<i64>,
     pub inactive_us: Option<i64>,
-    /// The limit closest to being hit, in words ("lease expires in 59m 10s").
-    pub nearest_limit: Option<String>,
+    /// The limit closest to being hit (see [`Decision::nearest_limit`]).
+    pub nearest: Option<Limit>,
     /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
     /// `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
     pub action: Action,
+}
+
+impl Decision {
+    /// The limit closest to being hit, in words ("lease expires in 59m 10s").
+    pub fn nearest_limit(&self) -> Option<String> {
+        self.nearest.map(|l| l.words())
+    }
+}
+
+/// One limit as it applies to one slot: how far along it is (`frac`, 1.0 = at the limit).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    pub breach: Breach,
+    pub over: bool,
+    pub frac: f64,
+    /// Retained bytes, age or idle time; for expiry: now - expires_at.
+    pub used: i64,
+    pub limit: i64,
+}
+
+impl Limit {
+    pub fn words(&self) -> String {
+        let (used, limit) = (self.used, self.limit);
+        match (self.breach, self.over) {
+            (Breach::Retained, true) => {
+                format!("retains {} of WAL, above the limit of {}", fmt_bytes(used), fmt_bytes(limit))
+            }
+            (Breach::Retained, false) => format!("retained WAL {} of {}", fmt_bytes(used), fmt_bytes(limit)),
+            (Breach::Age, true) => format!("age {} is above pgslotguard.max_slot_age ({})", fmt_us(used), fmt_us(limit)),
+            (Breach::Age, false) => format!("age limit reached in {}", fmt_us(limit - used)),
+            (Breach::Expired, true) => format!("lease expired {} ago", fmt_us(used)),
+            (Breach::Expired, false) => format!("lease expires in {}", fmt_us(-used)),
+            (Breach::Inactive, true) => format!(
+                "inactive for {}, above pgslotguard.max_inactive_time ({})",
+                fmt_us(used),
+                fmt_us(limit)
+            ),
+            (Breach::Inactive, false) => format!("inactivity limit reached in {}", fmt_us(limit - used)),
+        }
+    }
 }
 
 fn fmt_bytes(b: i64) -> String {
@@ -195,11 +235,11 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             slot_exists: false,
             leased: true,
             in_scope: true,
-            scope_reason: "leased".into(),
+            scope_reason: "leased",
             retained_bytes: None,
             age_us: Some(snap.now - lease.leased_at),
             inactive_us: None,
-            nearest_limit: None,
+            nearest: None,
             state: "slot_missing",
             action: Action::EndLease {
                 reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
@@ -210,23 +250,23 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
     out
 }
 
-fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, String) {
+fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static str) {
     if let Some(re) = &policy.exclude {
         if re.is_match(&slot.name) {
-            return (false, "excluded by pgslotguard.exclude".into());
+            return (false, "excluded by pgslotguard.exclude");
         }
     }
     if slot.temporary {
-        return (false, "temporary slot (ends with its session)".into());
+        return (false, "temporary slot (ends with its session)");
     }
     if leased {
-        return (true, "leased".into());
+        return (true, "leased");
     }
     match policy.scope {
-        Scope::Leased => (false, "not leased (scope = leased)".into()),
-        Scope::Physical if !slot.physical => (false, "logical slot (scope = physical)".into()),
-        Scope::Physical => (true, "physical slot (scope = physical)".into()),
-        Scope::All => (true, "any slot (scope = all)".into()),
+        Scope::Leased => (false, "not leased (scope = leased)"),
+        Scope::Physical if !slot.physical => (false, "logical slot (scope = physical)"),
+        Scope::Physical => (true, "physical slot (scope = physical)"),
+        Scope::All => (true, "any slot (scope = all)"),
     }
 }
 
@@ -257,7 +297,7 @@ fn decide_slot(
         retained_bytes: slot.restart_lsn.map(|_| retained),
         age_us: age,
         inactive_us: inactive,
-        nearest_limit: None,
+        nearest: None,
         state: if in_scope { "ok" } else { "out_of_scope" },
         action: Action::None,
     };
@@ -267,56 +307,30 @@ fn decide_slot(
 
     let retained_limit = lease.and_then(|l| l.max_retained).or(policy.max_retained_wal);
 
-    // Every limit that applies: (breach, breached?, how close in 0..=1+, words).
-    let mut limits: Vec<(Breach, bool, f64, String)> = Vec::new();
+    // Every limit that applies, as numbers; words are made only for the ones shown.
+    let mut limits: Vec<Limit> = Vec::with_capacity(4);
     if let Some(limit) = retained_limit {
-        let over = retained > limit;
-        let words = if over {
-            format!("retains {} of WAL, above the limit of {}", fmt_bytes(retained), fmt_bytes(limit))
-        } else {
-            format!("retained WAL {} of {}", fmt_bytes(retained), fmt_bytes(limit))
-        };
-        limits.push((Breach::Retained, over, ratio(retained, limit), words));
+        limits.push(Limit { breach: Breach::Retained, over: retained > limit, frac: ratio(retained, limit), used: retained, limit });
     }
     if let (Some(limit), Some(age)) = (policy.max_slot_age_us, age) {
-        let over = age > limit;
-        let words = if over {
-            format!("age {} is above pgslotguard.max_slot_age ({})", fmt_us(age), fmt_us(limit))
-        } else {
-            format!("age limit reached in {}", fmt_us(limit - age))
-        };
-        limits.push((Breach::Age, over, ratio(age, limit), words));
+        limits.push(Limit { breach: Breach::Age, over: age > limit, frac: ratio(age, limit), used: age, limit });
     }
     if let Some(l) = lease {
         let over = now >= l.expires_at;
-        let words = if over {
-            format!("lease expired {} ago", fmt_us(now - l.expires_at))
-        } else {
-            format!("lease expires in {}", fmt_us(l.expires_at - now))
-        };
         let span = (l.expires_at - l.leased_at).max(1);
         let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
-        limits.push((Breach::Expired, over, frac, words));
+        limits.push(Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 });
     }
     if let (Some(limit), Some(idle)) = (policy.max_inactive_us, inactive) {
-        let over = idle > limit;
-        let words = if over {
-            format!("inactive for {}, above pgslotguard.max_inactive_time ({})", fmt_us(idle), fmt_us(limit))
-        } else {
-            format!("inactivity limit reached in {}", fmt_us(limit - idle))
-        };
-        limits.push((Breach::Inactive, over, ratio(idle, limit), words));
+        limits.push(Limit { breach: Breach::Inactive, over: idle > limit, frac: ratio(idle, limit), used: idle, limit });
     }
 
-    d.nearest_limit = limits
-        .iter()
-        .max_by(|a, b| a.2.partial_cmp(&b.2).unwrap_or(std::cmp::Ordering::Equal))
-        .map(|l| l.3.clone());
+    d.nearest = limits.iter().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));
 
     // The first breach in priority order decides: hard limits, then expiry, then inactivity.
     let breach = [Breach::Retained, Breach::Age, Breach::Expired, Breach::Inactive]
         .into_iter()
-        .find_map(|b| limits.iter().find(|l| l.0 == b && l.1).map(|l| (b, l.3.clone())));
+        .find_map(|b| limits.iter().find(|l| l.breach == b && l.over).map(|l| (b, l.words())));
     let Some((breach, words)) = breach else { return d };
 
     match slot.active_pid {
@@ -396,7 +410,7 @@ mod tests {
         assert_eq!(d.action, Action::None);
         assert!(d.in_scope);
         assert_eq!(d.retained_bytes, Some(10 * MB));
-        assert_eq!(d.nearest_limit.as_deref(), Some("lease expires in 1h 00m"));
+        assert_eq!(d.nearest_limit().as_deref(), Some("lease expires in 1h 00m"));
     }
 
     #[test]
@@ -603,7 +617,7 @@ mod tests {
     fn nearest_limit_is_the_most_used_one() {
         let p = Policy { max_retained_wal: Some(11 * MB), ..Policy::default() };
         let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 60 * S, 3600 * S)]));
-        assert_eq!(d.nearest_limit.as_deref(), Some("retained WAL 10 MB of 11 MB"));
+        assert_eq!(d.nearest_limit().as_deref(), Some("retained WAL 10 MB of 11 MB"));
     }
 
     #[test]

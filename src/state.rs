@@ -34,6 +34,32 @@ fn select<T>(
     Ok(Spi::connect_mut(|c| c.update(query, None, args).and_then(f))?)
 }
 
+thread_local! {
+    /// Plans of the queries every pass runs, kept for the life of the backend: planning the
+    /// slot/lease join costs about as much as running it.
+    static PLANS: std::cell::RefCell<std::collections::HashMap<&'static str, pgrx::spi::OwnedPreparedStatement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Like `select`, with the plan prepared once per backend and reused.
+fn select_cached<T>(
+    query: &'static str,
+    types: &[pgrx::PgOid],
+    args: &[DatumWithOid],
+    f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
+) -> Result<T> {
+    Ok(Spi::connect_mut(|c| {
+        if !PLANS.with_borrow(|p| p.contains_key(query)) {
+            let stmt = c.prepare_mut(query, types)?.keep();
+            PLANS.with_borrow_mut(|p| p.insert(query, stmt));
+        }
+        PLANS.with_borrow(|p| match p.get(query) {
+            Some(stmt) => c.update(stmt, None, args).and_then(f),
+            None => Err(pgrx::spi::Error::NoTupleTable),
+        })
+    })?)
+}
+
 fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
     Ok(Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))?)
 }
@@ -42,26 +68,31 @@ fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
 pub fn slots() -> Result<Vec<SlotInfo>> {
     select(
         "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
-                (restart_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8
+                restart_lsn::text
            FROM pg_catalog.pg_replication_slots ORDER BY slot_name",
         &[],
-        |t| {
-            t.map(|r| {
-                Ok(SlotInfo {
-                    name: r.get::<String>(1)?.unwrap_or_default(),
-                    physical: r.get::<bool>(2)?.unwrap_or(false),
-                    temporary: r.get::<bool>(3)?.unwrap_or(false),
-                    active_pid: r.get::<i32>(4)?,
-                    restart_lsn: r.get::<i64>(5)?.map(|v| v as u64),
-                })
-            })
-            .collect()
-        },
+        |t| t.map(slot_row).collect(),
     )
 }
 
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
-    Ok(slots()?.into_iter().find(|s| s.name == name))
+    select(
+        "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
+                restart_lsn::text
+           FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name",
+        &[name.into()],
+        |t| t.map(slot_row).next().transpose(),
+    )
+}
+
+fn slot_row(r: pgrx::spi::SpiHeapTupleData) -> pgrx::spi::Result<SlotInfo> {
+    Ok(SlotInfo {
+        name: r.get::<String>(1)?.unwrap_or_default(),
+        physical: r.get::<bool>(2)?.unwrap_or(false),
+        temporary: r.get::<bool>(3)?.unwrap_or(false),
+        active_pid: r.get::<i32>(4)?,
+        restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
+    })
 }
 
 /// Current WAL position: the insert position on a primary, the last replayed one on a standby.
@@ -98,7 +129,7 @@ pub fn leases() -> Result<Vec<Lease>> {
 }
 
 pub fn seen() -> Result<Vec<Seen>> {
-    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], |t| {
+    select_cached("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], &[], |t| {
         t.map(|r| {
             Ok(Seen {
                 slot_name: r.get::<String>(1)?.unwrap_or_default(),
@@ -110,10 +141,45 @@ pub fn seen() -> Result<Vec<Seen>> {
     })
 }
 
-/// Everything a decision needs, read now.
+/// Everything a decision needs, read now: slots and leases in one query (a full join, so
+/// leases whose slot is gone come too), then the tracking table.
 pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
-    Ok(Snapshot { now, current_lsn: current_lsn(), slots: slots()?, leases: leases()?, seen: seen()? })
+    let current_lsn = current_lsn();
+    let (slots, leases) = select_cached(
+        "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
+                s.restart_lsn::text,
+                l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
+           FROM pg_catalog.pg_replication_slots s
+           FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name",
+        &[],
+        &[],
+        |t| {
+            let mut slots = Vec::with_capacity(t.len());
+            let mut leases = Vec::new();
+            for r in t {
+                if let Some(name) = r.get::<String>(1)? {
+                    slots.push(SlotInfo {
+                        name,
+                        physical: r.get::<bool>(2)?.unwrap_or(false),
+                        temporary: r.get::<bool>(3)?.unwrap_or(false),
+                        active_pid: r.get::<i32>(4)?,
+                        restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
+                    });
+                }
+                if let Some(slot_name) = r.get::<String>(6)? {
+                    leases.push(Lease {
+                        slot_name,
+                        leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
+                        expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
+                        max_retained: r.get::<i64>(9)?,
+                    });
+                }
+            }
+            Ok((slots, leases))
+        },
+    )?;
+    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()? })
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap`, and forget slots
@@ -288,9 +354,11 @@ pub fn record(e: &Event) -> Result<()> {
 
 /// Delete events older than the retention; returns how many went.
 pub fn purge_events(older_than_us: i64) -> Result<usize> {
-    update(
+    select_cached(
         "DELETE FROM pgslotguard.event_log WHERE at < $1",
+        &[pgrx::PgOid::BuiltIn(pg_sys::BuiltinOid::TIMESTAMPTZOID)],
         &[ts(now_us() - older_than_us).into()],
+        |t| Ok(t.len()),
     )
 }
 
@@ -310,11 +378,24 @@ pub fn extension_installed() -> Result<bool> {
     )
 }
 
+thread_local! {
+    /// (extension oid, its owner): looked up once per installed extension per backend.
+    static OWNER: std::cell::Cell<(pg_sys::Oid, pg_sys::Oid)> =
+        const { std::cell::Cell::new((pg_sys::InvalidOid, pg_sys::InvalidOid)) };
+}
+
 /// Owner of the extension: the role whose rights the API uses for its own tables and slots.
 pub fn extension_owner() -> Result<pg_sys::Oid> {
-    select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard'", &[], |t| {
+    let ext = unsafe { pg_sys::get_extension_oid(c"pgslotguard".as_ptr(), true) };
+    let (cached_ext, cached_owner) = OWNER.get();
+    if ext != pg_sys::InvalidOid && ext == cached_ext {
+        return Ok(cached_owner);
+    }
+    let owner = select("SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1", &[ext.into()], |t| {
         Ok(t.first().get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)))
-    })
+    })?;
+    OWNER.set((ext, owner));
+    Ok(owner)
 }
 
 pub fn role_name(oid: pg_sys::Oid) -> String {

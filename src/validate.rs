@@ -75,6 +75,20 @@ pub fn max_retained(text: Option<&str>) -> Result<Option<i64>, GuardError> {
     Ok(Some(bytes))
 }
 
+/// Parse a `pg_lsn` in its text form (`16/B374D848`). Reading the text is much cheaper
+/// than pg_lsn arithmetic in SQL, which goes through numeric.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
+}
+
+/// Format an LSN as PostgreSQL does.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
 /// Format bytes as `pg_size_pretty()` does (rounded halves, 1024-based, kB..PB).
 pub fn pretty_size(bytes: i64) -> String {
     let neg = bytes < 0;
@@ -163,6 +177,17 @@ mod tests {
         assert_eq!(max_retained(Some("1GB")).unwrap(), Some(1 << 30));
         for bad in ["-1", "0", "10XB", "99999999999PB", "abc"] {
             assert!(matches!(max_retained(Some(bad)), Err(GuardError::BadSize(..))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lsns_parse_and_format_like_pg_lsn() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("0/1598CB8"), Some(0x1598CB8));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374D848));
+        assert_eq!(format_lsn((0x16 << 32) | 0xB374D848), "16/B374D848");
+        for bad in ["", "0", "x/1", "1/", "/1", "100000000/0"] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
         }
     }
 

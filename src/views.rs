@@ -42,6 +42,7 @@ pub mod pgslotguard {
             .into_iter()
             .filter(|d| all || owned.contains(&d.slot_name))
             .map(|d| {
+                let nearest = d.nearest_limit();
                 let (next, reason) = match &d.action {
                     Action::None => ("none".to_string(), None),
                     Action::Drop { breach, terminate, reason } => {
@@ -62,11 +63,11 @@ pub mod pgslotguard {
                     d.slot_exists,
                     d.leased,
                     d.in_scope,
-                    d.scope_reason,
+                    d.scope_reason.to_string(),
                     d.retained_bytes,
                     d.age_us,
                     d.inactive_us,
-                    d.nearest_limit,
+                    nearest,
                     d.state.to_string(),
                     next,
                     reason,
