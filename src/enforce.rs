@@ -85,6 +85,9 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                     log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
                     return Ok("would_end_lease".to_string());
                 }
+                if !still_decided(&policy, &d)? {
+                    return Ok(SKIPPED.to_string());
+                }
                 let owner = state::lease_owner(&d.slot_name)?;
                 state::delete_lease(&d.slot_name)?;
                 log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
@@ -108,6 +111,9 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                     })
                 } else {
                     in_subtransaction(|| {
+                        if !still_decided(&policy, &d)? {
+                            return Ok(SKIPPED.to_string());
+                        }
                         let owner = state::lease_owner(&d.slot_name)?;
                         if let Some(pid) = terminate {
                             let gone = state::terminate(*pid)?;
@@ -152,6 +158,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
             Action::None => String::new(),
         };
         match outcome {
+            Ok(action) if action == SKIPPED => {}
             Ok(action) => {
                 if action.ends_with("_drop") && action != "would_drop" {
                     summary.drops += 1;
@@ -176,6 +183,25 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
         state::purge_events(retention)?;
     }
     Ok(summary)
+}
+
+/// Returned by an action that found, on a second look, that it no longer applies.
+const SKIPPED: &str = "skipped";
+
+/// Before acting on a slot: take the per-name lock the API takes, read this slot and its
+/// lease again, and decide again. A lease renewed or released, or a slot that became
+/// active, since the pass's snapshot is left alone (the lock makes the second look final).
+fn still_decided(policy: &Policy, d: &Decision) -> Result<bool, GuardError> {
+    state::lock_name(&d.slot_name)?;
+    let fresh = state::snapshot_of(&d.slot_name)?;
+    let again = policy::decide(policy, &fresh).into_iter().find(|f| f.slot_name == d.slot_name);
+    Ok(match (again.map(|f| f.action), &d.action) {
+        (Some(Action::Drop { breach: b1, terminate: t1, .. }), Action::Drop { breach: b2, terminate: t2, .. }) => {
+            b1 == *b2 && t1.is_some() == t2.is_some()
+        }
+        (Some(Action::EndLease { .. }), Action::EndLease { .. }) => true,
+        _ => false,
+    })
 }
 
 fn record(d: &Decision, action: &str, reason: &str, actor: &str) -> Result<(), GuardError> {

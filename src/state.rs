@@ -141,45 +141,59 @@ pub fn seen() -> Result<Vec<Seen>> {
     })
 }
 
+const SNAPSHOT_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
+           FROM pg_catalog.pg_replication_slots s
+           FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
+
+const SNAPSHOT_OF_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
+           FROM (SELECT * FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s
+           FULL JOIN (SELECT * FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l
+             ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
+
+/// Split rows of the slot/lease full join into slots and leases.
+fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<Lease>)> {
+    let mut slots = Vec::with_capacity(t.len());
+    let mut leases = Vec::new();
+    for r in t {
+        if let Some(name) = r.get::<String>(1)? {
+            slots.push(SlotInfo {
+                name,
+                physical: r.get::<bool>(2)?.unwrap_or(false),
+                temporary: r.get::<bool>(3)?.unwrap_or(false),
+                active_pid: r.get::<i32>(4)?,
+                restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
+            });
+        }
+        if let Some(slot_name) = r.get::<String>(6)? {
+            leases.push(Lease {
+                slot_name,
+                leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
+                expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
+                max_retained: r.get::<i64>(9)?,
+            });
+        }
+    }
+    Ok((slots, leases))
+}
+
 /// Everything a decision needs, read now: slots and leases in one query (a full join, so
 /// leases whose slot is gone come too), then the tracking table.
 pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = select_cached(
-        "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text,
-                l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
-           FROM pg_catalog.pg_replication_slots s
-           FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name",
-        &[],
-        &[],
-        |t| {
-            let mut slots = Vec::with_capacity(t.len());
-            let mut leases = Vec::new();
-            for r in t {
-                if let Some(name) = r.get::<String>(1)? {
-                    slots.push(SlotInfo {
-                        name,
-                        physical: r.get::<bool>(2)?.unwrap_or(false),
-                        temporary: r.get::<bool>(3)?.unwrap_or(false),
-                        active_pid: r.get::<i32>(4)?,
-                        restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
-                    });
-                }
-                if let Some(slot_name) = r.get::<String>(6)? {
-                    leases.push(Lease {
-                        slot_name,
-                        leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
-                        expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
-                        max_retained: r.get::<i64>(9)?,
-                    });
-                }
-            }
-            Ok((slots, leases))
-        },
-    )?;
+    let (slots, leases) = select_cached(SNAPSHOT_QUERY, &[], &[], slots_and_leases)?;
     Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()? })
+}
+
+/// The same, for one slot name only (the second look before acting).
+pub fn snapshot_of(name: &str) -> Result<Snapshot> {
+    let now = now_us();
+    let current_lsn = current_lsn();
+    let (slots, leases) = select(SNAPSHOT_OF_QUERY, &[name.into()], slots_and_leases)?;
+    let seen = seen()?.into_iter().filter(|s| s.slot_name == name).collect();
+    Ok(Snapshot { now, current_lsn, slots, leases, seen })
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap`, and forget slots
