@@ -64,17 +64,6 @@ fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
     Ok(Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))?)
 }
 
-/// The replication slots of the cluster.
-pub fn slots() -> Result<Vec<SlotInfo>> {
-    select(
-        "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
-                restart_lsn::text
-           FROM pg_catalog.pg_replication_slots ORDER BY slot_name",
-        &[],
-        |t| t.map(slot_row).collect(),
-    )
-}
-
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
     select(
         "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
@@ -108,24 +97,6 @@ pub fn current_lsn() -> u64 {
 
 pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
-}
-
-pub fn leases() -> Result<Vec<Lease>> {
-    select(
-        "SELECT slot_name::text, leased_at, expires_at, max_retained FROM pgslotguard.lease_data",
-        &[],
-        |t| {
-            t.map(|r| {
-                Ok(Lease {
-                    slot_name: r.get::<String>(1)?.unwrap_or_default(),
-                    leased_at: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
-                    expires_at: r.get::<TimestampWithTimeZone>(3)?.map(us).unwrap_or(0),
-                    max_retained: r.get::<i64>(4)?,
-                })
-            })
-            .collect()
-        },
-    )
 }
 
 pub fn seen() -> Result<Vec<Seen>> {

@@ -45,15 +45,6 @@ fn wait_streaming(primary: &Cluster) {
     });
 }
 
-fn make_wal(c: &Cluster, mb: i64) {
-    c.exec(&format!(
-        "CREATE TABLE IF NOT EXISTS filler (x text);
-         INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, {});
-         SELECT pg_switch_wal();",
-        mb * 1100
-    ));
-}
-
 #[test]
 fn backup_through_lease_then_release_gives_a_valid_standby() {
     let c = primary("bb-release", &[]);
@@ -85,7 +76,7 @@ fn backup_kept_as_standby_slot_is_never_dropped() {
     let _standby = standby_from(dir, true);
     wait_streaming(&c);
     assert_eq!(c.text("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'standby1'"), "true");
-    make_wal(&c, 4);
+    c.make_wal(4);
     c.wait_passes(4); // well past the 2 s age limit and with more than 1 MB retained at times
     assert!(c.slot_exists("standby1"), "the guard dropped a kept slot\n{}", c.describe());
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
@@ -95,7 +86,7 @@ fn backup_kept_as_standby_slot_is_never_dropped() {
 #[test]
 fn backup_that_dies_is_cleaned_up_after_expiry() {
     let c = primary("bb-dies", &[]);
-    make_wal(&c, 20); // something to copy, slowly
+    c.make_wal(20); // something to copy, slowly
     c.exec("SELECT * FROM backup_slot_lease('dying', '4 s')");
     let first_seg = c.text("SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = 'dying'");
     let dir = c.dir.join("backup3");
@@ -114,7 +105,7 @@ fn backup_that_dies_is_cleaned_up_after_expiry() {
     assert!(c.slot_exists("dying"), "an active slot was dropped for expiry alone\n{}", c.describe());
     assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'dying'"), "expired_active");
     bb.stop(); // the backup dies half-way
-    make_wal(&c, 48);
+    c.make_wal(48);
     c.wait_for("the guard to drop the dead backup's slot", WAIT, |c| (!c.slot_exists("dying")).then_some(()));
     assert_eq!(
         c.text("SELECT action || ' by ' || actor FROM pgslotguard.events WHERE slot_name = 'dying' ORDER BY id DESC LIMIT 1"),
@@ -129,7 +120,7 @@ fn backup_that_dies_is_cleaned_up_after_expiry() {
 #[test]
 fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
     let c = primary("bb-long", &[]);
-    make_wal(&c, 16);
+    c.make_wal(16);
     // with the shipped script: ttl 2 s, heartbeat 1 s, a backup that takes several seconds
     let dir = c.dir.join("backup4");
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", c.port);
@@ -172,7 +163,7 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
         c.run_tool("pgbench", &["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-c", "2", "-T", secs, "-n", "postgres"]);
     };
     load("3");
-    make_wal(&c, 20);
+    c.make_wal(20);
     c.wait_for("the idle slot to be dropped for retained WAL", WAIT, |c| (!c.slot_exists("idle_slot")).then_some(()));
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1"), "retained_drop");
     let retained = c.count("SELECT retained_bytes FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1");
@@ -196,7 +187,7 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
     });
     let child = child_of(recv.0.id());
     let _ = std::process::Command::new("kill").args(["-STOP", &child.to_string()]).status();
-    make_wal(&c, 24);
+    c.make_wal(24);
     c.wait_for("the active slot to be terminated and dropped", WAIT, |c| (!c.slot_exists("receiver")).then_some(()));
     let _ = std::process::Command::new("kill").args(["-CONT", &child.to_string()]).status();
     let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'receiver'");

@@ -13,16 +13,6 @@ fn with_extension(tag: &str, extra: &[&str]) -> Cluster {
     c
 }
 
-/// Generate a bit more than `mb` MB of WAL.
-fn make_wal(c: &Cluster, mb: i64) {
-    c.exec(&format!(
-        "CREATE TABLE IF NOT EXISTS filler (x text);
-         INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, {});
-         SELECT pg_switch_wal();",
-        mb * 1100
-    ));
-}
-
 #[test]
 fn expired_inactive_lease_is_dropped_by_the_worker() {
     let c = with_extension("expire", &[]);
@@ -40,7 +30,7 @@ fn scope_and_exclude_decide_which_unleased_slots_are_touched() {
     let c = with_extension("scope", &["pgslotguard.max_retained_wal = '1MB'"]);
     c.exec("SELECT pg_create_physical_replication_slot('standby_a', true)");
     c.exec("SELECT pg_create_physical_replication_slot('orphan', true)");
-    make_wal(&c, 4);
+    c.make_wal(4);
     // scope = leased: far above the limit, yet never touched
     c.wait_passes(3);
     assert!(c.slot_exists("standby_a") && c.slot_exists("orphan"), "{}", c.describe());

@@ -283,6 +283,16 @@ impl Cluster {
         self.reload();
     }
 
+    /// Write a bit more than `mb` MB of WAL (and switch segment).
+    pub fn make_wal(&self, mb: i64) {
+        self.exec(&format!(
+            "CREATE TABLE IF NOT EXISTS filler (x text);
+             INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, {});
+             SELECT pg_switch_wal();",
+            mb * 1100
+        ));
+    }
+
     pub fn reload(&self) {
         self.exec("SELECT pg_reload_conf()");
     }
