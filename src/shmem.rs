@@ -20,6 +20,10 @@ pub struct WorkerStatus {
     pub last_pass_us: i64,
     pub next_pass: i64,
     pub last_error_at: i64,
+    /// Set before the worker connects to pgslotguard.database, cleared once connected: if
+    /// the connection dies (the database does not exist), the next start waits for the
+    /// database quietly instead of failing every few seconds.
+    pub database_missing: bool,
     last_error_len: usize,
     last_error: [u8; ERR_LEN],
 }
@@ -36,6 +40,7 @@ impl Default for WorkerStatus {
             last_pass_us: 0,
             next_pass: 0,
             last_error_at: 0,
+            database_missing: false,
             last_error_len: 0,
             last_error: [0; ERR_LEN],
         }

@@ -31,7 +31,13 @@ pub fn register() {
 pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = guc::database();
+    if shmem::read().is_some_and(|s| s.database_missing) {
+        wait_for_database(&db);
+        return;
+    }
+    shmem::update(|s| s.database_missing = true);
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    shmem::update(|s| s.database_missing = false);
     if let Err(e) = BackgroundWorker::transaction(|| enforce::in_subtransaction(state::pin_search_path)) {
         warning!("pgslotguard: could not pin search_path: {e}");
     }
@@ -71,6 +77,39 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     // Exit code 1, not 0: a bgworker that exits with 0 is unregistered for good, and a
     // guard stopped by a stray SIGTERM must come back (bgw_restart_time). At server
     // shutdown the postmaster restarts nothing, whatever the code.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// The last start could not connect to pgslotguard.database (it exited with FATAL:
+/// database does not exist). Connect to no database, say so once, and look for the
+/// database every naptime; once it exists, exit so that the postmaster starts a worker
+/// that connects to it (a process connects once). No FATAL every few seconds meanwhile.
+fn wait_for_database(db: &str) {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let cname = std::ffi::CString::new(db).unwrap_or_default();
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME,
+        format!("pgslotguard: database \"{db}\" named by pgslotguard.database does not exist; the guard worker waits for it"),
+        "pgslotguard",
+    )
+    .set_hint("Create the database, or set pgslotguard.database to an existing one and restart the server.")
+    .report(PgLogLevel::LOG);
+    loop {
+        let exists = BackgroundWorker::transaction(|| unsafe {
+            pg_sys::get_database_oid(cname.as_ptr(), true) != pg_sys::InvalidOid
+        });
+        if exists {
+            log!("pgslotguard: database \"{db}\" exists now; the guard worker restarts to connect to it");
+            shmem::update(|s| s.database_missing = false);
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(guc::naptime_ms()))) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
     unsafe { pg_sys::proc_exit(1) };
 }
 

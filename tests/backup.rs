@@ -125,7 +125,9 @@ fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
     let dir = c.dir.join("backup4");
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", c.port);
     let script = std::fs::canonicalize("scripts/pgslotguard-backup").unwrap();
-    let out = pg_cmd("bash")
+    // The script is a client: it runs as the invoking user (root here), which also means
+    // the checkout need not be readable by the postgres user.
+    let out = std::process::Command::new("bash")
         .arg(&script)
         .args(["-d", &conn, "-s", "heartbeat", "-t", "2 s", "-i", "1", "-D"])
         .arg(&dir)

@@ -116,3 +116,20 @@ fn slot_dropped_behind_the_workers_back_ends_its_lease() {
     let ev = c.text("SELECT action || ': ' || reason FROM pgslotguard.events WHERE slot_name = 'vanishing' ORDER BY id DESC LIMIT 1");
     assert!(ev.starts_with("warn: slot no longer exists"), "{ev}");
 }
+
+#[test]
+fn missing_guard_database_keeps_the_server_up_and_the_worker_comes_back() {
+    let c = Cluster::start("nodb", &["pgslotguard.database = 'guard_db'"]);
+    c.wait_for("the worker to report the missing database", WAIT, |c| {
+        c.log().contains("database \"guard_db\" named by pgslotguard.database does not exist").then_some(())
+    });
+    // the server stays up and the worker waits quietly: no FATAL every restart
+    std::thread::sleep(Duration::from_secs(6)); // longer than bgw_restart_time (5 s)
+    assert_eq!(c.text("SELECT 'up'"), "up");
+    let fatals = c.log().matches("FATAL:  database \"guard_db\" does not exist").count();
+    assert!(fatals <= 1, "the worker is crash-looping ({fatals} FATALs):\n{}", c.log_tail(20));
+    c.exec("CREATE DATABASE guard_db");
+    let mut g = c.client_db("guard_db");
+    g.batch_execute("CREATE EXTENSION pgslotguard; SELECT * FROM backup_slot_lease('late_db', '1 s')").unwrap();
+    c.wait_for("the guard to enforce in the database once it exists", WAIT, |c| (!c.slot_exists("late_db")).then_some(()));
+}

@@ -168,3 +168,21 @@ fn enabled_off_makes_the_worker_idle() {
     c.set_policy(&[("pgslotguard.enabled", "on")]);
     c.wait_for("enforcement after enabling", WAIT, |c| (!c.slot_exists("kept")).then_some(()));
 }
+
+#[test]
+fn events_older_than_the_retention_are_purged() {
+    let c = with_extension("purge", &[]);
+    c.exec(
+        "INSERT INTO pgslotguard.event_log (at, slot_name, action, reason, actor)
+         VALUES (now() - interval '40 days', 'old', 'lease', 'from long ago', 'test'),
+                (now() - interval '2 days', 'recent', 'lease', 'the day before yesterday', 'test')",
+    );
+    c.wait_for("the 40-day-old event to be purged (retention 30d)", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'old'") == 0).then_some(())
+    });
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'recent'"), 1);
+    c.set_policy(&[("pgslotguard.event_retention", "1d")]);
+    c.wait_for("the 2-day-old event to be purged (retention 1d)", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'recent'") == 0).then_some(())
+    });
+}
