@@ -24,16 +24,6 @@ pub fn now_us() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-fn select<T>(
-    query: &str,
-    args: &[DatumWithOid],
-    f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
-) -> Result<T> {
-    // Always through update(): several of these queries write (INSERT ... RETURNING,
-    // FOR UPDATE, slot functions) and a read-only SPI call would refuse them.
-    Ok(Spi::connect_mut(|c| c.update(query, None, args).and_then(f))?)
-}
-
 thread_local! {
     /// Plans of the queries every pass runs, kept for the life of the backend: planning the
     /// slot/lease join costs about as much as running it.
@@ -41,13 +31,18 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// Like `select`, with the plan prepared once per backend and reused.
-fn select_cached<T>(
+/// Run one of our queries with its arguments. Every query here is a literal with `$n`
+/// parameters, so its plan is prepared once per backend (argument types from the
+/// arguments) and reused: planning costs about as much as running most of them.
+/// Always through a non-read-only SPI call: several queries write (INSERT ... RETURNING,
+/// FOR UPDATE, slot functions) and a read-only call would refuse them.
+fn select<T>(
     query: &'static str,
-    types: &[pgrx::PgOid],
     args: &[DatumWithOid],
     f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
 ) -> Result<T> {
+    let types: Vec<pgrx::PgOid> = args.iter().map(|a| pgrx::PgOid::from(a.oid())).collect();
+    let types = &types[..];
     Ok(Spi::connect_mut(|c| {
         if !PLANS.with_borrow(|p| p.contains_key(query)) {
             let stmt = c.prepare_mut(query, types)?.keep();
@@ -60,8 +55,8 @@ fn select_cached<T>(
     })?)
 }
 
-fn update(query: &str, args: &[DatumWithOid]) -> Result<usize> {
-    Ok(Spi::connect_mut(|c| c.update(query, None, args).map(|t| t.len()))?)
+fn update(query: &'static str, args: &[DatumWithOid]) -> Result<usize> {
+    select(query, args, |t| Ok(t.len()))
 }
 
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
@@ -100,7 +95,7 @@ pub fn in_recovery() -> bool {
 }
 
 pub fn seen() -> Result<Vec<Seen>> {
-    select_cached("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], &[], |t| {
+    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], |t| {
         t.map(|r| {
             Ok(Seen {
                 slot_name: r.get::<String>(1)?.unwrap_or_default(),
@@ -154,7 +149,7 @@ fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<L
 pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = select_cached(SNAPSHOT_QUERY, &[], &[], slots_and_leases)?;
+    let (slots, leases) = select(SNAPSHOT_QUERY, &[], slots_and_leases)?;
     Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()? })
 }
 
@@ -339,12 +334,7 @@ pub fn record(e: &Event) -> Result<()> {
 
 /// Delete events older than the retention; returns how many went.
 pub fn purge_events(older_than_us: i64) -> Result<usize> {
-    select_cached(
-        "DELETE FROM pgslotguard.event_log WHERE at < $1",
-        &[pgrx::PgOid::BuiltIn(pg_sys::BuiltinOid::TIMESTAMPTZOID)],
-        &[ts(now_us() - older_than_us).into()],
-        |t| Ok(t.len()),
-    )
+    update("DELETE FROM pgslotguard.event_log WHERE at < $1", &[ts(now_us() - older_than_us).into()])
 }
 
 /// Pin the session's search_path (the worker's SPI queries must not resolve anything
