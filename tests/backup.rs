@@ -39,6 +39,16 @@ fn standby_from(backup: PathBuf, keep_slot_setting: bool) -> Cluster {
     s
 }
 
+/// Lease `slot` and take a backup through it with -R (standby settings written); returns
+/// the backup's data dir, in a temp dir of its own.
+fn leased_backup(c: &Cluster, slot: &str) -> PathBuf {
+    c.exec(&format!("SELECT * FROM backup_slot_lease('{slot}', '10 min', 'test')"));
+    let dir = temp_dir(slot).join("data");
+    let out = basebackup(c, slot, &dir, &["-R"]);
+    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
 fn wait_streaming(primary: &Cluster) {
     primary.wait_for("a standby streaming from the primary", WAIT, |c| {
         (c.count("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") >= 1).then_some(())
@@ -48,10 +58,7 @@ fn wait_streaming(primary: &Cluster) {
 #[test]
 fn backup_through_lease_then_release_gives_a_valid_standby() {
     let c = primary("bb-release", &[]);
-    c.exec("SELECT * FROM backup_slot_lease('nightly', '10 min', 'test')");
-    let dir = temp_dir("backup1").join("data");
-    let out = basebackup(&c, "nightly", &dir, &["-R"]);
-    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = leased_backup(&c, "nightly");
     assert_eq!(c.sql("SELECT backup_slot_release('nightly')").len(), 1);
     assert!(!c.slot_exists("nightly"));
     assert_eq!(
@@ -66,10 +73,7 @@ fn backup_through_lease_then_release_gives_a_valid_standby() {
 #[test]
 fn backup_kept_as_standby_slot_is_never_dropped() {
     let c = primary("bb-keep", &[]);
-    c.exec("SELECT * FROM backup_slot_lease('standby1', '10 min')");
-    let dir = temp_dir("backup2").join("data");
-    let out = basebackup(&c, "standby1", &dir, &["-R"]);
-    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = leased_backup(&c, "standby1");
     c.exec("SELECT backup_slot_keep('standby1')");
     // limits that the slot would break at once, were it still in scope
     c.set_policy(&[("pgslotguard.max_retained_wal", "1MB"), ("pgslotguard.max_slot_age", "2s")]);
@@ -174,14 +178,7 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
     // active consumer: pg_receivewal attached, then frozen (SIGSTOP) so WAL piles up
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
     c.exec("SELECT * FROM backup_slot_lease('receiver', '1h')");
-    let waldir = temp_dir("recv");
-    let recv = Proc(
-        c.tool("pg_receivewal")
-            .args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-S", "receiver", "-D"])
-            .arg(&waldir)
-            .spawn()
-            .unwrap(),
-    );
+    let (recv, waldir) = c.receivewal("receiver");
     let pid = c.wait_for("pg_receivewal on the slot", WAIT, |c| {
         c.sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'receiver' AND active")
             .first()
@@ -233,11 +230,8 @@ fn leases_events_and_tracking_survive_restarts_and_nothing_is_done_twice() {
 #[test]
 fn on_a_standby_the_guard_writes_nothing_and_takes_over_after_promotion() {
     let c = primary("bb-standby", &[]);
-    c.exec("SELECT * FROM backup_slot_lease('to_standby', '10 min')");
     c.exec("SELECT * FROM backup_slot_lease('expires_later', '20 s')");
-    let dir = temp_dir("backup6").join("data");
-    let out = basebackup(&c, "to_standby", &dir, &["-R"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = leased_backup(&c, "to_standby");
     let s = standby_from(dir, false);
     wait_streaming(&c);
     // the standby carries the lease rows (WAL-logged) but no guard runs there

@@ -56,14 +56,7 @@ fn adopt_refuses_logical_and_active_slots() {
     c.exec("SELECT pg_create_logical_replication_slot('logical1', 'test_decoding')");
     assert_eq!(c.sqlstate("SELECT backup_slot_lease('logical1', '1h', adopt => true)").as_deref(), Some("55000"));
     c.exec("SELECT pg_create_physical_replication_slot('busy', true)");
-    let dir = temp_dir("adopt-wal");
-    let _recv = Proc(
-        c.tool("pg_receivewal")
-            .args(["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-S", "busy", "-D"])
-            .arg(&dir)
-            .spawn()
-            .unwrap(),
-    );
+    let (_recv, dir) = c.receivewal("busy");
     c.wait_for("pg_receivewal to attach to the slot", Duration::from_secs(30), |c| {
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'busy' AND active") == 1).then_some(())
     });

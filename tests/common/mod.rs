@@ -308,6 +308,19 @@ impl Cluster {
         check(self.tool(name).args(args).output().unwrap(), name)
     }
 
+    /// Start pg_receivewal streaming from `slot` into a fresh temp dir; returns the
+    /// process (stopped by PID when dropped) and the dir.
+    pub fn receivewal(&self, slot: &str) -> (Proc, PathBuf) {
+        let dir = temp_dir("recv");
+        let child = self
+            .tool("pg_receivewal")
+            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-S", slot, "-D"])
+            .arg(&dir)
+            .spawn()
+            .unwrap();
+        (Proc(child), dir)
+    }
+
     pub fn port_s(&self) -> String {
         self.port.to_string()
     }
