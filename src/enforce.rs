@@ -88,17 +88,9 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                 if !still_decided(&policy, &d)? {
                     return Ok(SKIPPED.to_string());
                 }
-                let owner = state::lease_owner(&d.slot_name)?;
                 state::delete_lease(&d.slot_name)?;
                 log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
-                state::record(&Event {
-                    slot_name: Some(&d.slot_name),
-                    action: "warn",
-                    reason,
-                    retained_bytes: None,
-                    actor: actor.name,
-                    lease_owner: owner,
-                })?;
+                record(&d, "warn", reason, actor.name)?;
                 Ok("end_lease".to_string())
             }),
             Action::Drop { breach, terminate, reason } => {
@@ -114,7 +106,6 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                         if !still_decided(&policy, &d)? {
                             return Ok(SKIPPED.to_string());
                         }
-                        let owner = state::lease_owner(&d.slot_name)?;
                         if let Some(pid) = terminate {
                             let gone = state::terminate(*pid)?;
                             log!(
@@ -123,14 +114,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                                 d.slot_name,
                                 if gone { "" } else { " (still exiting; the slot is dropped at the next pass)" }
                             );
-                            state::record(&Event {
-                                slot_name: Some(&d.slot_name),
-                                action: "terminate",
-                                reason: &format!("walsender PID {pid}: {reason}"),
-                                retained_bytes: d.retained_bytes,
-                                actor: actor.name,
-                                lease_owner: owner,
-                            })?;
+                            record(&d, "terminate", &format!("walsender PID {pid}: {reason}"), actor.name)?;
                             if !gone {
                                 // A walsender blocked on a stalled client can take a while to
                                 // exit; dropping now would only fail. The next pass drops it.
@@ -140,14 +124,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
                         state::delete_lease(&d.slot_name)?;
                         state::drop_slot(&d.slot_name)?;
                         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained);
-                        state::record(&Event {
-                            slot_name: Some(&d.slot_name),
-                            action: breach.drop_action(),
-                            reason,
-                            retained_bytes: d.retained_bytes,
-                            actor: actor.name,
-                            lease_owner: owner,
-                        })?;
+                        record(&d, breach.drop_action(), reason, actor.name)?;
                         Ok(breach.drop_action().to_string())
                     })
                 }
@@ -204,15 +181,15 @@ fn still_decided(policy: &Policy, d: &Decision) -> Result<bool, GuardError> {
     })
 }
 
+/// Record an event about the slot of `d`, on behalf of its lease's owner (if leased).
 fn record(d: &Decision, action: &str, reason: &str, actor: &str) -> Result<(), GuardError> {
-    let owner = state::lease_owner(&d.slot_name)?;
     state::record(&Event {
         slot_name: Some(&d.slot_name),
         action,
         reason,
         retained_bytes: d.retained_bytes,
         actor,
-        lease_owner: owner,
+        lease_owner: d.lease_owner.map(pg_sys::Oid::from),
     })
 }
 

@@ -72,6 +72,9 @@ impl SlotInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub slot_name: String,
+    /// The role that holds the lease (its OID; opaque here, carried into decisions so the
+    /// events and views can say whose lease it was).
+    pub owner: u32,
     pub leased_at: i64,
     pub expires_at: i64,
     pub max_retained: Option<i64>,
@@ -150,6 +153,8 @@ pub struct Decision {
     /// False for a lease whose slot no longer exists.
     pub slot_exists: bool,
     pub leased: bool,
+    /// Owner of the lease, if leased.
+    pub lease_owner: Option<u32>,
     pub in_scope: bool,
     /// Why the slot is in scope or not, in words.
     pub scope_reason: &'static str,
@@ -234,6 +239,7 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             slot_name: lease.slot_name.clone(),
             slot_exists: false,
             leased: true,
+            lease_owner: Some(lease.owner),
             in_scope: true,
             scope_reason: "leased",
             retained_bytes: None,
@@ -292,6 +298,7 @@ fn decide_slot(
         slot_name: slot.name.clone(),
         slot_exists: true,
         leased: lease.is_some(),
+        lease_owner: lease.map(|l| l.owner),
         in_scope,
         scope_reason,
         retained_bytes: slot.restart_lsn.map(|_| retained),
@@ -386,7 +393,13 @@ mod tests {
         SlotInfo { name: name.into(), physical: true, temporary: false, active_pid: None, restart_lsn: Some(0) }
     }
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
-        Lease { slot_name: name.into(), leased_at: NOW - leased_ago, expires_at: NOW + expires_in, max_retained: None }
+        Lease {
+            slot_name: name.into(),
+            owner: 10,
+            leased_at: NOW - leased_ago,
+            expires_at: NOW + expires_in,
+            max_retained: None,
+        }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
         Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![] }

@@ -95,25 +95,27 @@ pub fn in_recovery() -> bool {
 }
 
 pub fn seen() -> Result<Vec<Seen>> {
-    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], |t| {
-        t.map(|r| {
-            Ok(Seen {
-                slot_name: r.get::<String>(1)?.unwrap_or_default(),
-                first_seen: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
-                inactive_since: r.get::<TimestampWithTimeZone>(3)?.map(us),
-            })
+    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], seen_rows)
+}
+
+fn seen_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
+    t.map(|r| {
+        Ok(Seen {
+            slot_name: r.get::<String>(1)?.unwrap_or_default(),
+            first_seen: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
+            inactive_since: r.get::<TimestampWithTimeZone>(3)?.map(us),
         })
-        .collect()
     })
+    .collect()
 }
 
 const SNAPSHOT_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner
            FROM pg_catalog.pg_replication_slots s
            FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
 
 const SNAPSHOT_OF_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner
            FROM (SELECT * FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s
            FULL JOIN (SELECT * FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l
              ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
@@ -135,6 +137,7 @@ fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<L
         if let Some(slot_name) = r.get::<String>(6)? {
             leases.push(Lease {
                 slot_name,
+                owner: r.get::<pg_sys::Oid>(10)?.map(|o| o.to_u32()).unwrap_or(0),
                 leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
                 expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
                 max_retained: r.get::<i64>(9)?,
@@ -158,7 +161,11 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
     let (slots, leases) = select(SNAPSHOT_OF_QUERY, &[name.into()], slots_and_leases)?;
-    let seen = seen()?.into_iter().filter(|s| s.slot_name == name).collect();
+    let seen = select(
+        "SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen WHERE slot_name = $1::name",
+        &[name.into()],
+        seen_rows,
+    )?;
     Ok(Snapshot { now, current_lsn, slots, leases, seen })
 }
 
@@ -296,17 +303,6 @@ pub fn delete_lease(name: &str) -> Result<usize> {
     update("DELETE FROM pgslotguard.lease_data WHERE slot_name = $1::name", &[name.into()])
 }
 
-/// Owner of the lease on `name`, if any (for event visibility).
-pub fn lease_owner(name: &str) -> Result<Option<pg_sys::Oid>> {
-    select("SELECT owner FROM pgslotguard.lease_data WHERE slot_name = $1::name", &[name.into()], |t| {
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get::<pg_sys::Oid>(1)
-        }
-    })
-}
-
 pub struct Event<'a> {
     pub slot_name: Option<&'a str>,
     pub action: &'a str,
@@ -386,13 +382,6 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
 
 pub fn is_member_of_pg_monitor(role: pg_sys::Oid) -> bool {
     unsafe { pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_MONITOR)) }
-}
-
-/// Slot names of the leases a role owns.
-pub fn leases_owned_by(role: pg_sys::Oid) -> Result<Vec<String>> {
-    select("SELECT slot_name::text FROM pgslotguard.lease_data WHERE owner = $1", &[role.into()], |t| {
-        t.map(|r| Ok(r.get::<String>(1)?.unwrap_or_default())).collect()
-    })
 }
 
 /// Run `f` as the extension owner, restoring the caller's identity afterwards (also on

@@ -36,11 +36,10 @@ pub mod pgslotguard {
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
-        let (policy, decisions) = crate::error::or_report(super::read_decisions());
-        let owned: Vec<String> = if all { vec![] } else { crate::error::or_report(super::owned_leases(me)) };
+        let (policy, decisions) = crate::error::or_report(state::as_owner(crate::enforce::preview));
         let rows: Vec<_> = decisions
             .into_iter()
-            .filter(|d| all || owned.contains(&d.slot_name))
+            .filter(|d| all || d.lease_owner == Some(me.to_u32()))
             .map(|d| {
                 let nearest = d.nearest_limit();
                 let (next, reason) = match &d.action {
@@ -121,12 +120,4 @@ pub mod pgslotguard {
         };
         TableIterator::once(row)
     }
-}
-
-fn read_decisions() -> Result<(crate::policy::Policy, Vec<crate::policy::Decision>), crate::error::GuardError> {
-    state::as_owner(crate::enforce::preview)
-}
-
-fn owned_leases(role: pg_sys::Oid) -> Result<Vec<String>, crate::error::GuardError> {
-    state::as_owner(|| state::leases_owned_by(role))
 }
