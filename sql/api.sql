@@ -108,12 +108,14 @@ SELECT d.slot_name,
        d.nearest_limit,
        d.state,
        d.next_action,
-       d.action_reason
+       d.action_reason,
+       d.frees_bytes,
+       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees
   FROM pgslotguard.slot_decisions() d
   JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
  ORDER BY d.slot_name;
 COMMENT ON VIEW pgslotguard.slots IS
-'every replication slot with the guard''s view of it: in scope or not and why, retained WAL, age, inactivity, nearest limit, and what the next pass would do';
+'every replication slot with the guard''s view of it: in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees)';
 
 CREATE VIEW pgslotguard.events WITH (security_barrier) AS
 SELECT e.id,
@@ -123,13 +125,16 @@ SELECT e.id,
        e.reason,
        e.retained_bytes,
        pg_catalog.pg_size_pretty(e.retained_bytes) AS retained,
+       e.freed_bytes,
+       pg_catalog.pg_size_pretty(e.freed_bytes) AS freed,
+       pg_catalog.pg_size_pretty(e.pg_wal_bytes) AS pg_wal_after,
        e.actor
   FROM pgslotguard.event_log e
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
     OR e.lease_owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
  ORDER BY e.id;
 COMMENT ON VIEW pgslotguard.events IS
-'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, terminate, would_drop, warn, error; actor is a role or "worker"';
+'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
 
 CREATE VIEW pgslotguard.status AS
 SELECT w.preloaded,
@@ -145,10 +150,25 @@ SELECT w.preloaded,
        w.drops,
        w.errors,
        w.last_error,
-       w.last_error_at
-  FROM pgslotguard.worker_status() w;
+       w.last_error_at,
+       w.busy_skips,
+       w.last_busy_slot,
+       w.last_busy_at,
+       w.checkpoint_pending,
+       pg_catalog.current_setting('pgslotguard.checkpoint_after_drop', true) AS checkpoint_after_drop,
+       s.pg_wal_bytes,
+       pg_catalog.pg_size_pretty(s.pg_wal_bytes) AS pg_wal,
+       s.fs_free_bytes,
+       pg_catalog.pg_size_pretty(s.fs_free_bytes) AS fs_free,
+       s.fs_total_bytes,
+       pg_catalog.pg_size_pretty(s.fs_total_bytes) AS fs_total,
+       s.floor_bytes,
+       pg_catalog.pg_size_pretty(s.floor_bytes) AS floor,
+       s.headroom_bytes,
+       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom
+  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s;
 COMMENT ON VIEW pgslotguard.status IS
-'the guard worker: running or not (pid), last pass time and duration, next pass, passes, drops, errors, last error';
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it';
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
@@ -161,7 +181,7 @@ GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(text, interval, text, text, boo
                           pgslotguard.enforce_now(boolean),
                           pgslotguard.slot_decisions(),
                           pgslotguard.global_max_retained() TO PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.worker_status() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION pgslotguard.worker_status(), pgslotguard.wal_space() TO pg_monitor;
 REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status FROM PUBLIC;
 GRANT SELECT ON pgslotguard.leases, pgslotguard.events TO PUBLIC;
 GRANT SELECT ON pgslotguard.slots, pgslotguard.status TO pg_monitor;

@@ -18,13 +18,19 @@ CREATE TABLE pgslotguard.event_log (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at             timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     slot_name      name,
+    -- The same words as policy::Outcome::as_str() (a test holds the two together).
     action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
-                        'retained_drop', 'age_drop', 'inactive_drop', 'terminate', 'would_drop', 'warn', 'error')),
+                        'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
+                        'would_drop', 'checkpoint', 'warn', 'error')),
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,
-    lease_owner    oid
+    lease_owner    oid,
+    freed_bytes    bigint,
+    pg_wal_bytes   bigint
 );
+COMMENT ON COLUMN pgslotguard.event_log.freed_bytes IS 'drops: WAL the drop lets the next checkpoint remove (projected); checkpoint: bytes pg_wal shrank by (measured)';
+COMMENT ON COLUMN pgslotguard.event_log.pg_wal_bytes IS 'checkpoint: size of pg_wal measured after the checkpoint the guard requested';
 CREATE INDEX event_log_at_idx ON pgslotguard.event_log (at);
 COMMENT ON TABLE pgslotguard.event_log IS 'audit trail of every lease operation and guard action; read it through pgslotguard.events; purged after pgslotguard.event_retention';
 

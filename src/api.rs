@@ -5,6 +5,7 @@
 //! caller still known), through state.rs.
 
 use crate::error::{or_report, GuardError};
+use crate::policy::Outcome;
 use crate::state::{self, Event, NewLease};
 use crate::validate::{self, pretty_duration, pretty_size};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -126,7 +127,7 @@ pub mod pgslotguard {
         ),
     > {
         let rows = or_report(enforce(dry_run.unwrap_or(false)));
-        TableIterator::new(rows.into_iter().map(|d| (d.slot_name, d.action, d.reason, d.retained_bytes)))
+        TableIterator::new(rows.into_iter().map(|d| (d.slot_name, d.action.as_str().to_string(), d.reason, d.retained_bytes)))
     }
 }
 
@@ -160,7 +161,7 @@ fn lease(
     no_recovery("take a lease")?;
 
     state::as_owner(|| {
-        state::lock_name(name)?;
+        crate::lock::lock_bounded(name)?;
         if let Some(existing) = state::lease_for_update(name)? {
             return Err(GuardError::AlreadyLeased { slot: name.into(), until: existing.expires_at.to_string() });
         }
@@ -201,13 +202,11 @@ fn lease(
         if let Some(m) = max_retained {
             reason.push_str(&format!(", max_retained {}", pretty_size(m)));
         }
+        let actor = state::role_name(me);
         state::record(&Event {
             slot_name: Some(name),
-            action: "lease",
-            reason: &reason,
-            retained_bytes: None,
-            actor: &state::role_name(me),
             lease_owner: Some(me),
+            ..Event::new(Outcome::Lease, &reason, &actor)
         })?;
         Ok((name.to_string(), lsn, expires_at))
     })
@@ -219,20 +218,18 @@ fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZ
     no_recovery("renew a lease")?;
     let me = caller();
     state::as_owner(|| {
-        state::lock_name(name)?;
+        crate::lock::lock_bounded(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
         check_owner(me, name, lease.owner, "renew")?;
         if state::slot(name)?.is_none() {
             return Err(GuardError::LeasedSlotGone { slot: name.into() });
         }
         let expires_at = state::renew_lease(name, ttl)?;
+        let (reason, actor) = (format!("renewed for {ttl}, until {expires_at}"), state::role_name(me));
         state::record(&Event {
             slot_name: Some(name),
-            action: "renew",
-            reason: &format!("renewed for {ttl}, until {expires_at}"),
-            retained_bytes: None,
-            actor: &state::role_name(me),
             lease_owner: Some(lease.owner),
+            ..Event::new(Outcome::Renew, &reason, &actor)
         })?;
         Ok(expires_at)
     })
@@ -245,7 +242,7 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
     no_recovery(if drop { "release a lease" } else { "keep a leased slot" })?;
     let me = caller();
     state::as_owner(|| {
-        state::lock_name(name)?;
+        crate::lock::lock_bounded(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
         check_owner(me, name, lease.owner, verb)?;
         let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
@@ -257,13 +254,12 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
         let retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
         state::delete_lease(name)?;
         let reason = if drop { "backup done: slot dropped" } else { "lease ended, slot kept" };
+        let actor = state::role_name(me);
         state::record(&Event {
             slot_name: Some(name),
-            action: verb,
-            reason,
             retained_bytes: retained,
-            actor: &state::role_name(me),
             lease_owner: Some(lease.owner),
+            ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor)
         })?;
         if drop {
             state::drop_slot(name)?;

@@ -3,20 +3,24 @@
 //!
 //! Each action runs in its own subtransaction, so a failure on one slot (dropped
 //! concurrently, became active, ...) is logged, recorded as an `error` event, and the pass
-//! goes on with the next slot.
+//! goes on with the next slot. Before acting on a slot the pass takes the slot's lock
+//! (src/lock.rs) without waiting: a slot whose lease another transaction is changing is
+//! skipped this pass, counted as busy in `pgslotguard.status`, and retried at the next.
+//! After drops, the pass asks the checkpointer for a checkpoint so `pg_wal` shrinks now.
 
 use crate::error::{caught_message, GuardError};
-use crate::policy::{self, Action, Decision, Policy};
+use crate::policy::{self, Action, Breach, CheckpointMode, Decision, DiskVerdict, Outcome, Policy, Verdict};
 use crate::state::{self, Event};
-use crate::validate::pretty_size;
+use crate::validate::{pretty_duration, pretty_size};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::collections::HashSet;
 
 /// What one pass did about one slot (a row of `backup_slot_enforce()`).
 #[derive(Debug, Clone)]
 pub struct Done {
     pub slot_name: String,
-    pub action: String,
+    pub action: Outcome,
     pub reason: String,
     pub retained_bytes: Option<i64>,
 }
@@ -28,131 +32,92 @@ pub struct PassSummary {
     pub drops: i64,
     pub errors: i64,
     pub last_error: Option<String>,
+    /// Slots skipped because another transaction held their lock.
+    pub busy: i64,
+    pub last_busy: Option<String>,
 }
+
+/// A warning the worker has given and will not repeat while it holds: a slot waiting on
+/// a breach, or (slot `None`) the floor that no drop can restore.
+pub type WarnKey = (Option<String>, Breach);
 
 /// Who runs the pass: the worker, or a role calling backup_slot_enforce().
 pub struct Actor<'a> {
     pub name: &'a str,
-    /// Warnings already given for a slot in an earlier pass (the worker keeps them so a
-    /// waiting slot is reported once, not every naptime). `None`: report every time.
-    pub warned: Option<&'a mut std::collections::HashSet<(String, &'static str)>>,
+    /// Warnings already given in an earlier pass (the worker keeps them so a waiting slot
+    /// is reported once, not every naptime). `None`: report every time.
+    pub warned: Option<&'a mut HashSet<WarnKey>>,
 }
 
-/// The decisions for the current state, without acting: what the views show.
-pub fn preview() -> Result<(Policy, Vec<Decision>), GuardError> {
+/// What happened to one decision.
+enum Step {
+    Did(Outcome),
+    /// The second look found that the decision no longer applies.
+    Skipped,
+    /// Another transaction holds the slot's lock.
+    Busy,
+}
+
+/// The policy and the verdict for the current state, without acting: what the views show.
+pub fn preview() -> Result<(Policy, Verdict), GuardError> {
     let policy = crate::guc::policy();
-    let snap = state::snapshot()?;
-    let decisions = policy::decide(&policy, &snap);
-    Ok((policy, decisions))
+    let mut snap = state::snapshot()?;
+    snap.disk = state::wal_disk().ok();
+    let verdict = policy::judge(&policy, &snap);
+    Ok((policy, verdict))
 }
 
 /// Run one pass. `dry_run` (or `pgslotguard.dry_run`) records `would_drop` and touches nothing.
 pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardError> {
     let policy = crate::guc::policy();
     let dry_run = dry_run || policy.dry_run;
+    let mut summary = PassSummary::default();
+    if !dry_run {
+        follow_up_checkpoint(actor, &mut summary);
+    }
     let mut snap = state::snapshot()?;
     snap.seen = state::track(&snap)?;
-    let decisions = policy::decide(&policy, &snap);
-    let mut summary = PassSummary::default();
+    snap.disk = match state::wal_disk() {
+        Ok(d) => Some(d),
+        Err(e) if policy.min_free_wal.is_some() => {
+            summary.failed(None, &e.to_string(), None);
+            None
+        }
+        Err(_) => None,
+    };
+    let verdict = policy::judge(&policy, &snap);
 
-    let still_waiting: std::collections::HashSet<String> = decisions
-        .iter()
-        .filter(|d| matches!(d.action, Action::Wait { .. }))
-        .map(|d| d.slot_name.clone())
-        .collect();
     if let Some(warned) = actor.warned.as_deref_mut() {
-        warned.retain(|(slot, _)| still_waiting.contains(slot));
+        let waiting: HashSet<&str> = verdict
+            .decisions
+            .iter()
+            .filter(|d| matches!(d.action, Action::Wait { .. }))
+            .map(|d| d.slot_name.as_str())
+            .collect();
+        let stuck = verdict.disk.as_ref().is_some_and(|v| v.stuck.is_some());
+        warned.retain(|(slot, _)| match slot {
+            Some(s) => waiting.contains(s.as_str()),
+            None => stuck,
+        });
     }
 
-    for d in decisions {
-        let outcome = match &d.action {
+    for d in &verdict.decisions {
+        let step = match &d.action {
             Action::None => continue,
-            Action::Wait { breach, reason } => {
-                let key = (d.slot_name.clone(), breach.drop_action());
-                if let Some(warned) = actor.warned.as_deref_mut() {
-                    if !warned.insert(key) {
-                        continue;
-                    }
-                }
-                in_subtransaction(|| {
-                    warning!("pgslotguard: replication slot \"{}\": {}", d.slot_name, reason);
-                    record(&d, "warn", reason, actor.name)?;
-                    Ok("warn".to_string())
-                })
-            }
-            Action::EndLease { reason } => in_subtransaction(|| {
-                if dry_run {
-                    log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
-                    return Ok("would_end_lease".to_string());
-                }
-                if !still_decided(&policy, &d)? {
-                    return Ok(SKIPPED.to_string());
-                }
-                state::delete_lease(&d.slot_name)?;
-                log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
-                record(&d, "warn", reason, actor.name)?;
-                Ok("end_lease".to_string())
-            }),
-            Action::Drop { breach, terminate, reason } => {
-                let retained = d.retained_bytes.map(|b| format!(" (retained {})", pretty_size(b))).unwrap_or_default();
-                if dry_run {
-                    in_subtransaction(|| {
-                        log!("pgslotguard: would drop replication slot \"{}\": {}{}", d.slot_name, reason, retained);
-                        record(&d, "would_drop", &format!("{}: {}", breach.drop_action(), reason), actor.name)?;
-                        Ok("would_drop".to_string())
-                    })
-                } else {
-                    in_subtransaction(|| {
-                        if !still_decided(&policy, &d)? {
-                            return Ok(SKIPPED.to_string());
-                        }
-                        if let Some(pid) = terminate {
-                            let gone = state::terminate(*pid)?;
-                            log!(
-                                "pgslotguard: terminated walsender PID {} of replication slot \"{}\"{}",
-                                pid,
-                                d.slot_name,
-                                if gone { "" } else { " (still exiting; the slot is dropped at the next pass)" }
-                            );
-                            record(&d, "terminate", &format!("walsender PID {pid}: {reason}"), actor.name)?;
-                            if !gone {
-                                // A walsender blocked on a stalled client can take a while to
-                                // exit; dropping now would only fail. The next pass drops it.
-                                return Ok("terminate".to_string());
-                            }
-                        }
-                        state::delete_lease(&d.slot_name)?;
-                        state::drop_slot(&d.slot_name)?;
-                        log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained);
-                        record(&d, breach.drop_action(), reason, actor.name)?;
-                        Ok(breach.drop_action().to_string())
-                    })
-                }
-            }
+            Action::Wait { breach, reason } => warn_once(actor, d, *breach, reason),
+            Action::EndLease { reason } => end_lease(&policy, actor, d, reason, dry_run),
+            Action::Drop { breach, reason, .. } if dry_run => would_drop(actor, d, *breach, reason),
+            Action::Drop { breach, terminate, reason } => drop_slot(&policy, actor, d, *breach, *terminate, reason),
         };
-        let reason = match &d.action {
-            Action::Drop { reason, .. } | Action::Wait { reason, .. } | Action::EndLease { reason } => reason.clone(),
-            Action::None => String::new(),
-        };
-        match outcome {
-            Ok(action) if action == SKIPPED => {}
-            Ok(action) => {
-                if action.ends_with("_drop") && action != "would_drop" {
-                    summary.drops += 1;
-                }
-                summary.done.push(Done { slot_name: d.slot_name.clone(), action, reason, retained_bytes: d.retained_bytes });
-            }
-            Err(msg) => {
-                summary.errors += 1;
-                let text = format!("could not act on replication slot \"{}\": {}", d.slot_name, msg);
-                warning!("pgslotguard: {}", text);
-                // Record the error in its own subtransaction; if even that fails, the log has it.
-                if let Err(again) = in_subtransaction(|| record(&d, "error", &msg, actor.name)) {
-                    warning!("pgslotguard: could not record the error event: {again}");
-                }
-                summary.last_error = Some(text);
-                summary.done.push(Done { slot_name: d.slot_name.clone(), action: "error".into(), reason: msg, retained_bytes: d.retained_bytes });
-            }
+        summary.note(actor, d, step);
+    }
+
+    if let Some(v) = &verdict.disk {
+        if let Some(why) = &v.stuck {
+            stuck_floor(actor, why);
+        }
+        if !dry_run {
+            request_checkpoint(&policy, v, &summary);
         }
     }
 
@@ -162,27 +127,283 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     Ok(summary)
 }
 
-/// Returned by an action that found, on a second look, that it no longer applies.
-const SKIPPED: &str = "skipped";
-
-/// Before acting on a slot: take the per-name lock the API takes, read this slot and its
-/// lease again, and decide again. A lease renewed or released, or a slot that became
-/// active, since the pass's snapshot is left alone (the lock makes the second look final).
-fn still_decided(policy: &Policy, d: &Decision) -> Result<bool, GuardError> {
-    state::lock_name(&d.slot_name)?;
-    let fresh = state::snapshot_of(&d.slot_name)?;
-    let again = policy::decide(policy, &fresh).into_iter().find(|f| f.slot_name == d.slot_name);
-    Ok(match (again.map(|f| f.action), &d.action) {
-        (Some(Action::Drop { breach: b1, terminate: t1, .. }), Action::Drop { breach: b2, terminate: t2, .. }) => {
-            b1 == *b2 && t1.is_some() == t2.is_some()
+impl PassSummary {
+    fn note(&mut self, actor: &Actor, d: &Decision, step: Result<Step, String>) {
+        let reason = match &d.action {
+            Action::Drop { reason, .. } | Action::Wait { reason, .. } | Action::EndLease { reason } => reason.clone(),
+            Action::None => String::new(),
+        };
+        match step {
+            Ok(Step::Skipped) => {}
+            Ok(Step::Busy) => {
+                self.busy += 1;
+                self.last_busy = Some(d.slot_name.clone());
+                // Not an error and not news: the lease is being changed right now.
+                debug1!("pgslotguard: replication slot \"{}\" is busy (its lease is being changed); retrying at the next pass", d.slot_name);
+            }
+            Ok(Step::Did(action)) => {
+                if action.is_guard_drop() {
+                    self.drops += 1;
+                }
+                self.done.push(Done { slot_name: d.slot_name.clone(), action, reason, retained_bytes: d.retained_bytes });
+            }
+            Err(msg) => {
+                // Record the error in its own subtransaction; if even that fails, the log has it.
+                let recorded = in_subtransaction(|| record(d, Outcome::Error, &msg, actor.name));
+                self.failed(Some(d), &msg, recorded.err());
+            }
         }
-        (Some(Action::EndLease { .. }), Action::EndLease { .. }) => true,
-        _ => false,
+    }
+
+    fn failed(&mut self, d: Option<&Decision>, msg: &str, unrecorded: Option<String>) {
+        self.errors += 1;
+        let text = match d {
+            Some(d) => format!("could not act on replication slot \"{}\": {}", d.slot_name, msg),
+            None => msg.to_string(),
+        };
+        warning!("pgslotguard: {}", text);
+        if let Some(again) = unrecorded {
+            warning!("pgslotguard: could not record the error event: {again}");
+        }
+        self.last_error = Some(text);
+        if let Some(d) = d {
+            self.done.push(Done {
+                slot_name: d.slot_name.clone(),
+                action: Outcome::Error,
+                reason: msg.to_string(),
+                retained_bytes: d.retained_bytes,
+            });
+        }
+    }
+}
+
+/// A breach on a slot that may not be touched now: one WARNING and one `warn` event, once
+/// for as long as it lasts (when the actor keeps a memory of warnings).
+fn warn_once(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+    if let Some(warned) = actor.warned.as_deref_mut() {
+        if !warned.insert((Some(d.slot_name.clone()), breach)) {
+            return Ok(Step::Skipped);
+        }
+    }
+    in_subtransaction(|| {
+        warning!("pgslotguard: replication slot \"{}\": {}", d.slot_name, reason);
+        record(d, Outcome::Warn, reason, actor.name)?;
+        Ok(Step::Did(Outcome::Warn))
     })
 }
 
+/// Free space is below the floor and no slot the guard may drop can give more back.
+fn stuck_floor(actor: &mut Actor, why: &str) {
+    if let Some(warned) = actor.warned.as_deref_mut() {
+        if !warned.insert((None, Breach::Space)) {
+            return;
+        }
+    }
+    warning!("pgslotguard: {}", why);
+    if let Err(e) = in_subtransaction(|| {
+        state::record(&Event::new(Outcome::Warn, why, actor.name))
+    }) {
+        warning!("pgslotguard: could not record the warning: {e}");
+    }
+}
+
+fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run: bool) -> Result<Step, String> {
+    in_subtransaction(|| {
+        if dry_run {
+            log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
+            return Ok(Step::Skipped);
+        }
+        if let Some(stop) = second_look(policy, d)? {
+            return Ok(stop);
+        }
+        state::delete_lease(&d.slot_name)?;
+        log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
+        record(d, Outcome::Warn, reason, actor.name)?;
+        Ok(Step::Did(Outcome::Warn))
+    })
+}
+
+fn would_drop(actor: &Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+    in_subtransaction(|| {
+        log!("pgslotguard: would drop replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
+        record(d, Outcome::WouldDrop, &format!("{}: {}", breach.drop_action().as_str(), reason), actor.name)?;
+        Ok(Step::Did(Outcome::WouldDrop))
+    })
+}
+
+fn drop_slot(
+    policy: &Policy,
+    actor: &Actor,
+    d: &Decision,
+    breach: Breach,
+    terminate: Option<i32>,
+    reason: &str,
+) -> Result<Step, String> {
+    in_subtransaction(|| {
+        if let Some(stop) = second_look(policy, d)? {
+            return Ok(stop);
+        }
+        if let Some(pid) = terminate {
+            let gone = state::terminate(pid)?;
+            log!(
+                "pgslotguard: terminated walsender PID {} of replication slot \"{}\"{}",
+                pid,
+                d.slot_name,
+                if gone { "" } else { " (still exiting; the slot is dropped at the next pass)" }
+            );
+            record(d, Outcome::Terminate, &format!("walsender PID {pid}: {reason}"), actor.name)?;
+            if !gone {
+                // A walsender blocked on a stalled client can take a while to exit;
+                // dropping now would only fail. The next pass drops it.
+                return Ok(Step::Did(Outcome::Terminate));
+            }
+        }
+        state::delete_lease(&d.slot_name)?;
+        state::drop_slot(&d.slot_name)?;
+        let action = breach.drop_action();
+        log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
+        record(d, action, reason, actor.name)?;
+        Ok(Step::Did(action))
+    })
+}
+
+fn retained_words(d: &Decision) -> String {
+    d.retained_bytes.map(|b| format!(" (retained {})", pretty_size(b))).unwrap_or_default()
+}
+
+/// Before acting on a slot: take its lock without waiting (busy → skip this pass), read
+/// this slot and its lease again, and decide again. A lease renewed or released, or a
+/// slot that became active, since the pass's snapshot is left alone (the lock makes the
+/// second look final). A drop for the floor depends on every slot, not one: for it the
+/// second look checks that the slot is still there, in scope, and as active as it was.
+/// `None`: go ahead; otherwise the step to report instead.
+fn second_look(policy: &Policy, d: &Decision) -> Result<Option<Step>, GuardError> {
+    if !crate::lock::try_lock(&d.slot_name) {
+        return Ok(Some(Step::Busy));
+    }
+    let fresh = state::snapshot_of(&d.slot_name)?;
+    let again = policy::decide(policy, &fresh).into_iter().find(|f| f.slot_name == d.slot_name);
+    let same = match (again, &d.action) {
+        (Some(f), Action::Drop { breach: Breach::Space, terminate, .. }) => {
+            let active = fresh.slots.iter().any(|s| s.active());
+            f.slot_exists && f.in_scope && active == terminate.is_some()
+        }
+        (Some(f), Action::Drop { breach: b2, terminate: t2, .. }) => {
+            matches!(f.action, Action::Drop { breach: b1, terminate: t1, .. } if b1 == *b2 && t1.is_some() == t2.is_some())
+        }
+        (Some(f), Action::EndLease { .. }) => matches!(f.action, Action::EndLease { .. }),
+        _ => false,
+    };
+    Ok(if same { None } else { Some(Step::Skipped) })
+}
+
+/// After the drops of a pass, ask for the checkpoint that gives their WAL back:
+/// - a drop for the floor, or a floor that a checkpoint alone restores: fast, always;
+/// - any other drop: as `pgslotguard.checkpoint_after_drop` says.
+///
+/// The request is remembered in shared memory; a later pass records what `pg_wal`
+/// measured once the checkpoint completed (`follow_up_checkpoint`).
+fn request_checkpoint(policy: &Policy, v: &DiskVerdict, summary: &PassSummary) {
+    let dropped: Vec<&Done> = summary.done.iter().filter(|d| d.action.is_guard_drop()).collect();
+    let for_floor = dropped.iter().any(|d| d.action == Outcome::SpaceDrop);
+    let below = v.plan.as_ref().is_some_and(|p| p.below) && v.freed > 0;
+    let pending = crate::shmem::read().is_some_and(|s| s.ckpt_pending);
+    let mode = if for_floor || (below && !pending) {
+        CheckpointMode::Fast
+    } else if !dropped.is_empty() {
+        policy.checkpoint
+    } else {
+        CheckpointMode::Off
+    };
+    if mode == CheckpointMode::Off {
+        return;
+    }
+    let before = match in_subtransaction(|| state::last_checkpoint_lsn()) {
+        Ok(lsn) => lsn,
+        Err(e) => {
+            warning!("pgslotguard: could not read the last checkpoint from pg_control: {e}");
+            return;
+        }
+    };
+    if let Err(e) = in_subtransaction(|| {
+        state::request_checkpoint(mode);
+        Ok(())
+    }) {
+        warning!("pgslotguard: could not request a checkpoint: {e}");
+        return;
+    }
+    let why = if dropped.is_empty() {
+        "free space is below pgslotguard.min_free_wal_space".to_string()
+    } else {
+        format!("dropping {} slot(s)", dropped.len())
+    };
+    log!(
+        "pgslotguard: requested a {} checkpoint after {}; it frees about {} of pg_wal ({} now)",
+        mode.as_str(),
+        why,
+        pretty_size(v.freed),
+        pretty_size(v.disk.pg_wal)
+    );
+    crate::shmem::update(|s| {
+        if !s.ckpt_pending {
+            s.ckpt_lsn_before = before;
+            s.ckpt_pg_wal_before = v.disk.pg_wal;
+            s.ckpt_requested_at = state::now_us();
+            s.ckpt_drops = 0;
+        }
+        s.ckpt_pending = true;
+        s.ckpt_fast = s.ckpt_fast || mode == CheckpointMode::Fast;
+        s.ckpt_projected = v.freed;
+        s.ckpt_drops += dropped.len() as i64;
+    });
+}
+
+/// A checkpoint the guard requested has completed (pg_control shows a newer one): record
+/// what `pg_wal` measures now, as a `checkpoint` event.
+fn follow_up_checkpoint(actor: &Actor, summary: &mut PassSummary) {
+    let Some(st) = crate::shmem::read().filter(|s| s.ckpt_pending) else { return };
+    let r = in_subtransaction(|| {
+        if state::last_checkpoint_lsn()? == st.ckpt_lsn_before {
+            return Ok(None);
+        }
+        let disk = state::wal_disk()?;
+        let freed = st.ckpt_pg_wal_before - disk.pg_wal;
+        let reason = format!(
+            "{} checkpoint requested after {} drop(s) completed within {}: pg_wal {} → {} (freed {}, projected {}); {} free of {}",
+            if st.ckpt_fast { "fast" } else { "spread" },
+            st.ckpt_drops,
+            pretty_duration(state::now_us() - st.ckpt_requested_at),
+            pretty_size(st.ckpt_pg_wal_before),
+            pretty_size(disk.pg_wal),
+            pretty_size(freed),
+            pretty_size(st.ckpt_projected),
+            pretty_size(disk.free),
+            pretty_size(disk.total),
+        );
+        state::record(&Event {
+            freed_bytes: Some(freed),
+            pg_wal_bytes: Some(disk.pg_wal),
+            ..Event::new(Outcome::Checkpoint, &reason, actor.name)
+        })?;
+        Ok(Some(reason))
+    });
+    match r {
+        Ok(None) => {}
+        Ok(Some(reason)) => {
+            log!("pgslotguard: {reason}");
+            crate::shmem::update(|s| {
+                s.ckpt_pending = false;
+                s.ckpt_fast = false;
+            });
+            summary.done.push(Done { slot_name: String::new(), action: Outcome::Checkpoint, reason, retained_bytes: None });
+        }
+        Err(e) => summary.failed(None, &format!("could not record the checkpoint: {e}"), None),
+    }
+}
+
 /// Record an event about the slot of `d`, on behalf of its lease's owner (if leased).
-fn record(d: &Decision, action: &str, reason: &str, actor: &str) -> Result<(), GuardError> {
+fn record(d: &Decision, action: Outcome, reason: &str, actor: &str) -> Result<(), GuardError> {
+    let drop = action.is_guard_drop();
     state::record(&Event {
         slot_name: Some(&d.slot_name),
         action,
@@ -190,6 +411,8 @@ fn record(d: &Decision, action: &str, reason: &str, actor: &str) -> Result<(), G
         retained_bytes: d.retained_bytes,
         actor,
         lease_owner: d.lease_owner.map(pg_sys::Oid::from),
+        freed_bytes: if drop { d.releases_bytes } else { None },
+        pg_wal_bytes: None,
     })
 }
 
@@ -200,6 +423,11 @@ where
     F: FnOnce() -> Result<T, GuardError>,
 {
     let f = std::panic::AssertUnwindSafe(f);
+    // SAFETY: this is the sequence PL/pgSQL's exception blocks use (pl_exec.c,
+    // exec_stmt_block): remember the memory context and resource owner, begin an
+    // internal subtransaction, run the body under PgTryBuilder (which catches the ERROR
+    // longjmp and Rust panics alike), then release or roll back the subtransaction and
+    // restore both. The subtransaction ends on every path, before this frame returns.
     unsafe {
         let old_ctx = pg_sys::CurrentMemoryContext;
         let old_owner = pg_sys::CurrentResourceOwner;

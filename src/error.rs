@@ -45,6 +45,10 @@ pub enum GuardError {
     LimitRaise { slot: String, asked: String, global: String },
     #[error("cannot {0} during recovery")]
     InRecovery(&'static str),
+    #[error("replication slot \"{slot}\" is busy: another transaction has been changing its lease for {waited_ms} ms")]
+    Busy { slot: String, waited_ms: u64 },
+    #[error("could not measure the filesystem of pg_wal: {0}")]
+    Disk(String),
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -65,6 +69,8 @@ impl GuardError {
             SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
             PermissionDenied { .. } | LimitRaise { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             InRecovery(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            Busy { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
+            Disk(_) => ERRCODE_IO_ERROR,
             Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -92,6 +98,8 @@ impl GuardError {
             PermissionDenied { hint, .. } => (*hint).into(),
             LimitRaise { .. } => "Only a superuser may give a lease a limit above pgslotguard.max_retained_wal.".into(),
             InRecovery(_) => "Leases are taken on the primary; connect to the primary server.".into(),
+            Busy { .. } => "Another session's transaction is leasing, renewing or releasing this slot and has not ended; retry once it commits (pg_locks shows it, objsubid 29543).".into(),
+            Disk(_) => "Check that the data directory's pg_wal (or the directory its symlink points to) is readable by the server.".into(),
             Spi(_) => "This is a bug in pgslotguard; please report it with the server log.".into(),
         }
     }

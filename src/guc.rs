@@ -1,7 +1,8 @@
 //! Every GUC in one place: name, unit, bounds, check hooks, and the `Policy` snapshot
 //! that a pass reads once. The rest of the code never reads a GUC directly.
 
-use crate::policy::{Policy, Scope};
+use crate::policy::disk::Floor;
+use crate::policy::{CheckpointMode, Policy, Scope};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -15,6 +16,16 @@ pub enum ScopeGuc {
     Physical,
     #[name = c"all"]
     All,
+}
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CheckpointGuc {
+    #[name = c"off"]
+    Off,
+    #[name = c"spread"]
+    Spread,
+    #[name = c"fast"]
+    Fast,
 }
 
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -37,6 +48,9 @@ pub static TERMINATE_ACTIVE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// seconds, -1 = keep forever
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+/// a size ('20GB') or a share of the filesystem ('10%'); -1 = off
+pub static MIN_FREE_WAL_SPACE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"-1"));
+pub static CHECKPOINT_AFTER_DROP: GucSetting<CheckpointGuc> = GucSetting::<CheckpointGuc>::new(CheckpointGuc::Fast);
 
 const US_PER_S: i64 = 1_000_000;
 
@@ -180,6 +194,27 @@ pub fn init() {
         GucFlags::UNIT_S,
     );
     unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pgslotguard.min_free_wal_space",
+            c"Free space to keep on the filesystem that holds pg_wal: a size such as '20GB', or a share of the filesystem such as '10%' (-1 disables).",
+            c"Below it, the guard drops the fewest slots in scope whose drop brings free space back above the floor plus a headroom, then requests a fast checkpoint.",
+            &MIN_FREE_WAL_SPACE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_min_free_wal_space),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_enum_guc(
+        c"pgslotguard.checkpoint_after_drop",
+        c"Checkpoint the guard requests after it dropped slots, so that pg_wal shrinks at once: off, spread or fast.",
+        c"A drop made for pgslotguard.min_free_wal_space always requests a fast checkpoint.",
+        &CHECKPOINT_AFTER_DROP,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe {
         pg_sys::MarkGUCPrefixReserved(c"pgslotguard".as_ptr());
     }
 }
@@ -189,6 +224,38 @@ unsafe fn check_detail(msg: &str) {
     let c = CString::new(msg).unwrap_or_default();
     unsafe {
         pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(c.as_ptr());
+    }
+}
+
+/// Set the HINT of a refused GUC value.
+unsafe fn check_hint(msg: &str) {
+    let c = CString::new(msg).unwrap_or_default();
+    unsafe {
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(c.as_ptr());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_min_free_wal_space(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        CStr::from_ptr(*newval).to_string_lossy().into_owned()
+    };
+    match Floor::parse(&value) {
+        Ok(_) => true,
+        Err(e) => {
+            unsafe {
+                check_detail(&format!("pgslotguard.min_free_wal_space: {e}"));
+                check_hint("Give a size such as '20GB' or a share of the filesystem such as '10%'; -1 turns the floor off.");
+            }
+            false
+        }
     }
 }
 
@@ -262,7 +329,18 @@ pub fn policy() -> Policy {
         exclude,
         terminate_active: TERMINATE_ACTIVE.get(),
         dry_run: DRY_RUN.get(),
+        min_free_wal: min_free_wal_space(),
+        checkpoint: match CHECKPOINT_AFTER_DROP.get() {
+            CheckpointGuc::Off => CheckpointMode::Off,
+            CheckpointGuc::Spread => CheckpointMode::Spread,
+            CheckpointGuc::Fast => CheckpointMode::Fast,
+        },
     }
+}
+
+/// The free-space floor, if set (the check hook has refused anything unparsable).
+pub fn min_free_wal_space() -> Option<Floor> {
+    MIN_FREE_WAL_SPACE.get().and_then(|c| Floor::parse(&c.to_string_lossy()).ok().flatten())
 }
 
 pub fn database() -> String {

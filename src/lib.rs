@@ -12,6 +12,7 @@ pub mod api;
 pub mod enforce;
 pub mod error;
 pub mod guc;
+pub mod lock;
 pub mod policy;
 pub mod rollback;
 pub mod shmem;

@@ -15,6 +15,9 @@
 //! * An active slot is never dropped for lease expiry alone: it waits (`expired_active`).
 //! * A lease whose slot no longer exists is ended.
 
+pub mod disk;
+
+use disk::{Floor, WalDisk};
 use regex::Regex;
 use std::collections::{HashMap, HashSet};
 
@@ -24,6 +27,26 @@ pub enum Scope {
     Leased,
     Physical,
     All,
+}
+
+/// What the guard asks of the checkpointer after it dropped slots
+/// (`pgslotguard.checkpoint_after_drop`). A drop for the free-space floor always asks
+/// for a fast one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointMode {
+    Off,
+    Spread,
+    Fast,
+}
+
+impl CheckpointMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointMode::Off => "off",
+            CheckpointMode::Spread => "spread",
+            CheckpointMode::Fast => "fast",
+        }
+    }
 }
 
 /// One snapshot of the policy GUCs, read once per pass.
@@ -36,6 +59,9 @@ pub struct Policy {
     pub exclude: Option<Regex>,
     pub terminate_active: bool,
     pub dry_run: bool,
+    /// `pgslotguard.min_free_wal_space`.
+    pub min_free_wal: Option<Floor>,
+    pub checkpoint: CheckpointMode,
 }
 
 impl Default for Policy {
@@ -48,7 +74,76 @@ impl Default for Policy {
             exclude: None,
             terminate_active: false,
             dry_run: false,
+            min_free_wal: None,
+            checkpoint: CheckpointMode::Fast,
         }
+    }
+}
+
+/// Every word the guard and the API write to `pgslotguard.events.action` (and nowhere
+/// else are they spelled: the CHECK constraint in sql/tables.sql lists the same words,
+/// and a test holds the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Lease,
+    Renew,
+    Release,
+    Keep,
+    ExpireDrop,
+    RetainedDrop,
+    AgeDrop,
+    InactiveDrop,
+    SpaceDrop,
+    Terminate,
+    WouldDrop,
+    Checkpoint,
+    Warn,
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 14] = [
+        Outcome::Lease,
+        Outcome::Renew,
+        Outcome::Release,
+        Outcome::Keep,
+        Outcome::ExpireDrop,
+        Outcome::RetainedDrop,
+        Outcome::AgeDrop,
+        Outcome::InactiveDrop,
+        Outcome::SpaceDrop,
+        Outcome::Terminate,
+        Outcome::WouldDrop,
+        Outcome::Checkpoint,
+        Outcome::Warn,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Lease => "lease",
+            Outcome::Renew => "renew",
+            Outcome::Release => "release",
+            Outcome::Keep => "keep",
+            Outcome::ExpireDrop => "expire_drop",
+            Outcome::RetainedDrop => "retained_drop",
+            Outcome::AgeDrop => "age_drop",
+            Outcome::InactiveDrop => "inactive_drop",
+            Outcome::SpaceDrop => "space_drop",
+            Outcome::Terminate => "terminate",
+            Outcome::WouldDrop => "would_drop",
+            Outcome::Checkpoint => "checkpoint",
+            Outcome::Warn => "warn",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// A slot was dropped by the guard.
+    pub fn is_guard_drop(self) -> bool {
+        matches!(
+            self,
+            Outcome::ExpireDrop | Outcome::RetainedDrop | Outcome::AgeDrop | Outcome::InactiveDrop | Outcome::SpaceDrop
+        )
     }
 }
 
@@ -97,29 +192,34 @@ pub struct Snapshot {
     pub slots: Vec<SlotInfo>,
     pub leases: Vec<Lease>,
     pub seen: Vec<Seen>,
+    /// The filesystem that holds `pg_wal`, when measured.
+    pub disk: Option<WalDisk>,
 }
 
 /// Why a slot is (not) dropped; also the event action name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Breach {
     Expired,
     Retained,
     Age,
     Inactive,
+    /// Free space on the filesystem of `pg_wal` is below `pgslotguard.min_free_wal_space`.
+    Space,
 }
 
 impl Breach {
     /// Hard limits may terminate an active walsender (with `terminate_active`).
     pub fn is_hard(self) -> bool {
-        matches!(self, Breach::Retained | Breach::Age)
+        matches!(self, Breach::Retained | Breach::Age | Breach::Space)
     }
-    /// The `pgslotguard.events.action` recorded for a drop for this reason.
-    pub fn drop_action(self) -> &'static str {
+    /// The event recorded for a drop for this reason.
+    pub fn drop_action(self) -> Outcome {
         match self {
-            Breach::Expired => "expire_drop",
-            Breach::Retained => "retained_drop",
-            Breach::Age => "age_drop",
-            Breach::Inactive => "inactive_drop",
+            Breach::Expired => Outcome::ExpireDrop,
+            Breach::Retained => Outcome::RetainedDrop,
+            Breach::Age => Outcome::AgeDrop,
+            Breach::Inactive => Outcome::InactiveDrop,
+            Breach::Space => Outcome::SpaceDrop,
         }
     }
     /// The `state` shown in `pgslotguard.leases` for an inactive slot with this breach.
@@ -129,6 +229,7 @@ impl Breach {
             Breach::Retained => "over_retained",
             Breach::Age => "over_age",
             Breach::Inactive => "over_inactive",
+            Breach::Space => "below_floor",
         }
     }
 }
@@ -164,9 +265,15 @@ pub struct Decision {
     /// The limit closest to being hit (see [`Decision::nearest_limit`]).
     pub nearest: Option<Limit>,
     /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
-    /// `slot_missing`, or `out_of_scope`.
+    /// `below_floor`, `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
     pub action: Action,
+    /// Bytes of `pg_wal` a checkpoint would free if this slot were dropped together with
+    /// every older slot in scope (when the disk was measured).
+    pub frees_bytes: Option<i64>,
+    /// For a slot this pass drops: the bytes its drop adds to what the checkpoint frees,
+    /// the drops of this pass taken oldest first.
+    pub releases_bytes: Option<i64>,
 }
 
 impl Decision {
@@ -205,6 +312,7 @@ impl Limit {
                 fmt_us(limit)
             ),
             (Breach::Inactive, false) => format!("inactivity limit reached in {}", fmt_us(limit - used)),
+            (Breach::Space, _) => format!("free space {} of floor {}", fmt_bytes(used), fmt_bytes(limit)),
         }
     }
 }
@@ -216,9 +324,126 @@ fn fmt_us(us: i64) -> String {
     crate::validate::pretty_duration(us)
 }
 
+/// What the free-space floor asks of a pass, beside the per-slot decisions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskVerdict {
+    pub disk: WalDisk,
+    /// The floor's plan, when a floor is set.
+    pub plan: Option<disk::FloorPlan>,
+    /// Bytes the next checkpoint frees once every drop decided this pass is done.
+    pub freed: i64,
+    /// Below the floor, no slot can give more back, and the floor is not restored: why.
+    pub stuck: Option<String>,
+}
+
+/// The decisions of a pass, and the floor's verdict when the disk was measured.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub decisions: Vec<Decision>,
+    pub disk: Option<DiskVerdict>,
+}
+
 /// Decide, for every slot and every lease in the snapshot, what must happen.
 /// The result is in slot-name order, so passes and views are stable.
 pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
+    judge(policy, snap).decisions
+}
+
+/// [`decide`], plus the free-space floor: when free space on `pg_wal`'s filesystem is
+/// below `min_free_wal_space`, the fewest slots in scope whose drop brings it back above
+/// the floor plus the headroom are dropped too (oldest first; see [`disk::plan`]).
+pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
+    let mut decisions = decide_limits(policy, snap);
+    let Some(wal) = &snap.disk else { return Verdict { decisions, disk: None } };
+    let pins: Vec<disk::Pin> = snap
+        .slots
+        .iter()
+        .filter_map(|s| {
+            let r = s.restart_lsn?;
+            let d = decisions.iter().find(|d| d.slot_exists && d.slot_name == s.name)?;
+            let (droppable, why_not) = if !d.in_scope {
+                (false, d.scope_reason)
+            } else if s.active() && !policy.terminate_active {
+                (false, "active, and pgslotguard.terminate_active is off")
+            } else {
+                (true, "")
+            };
+            Some(disk::Pin { name: s.name.clone(), restart_lsn: r, droppable, why_not })
+        })
+        .collect();
+    for (name, frees) in disk::frees_per_slot(wal, &pins) {
+        if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && d.slot_name == name) {
+            d.frees_bytes = Some(frees);
+        }
+    }
+    let already: HashSet<&str> = decisions
+        .iter()
+        .filter(|d| matches!(d.action, Action::Drop { .. }))
+        .map(|d| d.slot_name.as_str())
+        .collect();
+    let plan = policy.min_free_wal.map(|floor| disk::plan(wal, floor, &pins, &already));
+    let mut stuck = None;
+    let mut dropping: HashSet<String> = already.iter().map(|s| s.to_string()).collect();
+    if let Some(p) = plan.as_ref().filter(|p| p.below) {
+        let why = format!(
+            "free space on the filesystem of pg_wal is {} of {}, below pgslotguard.min_free_wal_space ({})",
+            fmt_bytes(wal.free),
+            fmt_bytes(wal.total),
+            fmt_bytes(p.floor)
+        );
+        for (name, marginal) in &p.drops {
+            let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && &d.slot_name == name) else { continue };
+            let pid = snap.slots.iter().find(|s| &s.name == name).and_then(|s| s.active_pid);
+            let mut reason = format!("{why}; dropping it frees about {} of pg_wal", fmt_bytes(*marginal));
+            if let Some(pid) = pid {
+                reason.push_str(&format!("; walsender PID {pid} terminated (terminate_active)"));
+            }
+            d.state = Breach::Space.state();
+            d.action = Action::Drop { breach: Breach::Space, terminate: pid, reason };
+            dropping.insert(name.clone());
+        }
+        if let Some((name, not_why, extra)) = &p.blocker {
+            if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && &d.slot_name == name) {
+                if d.action == Action::None {
+                    d.action = Action::Wait {
+                        breach: Breach::Space,
+                        reason: format!(
+                            "{why}; this slot holds back {} that a checkpoint could free, and is not dropped: {not_why}",
+                            fmt_bytes(*extra)
+                        ),
+                    };
+                }
+            }
+        } else if !p.restores {
+            stuck = Some(format!(
+                "{why}; pg_wal holds {} and no slot the guard may drop holds back more: the rest of the filesystem is used by something else, or max_wal_size ({}) is too large for it",
+                fmt_bytes(wal.pg_wal),
+                fmt_bytes(wal.max_wal)
+            ));
+        }
+    }
+    // What each drop of this pass releases, oldest first.
+    let mut order: Vec<&disk::Pin> = pins.iter().filter(|p| dropping.contains(&p.name)).collect();
+    order.sort_by(|a, b| a.restart_lsn.cmp(&b.restart_lsn).then(a.name.cmp(&b.name)));
+    let mut gone: HashSet<&str> = HashSet::new();
+    let mut so_far = disk::freed(wal, &pins, &gone);
+    let mut releases: Vec<(String, i64)> = vec![];
+    for p in order {
+        gone.insert(p.name.as_str());
+        let now = disk::freed(wal, &pins, &gone);
+        releases.push((p.name.clone(), now - so_far));
+        so_far = now;
+    }
+    for (name, r) in releases {
+        if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && d.slot_name == name) {
+            d.releases_bytes = Some(r);
+        }
+    }
+    Verdict { decisions, disk: Some(DiskVerdict { disk: wal.clone(), plan, freed: so_far, stuck }) }
+}
+
+/// The per-slot limits: scope, expiry, retained WAL, age, inactivity.
+fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
     let leases: HashMap<&str, &Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
     let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
     let slots: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
@@ -250,6 +475,8 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             action: Action::EndLease {
                 reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
             },
+            frees_bytes: None,
+            releases_bytes: None,
         });
     }
     out.sort_by(|a, b| a.slot_name.cmp(&b.slot_name));
@@ -307,6 +534,8 @@ fn decide_slot(
         nearest: None,
         state: if in_scope { "ok" } else { "out_of_scope" },
         action: Action::None,
+        frees_bytes: None,
+        releases_bytes: None,
     };
     if !in_scope {
         return d;
@@ -402,7 +631,7 @@ mod tests {
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![] }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -638,5 +867,143 @@ mod tests {
         let d = decide(&Policy::default(), &snap(vec![slot("b"), slot("a")], vec![lease("c", 0, 10)]));
         let names: Vec<_> = d.iter().map(|d| d.slot_name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    // ---- the free-space floor, through judge() ----
+
+    const SEG: i64 = 16 * MB;
+
+    /// Insert position at segment 100; pg_wal holds 60 segments; 1 GB filesystem with
+    /// `free` bytes free; max_wal_size 4 segments.
+    fn disk_snap(free: i64, slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
+        let mut s = snap(slots, leases);
+        s.current_lsn = (100 * SEG) as u64;
+        s.disk = Some(WalDisk {
+            free,
+            total: 1024 * MB,
+            pg_wal: 60 * SEG,
+            insert_lsn: (100 * SEG) as u64,
+            segment_size: SEG,
+            wal_keep: 0,
+            max_wal: 4 * SEG,
+            max_slot_keep: None,
+        });
+        s
+    }
+    fn pinned(name: &str, segs_back: i64) -> SlotInfo {
+        SlotInfo { restart_lsn: Some(((100 - segs_back) * SEG) as u64), ..slot(name) }
+    }
+    fn floor(bytes: i64) -> Policy {
+        Policy { min_free_wal: Some(Floor::Bytes(bytes)), ..Policy::default() }
+    }
+    fn find<'a>(v: &'a Verdict, name: &str) -> &'a Decision {
+        v.decisions.iter().find(|d| d.slot_name == name).unwrap()
+    }
+
+    #[test]
+    fn floor_drops_the_oldest_leased_slot_only() {
+        let s = disk_snap(
+            50 * MB,
+            vec![pinned("old", 50), pinned("young", 10)],
+            vec![lease("old", S, 3600 * S), lease("young", S, 3600 * S)],
+        );
+        let v = judge(&floor(100 * MB), &s);
+        let old = find(&v, "old");
+        assert_eq!(dropped(old), Some(Breach::Space));
+        assert_eq!(old.state, "below_floor");
+        match &old.action {
+            Action::Drop { reason, .. } => {
+                assert!(reason.contains("below pgslotguard.min_free_wal_space (100 MB)"), "{reason}");
+                assert!(reason.contains("dropping it frees about 640 MB of pg_wal"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // a checkpoint alone frees 6 segments; without "old" the horizon is "young"
+        assert_eq!(old.releases_bytes, Some(40 * SEG));
+        assert_eq!(find(&v, "young").action, Action::None);
+        assert_eq!(v.disk.as_ref().unwrap().freed, 46 * SEG);
+    }
+
+    #[test]
+    fn without_a_floor_nothing_is_dropped_for_space_but_frees_is_shown() {
+        let s = disk_snap(10 * MB, vec![pinned("old", 50)], vec![lease("old", S, 3600 * S)]);
+        let v = judge(&Policy::default(), &s);
+        let d = find(&v, "old");
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.frees_bytes, Some(50 * SEG));
+    }
+
+    #[test]
+    fn floor_never_drops_an_unleased_slot_under_scope_leased_and_names_it() {
+        let s = disk_snap(10 * MB, vec![pinned("standby", 55), pinned("orphan", 40)], vec![lease("orphan", S, 3600 * S)]);
+        let v = judge(&floor(200 * MB), &s);
+        assert_eq!(find(&v, "orphan").action, Action::None, "dropping the orphan frees nothing");
+        match &find(&v, "standby").action {
+            Action::Wait { breach: Breach::Space, reason } => {
+                assert!(reason.contains("not dropped: not leased (scope = leased)"), "{reason}");
+                assert!(reason.contains("holds back 240 MB"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn floor_never_drops_an_excluded_slot() {
+        let p = Policy { exclude: Some(Regex::new("^keep").unwrap()), scope: Scope::All, ..floor(200 * MB) };
+        let s = disk_snap(10 * MB, vec![pinned("keep_me", 55)], vec![]);
+        let v = judge(&p, &s);
+        assert!(matches!(find(&v, "keep_me").action, Action::Wait { breach: Breach::Space, .. }));
+    }
+
+    #[test]
+    fn floor_drops_an_active_slot_only_with_terminate_active() {
+        let mut a = pinned("busy", 50);
+        a.active_pid = Some(77);
+        let s = disk_snap(10 * MB, vec![a], vec![lease("busy", S, 3600 * S)]);
+        let v = judge(&floor(100 * MB), &s);
+        match &find(&v, "busy").action {
+            Action::Wait { breach: Breach::Space, reason } => {
+                assert!(reason.contains("active, and pgslotguard.terminate_active is off"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let p = Policy { terminate_active: true, ..floor(100 * MB) };
+        match &find(&judge(&p, &s), "busy").action {
+            Action::Drop { breach: Breach::Space, terminate: Some(77), .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn floor_that_no_drop_can_restore_is_reported() {
+        // 8 segments in pg_wal, all live: nothing to free, and no slot to blame
+        let mut s = disk_snap(10 * MB, vec![pinned("a", 2)], vec![lease("a", S, 3600 * S)]);
+        s.disk.as_mut().unwrap().pg_wal = 8 * SEG;
+        s.disk.as_mut().unwrap().max_wal = 64 * SEG;
+        let v = judge(&floor(100 * MB), &s);
+        assert_eq!(find(&v, "a").action, Action::None);
+        let stuck = v.disk.unwrap().stuck.unwrap();
+        assert!(stuck.contains("no slot the guard may drop holds back more"), "{stuck}");
+    }
+
+    #[test]
+    fn a_slot_dropped_for_another_limit_counts_toward_the_floor() {
+        let s = disk_snap(
+            50 * MB,
+            vec![pinned("old", 50), pinned("young", 10)],
+            vec![lease("old", 3600 * S, -S), lease("young", S, 3600 * S)],
+        );
+        let v = judge(&floor(100 * MB), &s);
+        assert_eq!(dropped(find(&v, "old")), Some(Breach::Expired));
+        assert_eq!(find(&v, "young").action, Action::None);
+        assert_eq!(find(&v, "old").releases_bytes, Some(40 * SEG));
+    }
+
+    #[test]
+    fn outcome_words_are_distinct() {
+        let words: HashSet<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(words.len(), Outcome::ALL.len());
+        assert!(Outcome::ALL.iter().filter(|o| o.is_guard_drop()).all(|o| o.as_str().ends_with("_drop")));
+        assert!(!Outcome::WouldDrop.is_guard_drop());
     }
 }

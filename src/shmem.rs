@@ -8,6 +8,8 @@ use pgrx::{pg_shmem_init, pg_sys};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const ERR_LEN: usize = 512;
+/// NAMEDATALEN: a slot name fits.
+const NAME_LEN: usize = 64;
 
 #[derive(Copy, Clone)]
 pub struct WorkerStatus {
@@ -24,6 +26,20 @@ pub struct WorkerStatus {
     /// the connection dies (the database does not exist), the next start waits for the
     /// database quietly instead of failing every few seconds.
     pub database_missing: bool,
+    /// Slots skipped because another transaction held their lock (src/lock.rs).
+    pub busy_skips: i64,
+    pub last_busy_at: i64,
+    last_busy_len: usize,
+    last_busy: [u8; NAME_LEN],
+    /// A checkpoint the guard requested and whose end it has not recorded yet.
+    pub ckpt_pending: bool,
+    pub ckpt_fast: bool,
+    /// pg_control's checkpoint LSN when it was requested: it changes when one completes.
+    pub ckpt_lsn_before: u64,
+    pub ckpt_pg_wal_before: i64,
+    pub ckpt_projected: i64,
+    pub ckpt_drops: i64,
+    pub ckpt_requested_at: i64,
     last_error_len: usize,
     last_error: [u8; ERR_LEN],
 }
@@ -41,6 +57,17 @@ impl Default for WorkerStatus {
             next_pass: 0,
             last_error_at: 0,
             database_missing: false,
+            busy_skips: 0,
+            last_busy_at: 0,
+            last_busy_len: 0,
+            last_busy: [0; NAME_LEN],
+            ckpt_pending: false,
+            ckpt_fast: false,
+            ckpt_lsn_before: 0,
+            ckpt_pg_wal_before: 0,
+            ckpt_projected: 0,
+            ckpt_drops: 0,
+            ckpt_requested_at: 0,
             last_error_len: 0,
             last_error: [0; ERR_LEN],
         }
@@ -53,16 +80,31 @@ impl WorkerStatus {
             .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
     }
     pub fn set_last_error(&mut self, msg: &str, at: i64) {
-        let mut n = msg.len().min(ERR_LEN);
-        while !msg.is_char_boundary(n) {
-            n -= 1;
-        }
-        self.last_error[..n].copy_from_slice(&msg.as_bytes()[..n]);
-        self.last_error_len = n;
+        self.last_error_len = copy_truncated(&mut self.last_error, msg);
         self.last_error_at = at;
+    }
+    pub fn last_busy(&self) -> Option<String> {
+        (self.last_busy_len > 0).then(|| String::from_utf8_lossy(&self.last_busy[..self.last_busy_len]).into_owned())
+    }
+    pub fn set_last_busy(&mut self, slot: &str, at: i64) {
+        self.last_busy_len = copy_truncated(&mut self.last_busy, slot);
+        self.last_busy_at = at;
     }
 }
 
+/// Copy as much of `text` as fits into `buf`, cut at a character boundary; returns the length.
+fn copy_truncated(buf: &mut [u8], text: &str) -> usize {
+    let mut n = text.len().min(buf.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+    n
+}
+
+// SAFETY: WorkerStatus is plain old data (integers, bools and byte arrays, no pointers),
+// so a copy in shared memory means the same in every process; all access goes through
+// the PgLwLock below.
 unsafe impl PGRXSharedMemory for WorkerStatus {}
 
 pub static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pgslotguard_status") };
@@ -93,14 +135,8 @@ pub fn worker_running() -> Option<i32> {
         return None;
     }
     // kill(pid, 0) tells whether the process exists without signalling it.
-    let alive = unsafe { libc_kill(st.pid, 0) } == 0;
+    // SAFETY: signal 0 sends nothing; it only checks that the PID exists.
+    let alive = unsafe { libc::kill(st.pid, 0) } == 0;
     alive.then_some(st.pid)
-}
-
-unsafe fn libc_kill(pid: i32, sig: i32) -> i32 {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe { kill(pid, sig) }
 }
 

@@ -3,7 +3,8 @@
 //! takes its values as `$n` arguments, never spliced into the text.
 
 use crate::error::GuardError;
-use crate::policy::{Lease, Seen, SlotInfo, Snapshot};
+use crate::policy::disk::{self, WalDisk};
+use crate::policy::{CheckpointMode, Lease, Outcome, Seen, SlotInfo, Snapshot};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -153,7 +154,7 @@ pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
     let (slots, leases) = select(SNAPSHOT_QUERY, &[], slots_and_leases)?;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()? })
+    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()?, disk: None })
 }
 
 /// The same, for one slot name only (the second look before acting).
@@ -166,7 +167,7 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
         &[name.into()],
         seen_rows,
     )?;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen })
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None })
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap`, and forget slots
@@ -222,16 +223,6 @@ pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
                 expires_at: t.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
             }))
         },
-    )
-}
-
-/// Serialise every lease operation on one slot name until the end of the transaction, so
-/// two sessions racing for a name see each other's result rather than half of it.
-pub fn lock_name(name: &str) -> Result<()> {
-    select(
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgslotguard'), pg_catalog.hashtext($1))",
-        &[name.into()],
-        |_| Ok(()),
     )
 }
 
@@ -305,24 +296,48 @@ pub fn delete_lease(name: &str) -> Result<usize> {
 
 pub struct Event<'a> {
     pub slot_name: Option<&'a str>,
-    pub action: &'a str,
+    pub action: Outcome,
     pub reason: &'a str,
     pub retained_bytes: Option<i64>,
     pub actor: &'a str,
     pub lease_owner: Option<pg_sys::Oid>,
+    /// Drops: the WAL the drop lets the next checkpoint remove (projected).
+    /// Checkpoints: the bytes pg_wal shrank by (measured).
+    pub freed_bytes: Option<i64>,
+    /// Checkpoints: the size of pg_wal measured after it.
+    pub pg_wal_bytes: Option<i64>,
+}
+
+impl<'a> Event<'a> {
+    /// An event about no slot in particular; set the other fields with struct update.
+    pub fn new(action: Outcome, reason: &'a str, actor: &'a str) -> Self {
+        Event {
+            slot_name: None,
+            action,
+            reason,
+            retained_bytes: None,
+            actor,
+            lease_owner: None,
+            freed_bytes: None,
+            pg_wal_bytes: None,
+        }
+    }
 }
 
 pub fn record(e: &Event) -> Result<()> {
     update(
-        "INSERT INTO pgslotguard.event_log (slot_name, action, reason, retained_bytes, actor, lease_owner)
-         VALUES ($1::name, $2, $3, $4, $5, $6)",
+        "INSERT INTO pgslotguard.event_log
+                (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes)
+         VALUES ($1::name, $2, $3, $4, $5, $6, $7, $8)",
         &[
             e.slot_name.into(),
-            e.action.into(),
+            e.action.as_str().into(),
             e.reason.into(),
             e.retained_bytes.into(),
             e.actor.into(),
             e.lease_owner.into(),
+            e.freed_bytes.into(),
+            e.pg_wal_bytes.into(),
         ],
     )
     .map(|_| ())
@@ -398,3 +413,70 @@ pub fn as_owner<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     r
 }
 
+
+const MB: i64 = 1 << 20;
+
+/// The filesystem that holds `pg_wal` (statvfs follows the symlink that `initdb -X`
+/// makes), the WAL segments in it, and the server settings that decide what a
+/// checkpoint keeps. Every backend runs in the data directory, so `pg_wal` is relative.
+pub fn wal_disk() -> Result<WalDisk> {
+    // SAFETY: statvfs is plain data; all zeroes is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and `st` is a valid out-parameter.
+    if unsafe { libc::statvfs(c"pg_wal".as_ptr(), &mut st) } != 0 {
+        return Err(GuardError::Disk(format!("statvfs(\"pg_wal\"): {}", std::io::Error::last_os_error())));
+    }
+    let unit = st.f_frsize as i64;
+    let segments = std::fs::read_dir("pg_wal")
+        .map_err(|e| GuardError::Disk(format!("reading directory \"pg_wal\": {e}")))?
+        .filter_map(|e| e.ok())
+        .filter(|e| disk::is_segment_name(&e.file_name().to_string_lossy()))
+        .count() as i64;
+    // SAFETY: these are the server's own settings, plain ints set by the GUC machinery.
+    let (seg, keep_mb, max_mb, slot_keep_mb) = unsafe {
+        (
+            pg_sys::wal_segment_size as i64,
+            pg_sys::wal_keep_size_mb as i64,
+            pg_sys::max_wal_size_mb as i64,
+            pg_sys::max_slot_wal_keep_size_mb as i64,
+        )
+    };
+    Ok(WalDisk {
+        free: st.f_bavail as i64 * unit,
+        total: st.f_blocks as i64 * unit,
+        pg_wal: segments * seg,
+        insert_lsn: current_lsn(),
+        segment_size: seg,
+        wal_keep: keep_mb * MB,
+        max_wal: max_mb * MB,
+        max_slot_keep: (slot_keep_mb >= 0).then_some(slot_keep_mb * MB),
+    })
+}
+
+unsafe extern "C-unwind" {
+    /// postmaster/bgwriter.h, which pgrx's bindings do not include.
+    fn RequestCheckpoint(flags: std::ffi::c_int);
+}
+
+/// Ask the checkpointer for a checkpoint and return at once (no CHECKPOINT_WAIT: the
+/// pass does not wait for it). FORCE makes it run even on a primary that wrote nothing
+/// since the last one; fast adds IMMEDIATE (no spreading of the writes).
+pub fn request_checkpoint(mode: CheckpointMode) {
+    let flags = match mode {
+        CheckpointMode::Off => return,
+        CheckpointMode::Spread => pg_sys::CHECKPOINT_FORCE,
+        CheckpointMode::Fast => pg_sys::CHECKPOINT_FORCE | pg_sys::CHECKPOINT_IMMEDIATE,
+    };
+    // SAFETY: RequestCheckpoint(int) is exported by the server and callable from any
+    // backend; pg_guard_ffi_boundary turns an ERROR raised inside it into a Rust panic
+    // that the caller's subtransaction catches.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| RequestCheckpoint(flags as std::ffi::c_int)) };
+}
+
+/// The LSN of the last completed checkpoint, from pg_control (changes when a checkpoint
+/// ends, unlike the redo pointer in shared memory, which moves when one begins).
+pub fn last_checkpoint_lsn() -> Result<u64> {
+    select("SELECT checkpoint_lsn::text FROM pg_catalog.pg_control_checkpoint()", &[], |t| {
+        Ok(t.first().get::<&str>(1)?.and_then(crate::validate::parse_lsn).unwrap_or(0))
+    })
+}

@@ -32,12 +32,14 @@ pub mod pgslotguard {
             name!(state, String),
             name!(next_action, String),
             name!(action_reason, Option<String>),
+            name!(frees_bytes, Option<i64>),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
-        let (policy, decisions) = crate::error::or_report(state::as_owner(crate::enforce::preview));
-        let rows: Vec<_> = decisions
+        let (policy, verdict) = crate::error::or_report(state::as_owner(crate::enforce::preview));
+        let rows: Vec<_> = verdict
+            .decisions
             .into_iter()
             .filter(|d| all || d.lease_owner == Some(me.to_u32()))
             .map(|d| {
@@ -48,9 +50,9 @@ pub mod pgslotguard {
                         let a = if policy.dry_run {
                             "would_drop".to_string()
                         } else if terminate.is_some() {
-                            format!("terminate, {}", breach.drop_action())
+                            format!("terminate, {}", breach.drop_action().as_str())
                         } else {
-                            breach.drop_action().to_string()
+                            breach.drop_action().as_str().to_string()
                         };
                         (a, Some(reason.clone()))
                     }
@@ -70,10 +72,31 @@ pub mod pgslotguard {
                     d.state.to_string(),
                     next,
                     reason,
+                    d.frees_bytes,
                 )
             })
             .collect();
         TableIterator::new(rows)
+    }
+
+    /// The filesystem that holds pg_wal as the guard sees it: sizes, the floor and its
+    /// headroom (NULL when no floor is set).
+    #[pg_extern(volatile, parallel_unsafe, name = "wal_space")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn wal_space() -> TableIterator<
+        'static,
+        (
+            name!(pg_wal_bytes, i64),
+            name!(fs_free_bytes, i64),
+            name!(fs_total_bytes, i64),
+            name!(floor_bytes, Option<i64>),
+            name!(headroom_bytes, Option<i64>),
+        ),
+    > {
+        let d = crate::error::or_report(state::wal_disk());
+        let floor = crate::guc::min_free_wal_space().map(|f| f.bytes(d.total));
+        let headroom = floor.map(|f| crate::policy::disk::headroom(f, d.segment_size));
+        TableIterator::once((d.pg_wal, d.free, d.total, floor, headroom))
     }
 
     /// The guard worker's status block from shared memory.
@@ -95,11 +118,15 @@ pub mod pgslotguard {
             name!(errors, i64),
             name!(last_error, Option<String>),
             name!(last_error_at, Option<TimestampWithTimeZone>),
+            name!(busy_skips, i64),
+            name!(last_busy_slot, Option<String>),
+            name!(last_busy_at, Option<TimestampWithTimeZone>),
+            name!(checkpoint_pending, bool),
         ),
     > {
         let t = |v: i64| (v != 0).then(|| state::ts(v));
         let row = match crate::shmem::read() {
-            None => (false, false, None, None, None, None, None, 0, 0, 0, None, None),
+            None => (false, false, None, None, None, None, None, 0, 0, 0, None, None, 0, None, None, false),
             Some(s) => {
                 let running = crate::shmem::worker_running().is_some();
                 (
@@ -115,6 +142,10 @@ pub mod pgslotguard {
                     s.errors,
                     s.last_error(),
                     t(s.last_error_at),
+                    s.busy_skips,
+                    s.last_busy(),
+                    t(s.last_busy_at),
+                    s.ckpt_pending,
                 )
             }
         };

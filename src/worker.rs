@@ -11,6 +11,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 pub const WORKER_NAME: &str = "pgslotguard guard";
+/// How often the worker looks for the end of a checkpoint it requested.
+const CHECKPOINT_POLL_US: i64 = 500_000;
+/// The postmaster restarts the worker this long after it exits with an error.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
 
 /// Register the guard worker (from _PG_init, when preloaded).
 pub fn register() {
@@ -22,7 +26,7 @@ pub fn register() {
         // Start after recovery: on a hot standby the guard neither writes nor fails; after
         // promotion the postmaster starts it.
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
+        .set_restart_time(Some(RESTART_DELAY))
         .load();
 }
 
@@ -61,7 +65,12 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
             log!("pgslotguard: pgslotguard.enabled is off; the guard worker idles");
             disabled_logged = true;
         }
-        let naptime = guc::naptime_ms() as i64 * 1000;
+        let mut naptime = guc::naptime_ms() as i64 * 1000;
+        // A checkpoint the guard requested is under way: look again soon, to record what
+        // pg_wal measures once it completes.
+        if shmem::read().is_some_and(|s| s.ckpt_pending) {
+            naptime = naptime.min(CHECKPOINT_POLL_US);
+        }
         let next = started + naptime;
         shmem::update(|s| s.next_pass = next);
         let wait = (next - state::now_us()).clamp(0, naptime) as u64;
@@ -113,7 +122,7 @@ fn wait_for_database(db: &str) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-fn one_pass(db: &str, warned: &mut HashSet<(String, &'static str)>, missing_logged: &mut bool) {
+fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &mut bool) {
     let start = state::now_us();
     let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         enforce::in_subtransaction(|| {
@@ -152,6 +161,10 @@ fn one_pass(db: &str, warned: &mut HashSet<(String, &'static str)>, missing_logg
                 s.last_pass_us = elapsed;
                 s.drops += summary.drops;
                 s.errors += summary.errors;
+                s.busy_skips += summary.busy;
+                if let Some(slot) = &summary.last_busy {
+                    s.set_last_busy(slot, start);
+                }
                 if let Some(e) = &summary.last_error {
                     s.set_last_error(e, state::now_us());
                 }
