@@ -127,6 +127,7 @@ SELECT e.id,
        pg_catalog.pg_size_pretty(e.retained_bytes) AS retained,
        e.freed_bytes,
        pg_catalog.pg_size_pretty(e.freed_bytes) AS freed,
+       e.pg_wal_bytes,
        pg_catalog.pg_size_pretty(e.pg_wal_bytes) AS pg_wal_after,
        e.actor
   FROM pgslotguard.event_log e

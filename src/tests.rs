@@ -427,4 +427,30 @@ mod tests {
         assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptime = '5s'$$)"), "55P02");
     }
 
+
+    #[pg_test]
+    fn every_outcome_word_is_accepted_by_the_event_log_and_no_other() {
+        helpers();
+        for o in crate::policy::Outcome::ALL {
+            run(&format!(
+                "INSERT INTO pgslotguard.event_log (action, actor) VALUES ({}, 'test')",
+                pgrx::spi::quote_literal(o.as_str())
+            ));
+        }
+        assert_eq!(
+            text("SELECT pg_temp.sqlstate_of($$INSERT INTO pgslotguard.event_log (action, actor) VALUES ('end_lease', 'test')$$)"),
+            "23514"
+        );
+    }
+
+    #[pg_test]
+    fn status_shows_the_filesystem_of_pg_wal() {
+        let total = one::<i64>("SELECT fs_total_bytes FROM pgslotguard.status").unwrap_or(0);
+        let free = one::<i64>("SELECT fs_free_bytes FROM pgslotguard.status").unwrap_or(-1);
+        assert!(total > 0 && free >= 0 && free <= total, "free {free} of {total}");
+        let segs = one::<i64>("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'").unwrap_or(0);
+        let seg = one::<i64>("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'").unwrap_or(0);
+        assert_eq!(one::<i64>("SELECT pg_wal_bytes FROM pgslotguard.status"), Some(segs * seg));
+        assert_eq!(one::<i64>("SELECT floor_bytes FROM pgslotguard.status"), None, "no floor by default");
+    }
 }

@@ -7,14 +7,6 @@ use common::*;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-fn primary(tag: &str, extra: &[&str]) -> Cluster {
-    let c = Cluster::start(tag, extra);
-    c.exec("CREATE EXTENSION pgslotguard");
-    c
-}
-
 fn basebackup(c: &Cluster, slot: &str, dir: &PathBuf, extra: &[&str]) -> std::process::Output {
     let mut cmd = c.tool("pg_basebackup");
     // -c fast: a spread checkpoint would keep pg_basebackup off the slot for minutes
@@ -57,7 +49,7 @@ fn wait_streaming(primary: &Cluster) {
 
 #[test]
 fn backup_through_lease_then_release_gives_a_valid_standby() {
-    let c = primary("bb-release", &[]);
+    let c = with_extension("bb-release", &[]);
     let dir = leased_backup(&c, "nightly");
     assert_eq!(c.sql("SELECT backup_slot_release('nightly')").len(), 1);
     assert!(!c.slot_exists("nightly"));
@@ -72,7 +64,7 @@ fn backup_through_lease_then_release_gives_a_valid_standby() {
 
 #[test]
 fn backup_kept_as_standby_slot_is_never_dropped() {
-    let c = primary("bb-keep", &[]);
+    let c = with_extension("bb-keep", &[]);
     let dir = leased_backup(&c, "standby1");
     c.exec("SELECT backup_slot_keep('standby1')");
     // limits that the slot would break at once, were it still in scope
@@ -89,7 +81,7 @@ fn backup_kept_as_standby_slot_is_never_dropped() {
 
 #[test]
 fn backup_that_dies_is_cleaned_up_after_expiry() {
-    let c = primary("bb-dies", &[]);
+    let c = with_extension("bb-dies", &[]);
     c.make_wal(20); // something to copy, slowly
     c.exec("SELECT * FROM backup_slot_lease('dying', '4 s')");
     let first_seg = c.text("SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = 'dying'");
@@ -123,7 +115,7 @@ fn backup_that_dies_is_cleaned_up_after_expiry() {
 
 #[test]
 fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
-    let c = primary("bb-long", &[]);
+    let c = with_extension("bb-long", &[]);
     c.make_wal(16);
     // with the shipped script: ttl 2 s, heartbeat 1 s, a backup that takes several seconds
     let dir = c.dir.join("backup4");
@@ -162,7 +154,7 @@ fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
 
 #[test]
 fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
-    let c = primary("bb-retained", &["pgslotguard.max_retained_wal = '16MB'", "max_wal_size = '1GB'"]);
+    let c = with_extension("bb-retained", &["pgslotguard.max_retained_wal = '16MB'", "max_wal_size = '1GB'"]);
     c.exec("SELECT * FROM backup_slot_lease('idle_slot', '1h')");
     c.run_tool("pgbench", &["-h", "127.0.0.1", "-p", &c.port_s(), "-U", "postgres", "-i", "-s", "2", "-q", "postgres"]);
     let load = |secs: &str| {
@@ -208,7 +200,7 @@ fn child_of(pid: u32) -> u32 {
 
 #[test]
 fn leases_events_and_tracking_survive_restarts_and_nothing_is_done_twice() {
-    let c = primary("bb-restart", &[]);
+    let c = with_extension("bb-restart", &[]);
     c.exec("SELECT * FROM backup_slot_lease('keeps', '1h', 'restart test')");
     c.exec("SELECT * FROM backup_slot_lease('short', '2 s')");
     c.wait_for("the short lease to be enforced", WAIT, |c| (!c.slot_exists("short")).then_some(()));
@@ -229,7 +221,7 @@ fn leases_events_and_tracking_survive_restarts_and_nothing_is_done_twice() {
 
 #[test]
 fn on_a_standby_the_guard_writes_nothing_and_takes_over_after_promotion() {
-    let c = primary("bb-standby", &[]);
+    let c = with_extension("bb-standby", &[]);
     c.exec("SELECT * FROM backup_slot_lease('expires_later', '20 s')");
     let dir = leased_backup(&c, "to_standby");
     let s = standby_from(dir, false);

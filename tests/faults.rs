@@ -6,12 +6,9 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 #[test]
 fn eight_clients_for_60s_under_a_fast_worker_lose_nothing() {
-    let c = Cluster::start("stress", &["pgslotguard.naptime = '100ms'", "max_replication_slots = 40", "max_connections = 40"]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("stress", &["pgslotguard.naptime = '100ms'", "max_replication_slots = 40", "max_connections = 40"]);
     c.exec(
         r#"CREATE TABLE stress_log (op int, code text);
            CREATE FUNCTION stress_op(op int, n int) RETURNS void LANGUAGE plpgsql AS $$
@@ -71,8 +68,7 @@ fn eight_clients_for_60s_under_a_fast_worker_lose_nothing() {
 
 #[test]
 fn worker_killed_with_sigkill_comes_back_and_nothing_is_lost() {
-    let c = Cluster::start("sigkill", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("sigkill", &[]);
     c.exec("SELECT * FROM backup_slot_lease('survivor', '1h')");
     c.exec("SELECT * FROM backup_slot_lease('doomed', '3 s')");
     let pid = c.wait_for("the guard worker", WAIT, |c| c.worker_pid());
@@ -89,8 +85,7 @@ fn worker_killed_with_sigkill_comes_back_and_nothing_is_lost() {
 
 #[test]
 fn extension_dropped_and_recreated_under_a_running_worker() {
-    let c = Cluster::start("recreate", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("recreate", &[]);
     let pid = c.wait_for("the guard worker", WAIT, |c| c.worker_pid());
     c.wait_passes(1);
     c.exec("DROP EXTENSION pgslotguard");
@@ -106,8 +101,7 @@ fn extension_dropped_and_recreated_under_a_running_worker() {
 
 #[test]
 fn slot_dropped_behind_the_workers_back_ends_its_lease() {
-    let c = Cluster::start("behindback", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("behindback", &[]);
     c.exec("SELECT * FROM backup_slot_lease('vanishing', '1h')");
     c.exec("SELECT pg_drop_replication_slot('vanishing')");
     c.wait_for("the guard to end the lease of a vanished slot", WAIT, |c| {

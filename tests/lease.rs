@@ -8,8 +8,7 @@ use std::time::Duration;
 
 #[test]
 fn lease_rolled_back_leaves_no_slot() {
-    let c = Cluster::start("rollback", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("rollback", &[]);
     let mut cl = c.client();
     let mut tx = cl.transaction().unwrap();
     tx.batch_execute("SELECT * FROM backup_slot_lease('t', '1h')").unwrap();
@@ -31,8 +30,7 @@ fn lease_rolled_back_leaves_no_slot() {
 
 #[test]
 fn lease_failing_half_way_leaves_nothing() {
-    let c = Cluster::start("exhaust", &["max_replication_slots = 2"]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("exhaust", &["max_replication_slots = 2"]);
     c.exec("SELECT * FROM backup_slot_lease('a', '1h'); SELECT * FROM backup_slot_lease('b', '1h')");
     let events = c.count("SELECT count(*) FROM pgslotguard.event_log");
     let code = c.sqlstate("SELECT * FROM backup_slot_lease('c', '1h')");
@@ -51,8 +49,7 @@ fn lease_failing_half_way_leaves_nothing() {
 
 #[test]
 fn adopt_refuses_logical_and_active_slots() {
-    let c = Cluster::start("adopt", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("adopt", &[]);
     c.exec("SELECT pg_create_logical_replication_slot('logical1', 'test_decoding')");
     assert_eq!(c.sqlstate("SELECT backup_slot_lease('logical1', '1h', adopt => true)").as_deref(), Some("55000"));
     c.exec("SELECT pg_create_physical_replication_slot('busy', true)");
@@ -68,8 +65,7 @@ fn adopt_refuses_logical_and_active_slots() {
 
 #[test]
 fn two_sessions_racing_for_one_name_one_wins() {
-    let c = Cluster::start("race", &[]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("race", &[]);
     for round in 0..5 {
         let name = format!("race_{round}");
         let handles: Vec<_> = (0..2)
@@ -94,8 +90,7 @@ fn two_sessions_racing_for_one_name_one_wins() {
 
 #[test]
 fn lease_warns_when_no_guard_worker_runs() {
-    let c = Cluster::start("nopreload", &["shared_preload_libraries = ''"]);
-    c.exec("CREATE EXTENSION pgslotguard");
+    let c = with_extension("nopreload", &["shared_preload_libraries = ''"]);
     // capture the WARNING through the server log (the client library drops notices)
     c.exec("SELECT * FROM backup_slot_lease('unguarded', '1h')");
     assert!(

@@ -5,14 +5,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn with_extension(tag: &str, extra: &[&str]) -> Cluster {
-    let c = Cluster::start(tag, extra);
-    c.exec("CREATE EXTENSION pgslotguard");
-    c
-}
-
 #[test]
 fn expired_inactive_lease_is_dropped_by_the_worker() {
     let c = with_extension("expire", &[]);

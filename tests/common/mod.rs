@@ -77,16 +77,19 @@ impl Cluster {
     }
 
     pub fn init(tag: &str, extra: &[&str]) -> Cluster {
+        Cluster::init_with_waldir(tag, extra, None)
+    }
+
+    /// `init`, with pg_wal at `waldir` (initdb -X: pg_wal is a symlink to it).
+    pub fn init_with_waldir(tag: &str, extra: &[&str], waldir: Option<&Path>) -> Cluster {
         let dir = temp_dir(tag);
         let data = dir.join("data");
-        check(
-            pg_cmd(&bin("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-                .arg(&data)
-                .output()
-                .unwrap(),
-            "initdb",
-        );
+        let mut initdb = pg_cmd(&bin("initdb"));
+        initdb.args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"]).arg(&data);
+        if let Some(w) = waldir {
+            initdb.arg("-X").arg(w);
+        }
+        check(initdb.output().unwrap(), "initdb");
         let c = Cluster { dir, data, port: free_port() };
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
@@ -323,6 +326,99 @@ impl Cluster {
 
     pub fn port_s(&self) -> String {
         self.port.to_string()
+    }
+
+    /// `pgbench -i -s scale`, quietly.
+    pub fn pgbench_init(&self, scale: u32) {
+        self.run_tool(
+            "pgbench",
+            &["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-i", "-s", &scale.to_string(), "-q", "postgres"],
+        );
+    }
+
+    /// Start `pgbench -n -c clients -T secs` in the background (stopped by PID when dropped).
+    pub fn pgbench_run(&self, clients: u32, secs: u32) -> Proc {
+        let child = self
+            .tool("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-n"])
+            .args(["-c", &clients.to_string(), "-j", &clients.to_string(), "-T", &secs.to_string(), "postgres"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    /// Bytes of WAL segments in pg_wal, as the server lists them.
+    pub fn pg_wal_bytes(&self) -> i64 {
+        self.count("SELECT COALESCE(sum(size), 0)::bigint FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")
+    }
+}
+
+/// A cluster started with `extra` settings and the extension created in `postgres`.
+pub fn with_extension(tag: &str, extra: &[&str]) -> Cluster {
+    let c = Cluster::start(tag, extra);
+    c.exec("CREATE EXTENSION pgslotguard");
+    c
+}
+
+/// How long a test waits for the guard to do something it should do within seconds.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The mount source name of every tmpfs the tests mount (scripts/test unmounts leftovers
+/// of a killed run by it).
+pub const TMPFS_SOURCE: &str = "pgsg-walfs";
+
+/// A small tmpfs owned by postgres, mounted for one test and unmounted when dropped, pass
+/// or fail. Mounting needs root; where it is refused the test fails and says so.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(tag: &str, size_mb: u64) -> Tmpfs {
+        let dir = temp_dir(tag);
+        let id = |flag: &str| {
+            let o = Command::new("id").args([flag, "postgres"]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        let opts = format!("size={size_mb}m,mode=0700,uid={},gid={}", id("-u"), id("-g"));
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, TMPFS_SOURCE]).arg(&dir).output().unwrap();
+        if !out.status.success() {
+            panic!(
+                "mounting a {size_mb} MB tmpfs on {} was refused ({}): this test needs root with the right to mount; it does not skip",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Tmpfs { dir }
+    }
+
+    /// (free bytes for unprivileged users, total bytes) of the mount.
+    pub fn space(&self) -> (i64, i64) {
+        fs_space(&self.dir)
+    }
+}
+
+/// statvfs of the filesystem holding `dir`: (free bytes for unprivileged users, total bytes).
+pub fn fs_space(dir: &Path) -> (i64, i64) {
+    let path = std::ffi::CString::new(dir.as_os_str().to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: all-zero is a valid statvfs; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs {}", dir.display());
+    ((st.f_bavail * st.f_frsize) as i64, (st.f_blocks * st.f_frsize) as i64)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.dir).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            // Something still has a file open there (a server that would not stop): detach
+            // it lazily so the mount goes as soon as that process does.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,0 +1,222 @@
+//! The disk, for real: a cluster whose pg_wal lives on a small tmpfs (initdb -X), an
+//! orphaned leased slot pinning WAL while pgbench writes. Without a floor the primary
+//! PANICs on a full pg_wal; with pgslotguard.min_free_wal_space it survives. Also: the
+//! checkpoint the guard requests after a drop gives the WAL back at once, and the views
+//! show the figures.
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Size of the tmpfs that holds pg_wal.
+const FS_MB: u64 = 256;
+
+/// The settings of the disk-fill clusters: max_wal_size far below the filesystem's size,
+/// WAL-heavy pgbench, the worker looking often.
+fn fill_conf(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v = vec![
+        "min_wal_size = '32MB'",
+        "max_wal_size = '64MB'",
+        "pgslotguard.naptime = '200ms'",
+        "shared_buffers = '32MB'",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A cluster with pg_wal on `fs`, pgbench tables, a checkpoint, then an orphaned lease
+/// (the backup that died: an hour-long lease, no retained-WAL limit) that pins WAL.
+fn orphaned(tag: &str, fs: &Tmpfs, extra: &[&'static str]) -> Cluster {
+    let c = Cluster::init_with_waldir(tag, &fill_conf(extra), Some(&fs.dir.join("wal")));
+    c.pg_ctl_start();
+    c.exec("CREATE EXTENSION pgslotguard");
+    c.pgbench_init(1);
+    c.exec("CHECKPOINT");
+    c.exec("SELECT * FROM backup_slot_lease('orphan', '1 hour', 'backup that died')");
+    c
+}
+
+/// Sample the free space of `fs` every 20 ms until stopped; returns the smallest seen.
+fn watch_free(fs: &Tmpfs) -> (Arc<AtomicBool>, Arc<AtomicI64>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let min = Arc::new(AtomicI64::new(i64::MAX));
+    let (s, m, dir) = (stop.clone(), min.clone(), fs.dir.clone());
+    let h = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            m.fetch_min(fs_space(&dir).0, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (stop, min, h)
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = p.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "pgbench still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn without_a_floor_an_orphaned_slot_fills_pg_wal_and_the_primary_panics() {
+    let fs = Tmpfs::mount("walfs-nofloor", FS_MB);
+    let c = orphaned("nofloor", &fs, &[]);
+    // pgbench writes until the server dies under it; 120 s is far more than 320 MB takes.
+    let mut bench = c.pgbench_run(2, 120);
+    let st = wait_exit(&mut bench, Duration::from_secs(150));
+    let log = c.log();
+    assert!(!st.success(), "pgbench ran to the end: the disk never filled\n{}", c.log_tail(20));
+    assert!(
+        log.lines().any(|l| l.contains("PANIC") && l.contains("No space left on device")),
+        "no PANIC for a full pg_wal in the server log:\n{}",
+        c.log_tail(30)
+    );
+    let (free, _) = fs.space();
+    assert!(free < 16 << 20, "pg_wal's filesystem still has {free} bytes free");
+}
+
+#[test]
+fn with_a_floor_the_orphan_is_dropped_the_wal_freed_and_the_primary_survives() {
+    let fs = Tmpfs::mount("walfs-floor", FS_MB);
+    let c = orphaned("floor", &fs, &["pgslotguard.min_free_wal_space = '40%'"]);
+    let (_, total) = fs.space();
+    let floor = total * 40 / 100;
+    assert_eq!(c.count("SELECT floor_bytes FROM pgslotguard.status"), floor);
+    assert_eq!(c.count("SELECT fs_total_bytes FROM pgslotguard.status"), total);
+
+    let (stop, min_free, watcher) = watch_free(&fs);
+    // Long enough to write more than the filesystem holds (pgbench writes 6-15 MB/s here).
+    let mut bench = c.pgbench_run(2, 45);
+    let st = wait_exit(&mut bench, Duration::from_secs(90));
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let min_free = min_free.load(Ordering::Relaxed);
+    let out = {
+        let mut s = String::new();
+        use std::io::Read;
+        if let Some(o) = bench.0.stdout.as_mut() {
+            o.read_to_string(&mut s).ok();
+        }
+        s
+    };
+    eprintln!("floor {floor} bytes of {total}; smallest free space seen {min_free}; pgbench: {}", out.lines().filter(|l| l.starts_with("tps") || l.contains("processed")).collect::<Vec<_>>().join("; "));
+
+    assert!(st.success(), "pgbench failed: the primary did not survive\n{}", c.log_tail(30));
+    assert!(!c.log().contains("PANIC"), "PANIC in the server log:\n{}", c.log_tail(30));
+    assert!(!c.slot_exists("orphan"), "the orphan slot was not dropped\n{}", c.describe());
+    assert_eq!(
+        c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'orphan' ORDER BY id DESC LIMIT 1"),
+        "space_drop",
+        "{}",
+        c.describe()
+    );
+    let freed = c.count("SELECT freed_bytes FROM pgslotguard.events WHERE action = 'space_drop'");
+    assert!(freed > 16 << 20, "the drop's event records {freed} bytes released");
+    c.wait_for("the checkpoint event with pg_wal measured after it", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint' AND pg_wal_bytes IS NOT NULL") > 0)
+            .then_some(())
+    });
+    assert!(min_free >= floor / 2, "free space fell to {min_free} bytes, below half the floor ({floor})");
+    let reason = c.text("SELECT reason FROM pgslotguard.events WHERE action = 'space_drop'");
+    assert!(reason.contains("below pgslotguard.min_free_wal_space"), "{reason}");
+    assert!(c.log().contains("pgslotguard: dropped replication slot \"orphan\": free space on the filesystem of pg_wal"));
+}
+
+#[test]
+fn a_slot_out_of_scope_in_the_way_of_the_floor_is_named_once_and_never_dropped() {
+    let fs = Tmpfs::mount("walfs-standby", FS_MB);
+    let c = Cluster::init_with_waldir("standbyslot", &fill_conf(&[]), Some(&fs.dir.join("wal")));
+    c.pg_ctl_start();
+    c.exec("CREATE EXTENSION pgslotguard");
+    c.exec("CHECKPOINT");
+    // a standby's slot: unleased, so out of scope under scope = leased
+    c.exec("SELECT pg_create_physical_replication_slot('standby_1', true)");
+    c.make_wal(120);
+    let (free, total) = fs.space();
+    // a floor just above what is free now
+    let floor_mb = (free >> 20) + 8;
+    c.set_policy(&[("pgslotguard.min_free_wal_space", &format!("{floor_mb}MB"))]);
+    c.wait_for("a warning naming the standby slot", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'standby_1' AND action = 'warn'") > 0).then_some(())
+    });
+    c.wait_passes(5);
+    assert!(c.slot_exists("standby_1"), "an out-of-scope slot was dropped for the floor\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'standby_1'"), 1, "warned more than once\n{}", c.describe());
+    let reason = c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'standby_1'");
+    assert!(reason.contains("not dropped: not leased (scope = leased)") && reason.contains("holds back"), "{reason}");
+    assert_eq!(c.text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'standby_1'"), "wait");
+    eprintln!("floor {floor_mb} MB of {} MB: {reason}", total >> 20);
+}
+
+#[test]
+fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
+    let c = with_extension("ckpt", &["max_wal_size = '64MB'", "min_wal_size = '32MB'", "checkpoint_timeout = '1h'"]);
+    c.exec("CHECKPOINT");
+    c.exec("SELECT * FROM backup_slot_lease('pinning', '1 hour')");
+    c.make_wal(200);
+    c.exec("CHECKPOINT"); // the slot is now older than a checkpoint: its WAL is really pinned
+    let before = c.pg_wal_bytes();
+    let frees = c.count("SELECT frees_bytes FROM pgslotguard.slots WHERE slot_name = 'pinning'");
+    assert!(before > 150 << 20 && frees > 100 << 20, "pg_wal {before}, frees {frees}\n{}", c.describe());
+
+    // the lease ends now; the guard drops it and asks for a fast checkpoint (the default)
+    c.exec("UPDATE pgslotguard.lease_data SET expires_at = now() WHERE slot_name = 'pinning'");
+    let t0 = Instant::now();
+    c.wait_for("pg_wal to shrink after the drop", WAIT, |c| (c.pg_wal_bytes() < before - frees / 2).then_some(()));
+    let took = t0.elapsed();
+    let after = c.pg_wal_bytes();
+    eprintln!("pg_wal {before} → {after} bytes in {took:?} (projected to free {frees})");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    c.wait_for("the checkpoint event", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'") > 0).then_some(())
+    });
+    let measured = c.count("SELECT freed_bytes FROM pgslotguard.events WHERE action = 'checkpoint'");
+    assert!(measured > frees / 2, "checkpoint event says {measured} freed, projection {frees}\n{}", c.describe());
+    let projected = c.count("SELECT freed_bytes FROM pgslotguard.events WHERE action = 'expire_drop'");
+    assert!(projected > 100 << 20, "{projected}");
+    assert!(c.log().contains("pgslotguard: requested a fast checkpoint after dropping 1 slot(s)"), "{}", c.log_tail(20));
+}
+
+#[test]
+fn with_checkpoint_after_drop_off_the_wal_waits_for_the_next_checkpoint() {
+    let c = with_extension(
+        "ckptoff",
+        &["max_wal_size = '64MB'", "min_wal_size = '32MB'", "checkpoint_timeout = '1h'", "pgslotguard.checkpoint_after_drop = off"],
+    );
+    c.exec("CHECKPOINT");
+    c.exec("SELECT * FROM backup_slot_lease('pinning', '1 hour')");
+    c.make_wal(200);
+    c.exec("CHECKPOINT");
+    let before = c.pg_wal_bytes();
+    c.exec("UPDATE pgslotguard.lease_data SET expires_at = now() WHERE slot_name = 'pinning'");
+    c.wait_for("the drop", WAIT, |c| (!c.slot_exists("pinning")).then_some(()));
+    c.wait_passes(3);
+    assert!(c.pg_wal_bytes() >= before - (32 << 20), "pg_wal shrank without a checkpoint: {} of {before}", c.pg_wal_bytes());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'"), 0);
+    // a manual checkpoint frees it: the drop was real
+    c.exec("CHECKPOINT");
+    assert!(c.pg_wal_bytes() < before - (100 << 20), "{} of {before}", c.pg_wal_bytes());
+}
+
+#[test]
+fn bad_floor_values_are_refused_with_a_hint() {
+    let c = with_extension("badfloor", &[]);
+    for bad in ["'0'", "'150%'", "'ten%'", "'10XB'", "'-2GB'"] {
+        let mut cl = c.client();
+        let err = cl.batch_execute(&format!("ALTER SYSTEM SET pgslotguard.min_free_wal_space = {bad}")).unwrap_err();
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(db.code().code(), "22023", "{bad}: {db:?}");
+        assert!(db.hint().is_some_and(|h| h.contains("'10%'")), "{bad}: no hint in {db:?}");
+    }
+    for good in ["'20GB'", "'10%'", "'-1'"] {
+        c.exec(&format!("ALTER SYSTEM SET pgslotguard.min_free_wal_space = {good}"));
+    }
+    c.reload();
+    assert!(c.text("SELECT floor FROM pgslotguard.status").is_empty(), "-1 turns the floor off");
+}
