@@ -45,3 +45,32 @@ BEGIN
     END LOOP;
     gone_after_s := extract(epoch FROM clock_timestamp() - t0);
 END $$;
+
+-- B6: watch a slot and pg_wal every 50 ms. When the slot first retains more than
+-- limit_bytes (the breach), note the time and pg_wal's size; return how long after the
+-- breach pg_wal had shrunk by half the limit (the WAL given back on disk), or 'timeout'.
+CREATE FUNCTION bench_wal_freed(slot text, limit_bytes bigint, timeout_s float8,
+    OUT breach_to_freed_s float8, OUT pg_wal_at_breach bigint, OUT pg_wal_after bigint, OUT how text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz := clock_timestamp();
+    tb timestamptz;
+    cur bigint;
+    w bigint;
+BEGIN
+    LOOP
+        SELECT COALESCE(sum(size), 0) INTO w FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$';
+        IF tb IS NULL THEN
+            SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint INTO cur
+              FROM pg_replication_slots WHERE slot_name = slot;
+            IF cur > limit_bytes THEN tb := clock_timestamp(); pg_wal_at_breach := w; END IF;
+        ELSIF w <= pg_wal_at_breach - limit_bytes / 2 THEN
+            breach_to_freed_s := extract(epoch FROM clock_timestamp() - tb);
+            pg_wal_after := w; how := 'freed'; RETURN;
+        END IF;
+        IF clock_timestamp() - t0 > make_interval(secs => timeout_s) THEN
+            pg_wal_after := w; how := 'timeout'; RETURN;
+        END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END $$;

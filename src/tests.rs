@@ -390,7 +390,9 @@ mod tests {
         run("SELECT pg_drop_replication_slot('vanish')");
         assert_eq!(text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'vanish'"), "slot_missing");
         let a = text("SELECT string_agg(action, ',') FROM backup_slot_enforce() WHERE slot_name = 'vanish'");
-        assert_eq!(a, "end_lease");
+        // the same word the event log records for it
+        assert_eq!(a, "warn");
+        assert_eq!(text("SELECT action FROM pgslotguard.events WHERE slot_name = 'vanish' ORDER BY id DESC LIMIT 1"), "warn");
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'vanish'"), Some(0));
     }
 
@@ -419,7 +421,9 @@ mod tests {
         assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_ttl'"), "s");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_ttl')"), "7d");
         assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.scope'"), "{leased,physical,all}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(13));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(15));
+        assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.checkpoint_after_drop'"), "{off,spread,fast}");
+        assert_eq!(text("SELECT current_setting('pgslotguard.min_free_wal_space')"), "-1");
         // default_ttl above max_ttl, a typo'd name under the reserved prefix
         assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.default_ttl = '8d'$$)"), "22023");
         assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptme = '1s'$$)"), "42602");
