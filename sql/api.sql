@@ -1,7 +1,8 @@
 -- pgslotguard: the user-facing SQL API and the inspection views. Runs last in
 -- CREATE EXTENSION, after the internal functions in schema pgslotguard exist.
 --
--- The backup_slot_* functions are thin SQL wrappers with the documented signatures. They
+-- The backup_slot_* functions are thin SQL wrappers with the documented signatures; they
+-- pass text arguments as raw bytes (convert_to($n, 'SQL_ASCII') does no conversion), checked for UTF-8 in Rust. They
 -- are SECURITY INVOKER: the functions they call check the caller's rights (REPLICATION or
 -- superuser to lease, lease owner or superuser to renew/release/keep) and only then act
 -- with the extension owner's rights. search_path is pinned on every function.
@@ -17,7 +18,7 @@ LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
-      FROM pgslotguard.lease_slot($1, $2, $3, $4, $5) AS l
+      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5) AS l
 $$;
 COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean) IS
 'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl); returns the slot, the reserved LSN and the expiry';
@@ -26,7 +27,7 @@ CREATE FUNCTION @extschema@.backup_slot_renew(slot_name text, ttl interval DEFAU
 RETURNS timestamptz
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pgslotguard.renew_slot($1, $2) $$;
+AS $$ SELECT pgslotguard.renew_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2) $$;
 COMMENT ON FUNCTION @extschema@.backup_slot_renew(text, interval) IS
 'push the lease''s expiry to now() + ttl (default pgslotguard.default_ttl): the heartbeat of a long backup; returns the new expiry';
 
@@ -34,7 +35,7 @@ CREATE FUNCTION @extschema@.backup_slot_release(slot_name text)
 RETURNS boolean
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pgslotguard.release_slot($1) $$;
+AS $$ SELECT pgslotguard.release_slot(pg_catalog.convert_to($1, 'SQL_ASCII')) $$;
 COMMENT ON FUNCTION @extschema@.backup_slot_release(text) IS
 'the backup is done: drop the slot and end its lease';
 
@@ -42,7 +43,7 @@ CREATE FUNCTION @extschema@.backup_slot_keep(slot_name text)
 RETURNS boolean
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pgslotguard.keep_slot($1) $$;
+AS $$ SELECT pgslotguard.keep_slot(pg_catalog.convert_to($1, 'SQL_ASCII')) $$;
 COMMENT ON FUNCTION @extschema@.backup_slot_keep(text) IS
 'end the lease but keep the slot (the backup became a standby that now uses it)';
 
@@ -54,19 +55,10 @@ AS $$ SELECT * FROM pgslotguard.enforce_now($1) $$;
 COMMENT ON FUNCTION @extschema@.backup_slot_enforce(boolean) IS
 'run one enforcement pass now, in this session, with the current policy (the worker runs the same code); dry_run records would_drop and touches nothing';
 
--- pgslotguard.max_retained_wal in bytes, NULL when off or when the library is not loaded.
-CREATE FUNCTION pgslotguard.global_max_retained() RETURNS bigint
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE WHEN s IS NULL OR s = '-1' THEN NULL ELSE pg_catalog.pg_size_bytes(s) END
-      FROM pg_catalog.current_setting('pgslotguard.max_retained_wal', true) AS s
-$$;
-
 CREATE VIEW pgslotguard.leases WITH (security_barrier) AS
 SELECT l.slot_name,
        l.holder,
-       pg_catalog.pg_get_userbyid(l.owner) AS owner,
+       l.owner,
        l.leased_at,
        l.renewed_at,
        l.expires_at,
@@ -77,8 +69,8 @@ SELECT l.slot_name,
        s.restart_lsn,
        d.retained_bytes,
        pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
-       COALESCE(l.max_retained, pgslotguard.global_max_retained()) AS max_retained_bytes,
-       pg_catalog.pg_size_pretty(COALESCE(l.max_retained, pgslotguard.global_max_retained())) AS max_retained,
+       d.max_retained_bytes,
+       pg_catalog.pg_size_pretty(d.max_retained_bytes) AS max_retained,
        COALESCE(d.state, 'ok') AS state,
        d.nearest_limit,
        l.adopted
@@ -86,7 +78,7 @@ SELECT l.slot_name,
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
   LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
-    OR l.owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER);
+    OR l.owner OPERATOR(pg_catalog.=) CURRENT_USER;
 COMMENT ON VIEW pgslotguard.leases IS
 'one row per lease, joined to its slot; state: ok, expired, expired_active, over_retained, over_age, over_inactive, slot_missing. pg_monitor sees all leases, other roles their own';
 
@@ -132,7 +124,7 @@ SELECT e.id,
        e.actor
   FROM pgslotguard.event_log e
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
-    OR e.lease_owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+    OR e.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
  ORDER BY e.id;
 COMMENT ON VIEW pgslotguard.events IS
 'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
@@ -175,13 +167,12 @@ COMMENT ON VIEW pgslotguard.status IS
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(text, interval, text, text, boolean),
-                          pgslotguard.renew_slot(text, interval),
-                          pgslotguard.release_slot(text),
-                          pgslotguard.keep_slot(text),
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean),
+                          pgslotguard.renew_slot(bytea, interval),
+                          pgslotguard.release_slot(bytea),
+                          pgslotguard.keep_slot(bytea),
                           pgslotguard.enforce_now(boolean),
-                          pgslotguard.slot_decisions(),
-                          pgslotguard.global_max_retained() TO PUBLIC;
+                          pgslotguard.slot_decisions() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pgslotguard.worker_status(), pgslotguard.wal_space() TO pg_monitor;
 REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status FROM PUBLIC;
 GRANT SELECT ON pgslotguard.leases, pgslotguard.events TO PUBLIC;

@@ -4,13 +4,17 @@
 CREATE TABLE pgslotguard.lease_data (
     slot_name    name PRIMARY KEY,
     holder       text,
-    owner        oid NOT NULL,
+    -- role names, not OIDs: they survive pg_dump and restore into another cluster
+    owner        name NOT NULL,
     leased_at    timestamptz NOT NULL,
     renewed_at   timestamptz,
     expires_at   timestamptz NOT NULL,
     max_retained bigint CHECK (max_retained > 0),
     adopted      boolean NOT NULL DEFAULT false,
-    reserved_lsn pg_lsn
+    reserved_lsn pg_lsn,
+    -- max_retained was set by a superuser: it replaces pgslotguard.max_retained_wal;
+    -- otherwise it only ever tightens it
+    limit_by_superuser boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE pgslotguard.lease_data IS 'one row per leased replication slot; read it through pgslotguard.leases';
 
@@ -25,7 +29,7 @@ CREATE TABLE pgslotguard.event_log (
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,
-    lease_owner    oid,
+    lease_owner    name,
     freed_bytes    bigint,
     pg_wal_bytes   bigint
 );
@@ -37,12 +41,19 @@ COMMENT ON TABLE pgslotguard.event_log IS 'audit trail of every lease operation 
 CREATE TABLE pgslotguard.slot_seen (
     slot_name      name PRIMARY KEY,
     first_seen     timestamptz NOT NULL,
-    inactive_since timestamptz
+    inactive_since timestamptz,
+    -- set (and committed) by the guard just before it drops the slot, so that a drop whose
+    -- event the guard could not commit (it was killed) is recorded at its next pass
+    drop_action    text,
+    drop_reason    text
 );
 COMMENT ON TABLE pgslotguard.slot_seen IS 'when the guard first saw each slot and since when it has had no walsender (PostgreSQL 15 does not track this)';
 
 REVOKE ALL ON pgslotguard.lease_data, pgslotguard.event_log, pgslotguard.slot_seen FROM PUBLIC;
 
--- Leases and events are the state to keep across pg_dump of this database.
+-- Leases and events are the state to keep across pg_dump of this database, with the
+-- sequence behind the event ids (or a restored database would reuse them). Slot tracking
+-- is not: slots belong to a server, and a restored cluster has none of the old ones.
 SELECT pg_catalog.pg_extension_config_dump('pgslotguard.lease_data', '');
 SELECT pg_catalog.pg_extension_config_dump('pgslotguard.event_log', '');
+SELECT pg_catalog.pg_extension_config_dump('pgslotguard.event_log_id_seq', '');

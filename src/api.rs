@@ -22,6 +22,13 @@ fn is_superuser(role: pg_sys::Oid) -> bool {
     unsafe { pg_sys::superuser_arg(role) }
 }
 
+/// A text argument as UTF-8. The SQL wrappers pass text arguments as their raw bytes
+/// (`convert_to($n, 'SQL_ASCII')`, which converts nothing), so that bytes that are not UTF-8 — possible in a SQL_ASCII database —
+/// get a proper error here instead of failing inside the argument conversion.
+fn utf8<'a>(arg: Option<&'a [u8]>, what: &'static str) -> Result<Option<&'a str>> {
+    arg.map(|b| std::str::from_utf8(b).map_err(|_| GuardError::NotUtf8(what))).transpose()
+}
+
 fn no_recovery(what: &'static str) -> Result<()> {
     if state::in_recovery() {
         Err(GuardError::InRecovery(what))
@@ -30,32 +37,60 @@ fn no_recovery(what: &'static str) -> Result<()> {
     }
 }
 
-/// Lease length: the given interval or `pgslotguard.default_ttl`, within (0, max_ttl].
-fn check_ttl(slot: &str, ttl: Option<Interval>) -> Result<Interval> {
+/// A lease's times: `leased_at` is the clock time of the call (not the start of its
+/// transaction, so a lease taken late in a long transaction still runs its full ttl), and
+/// `expires_at` = that + ttl, computed by PostgreSQL's own calendar arithmetic. The
+/// result, not the interval, is checked: it must lie in (now, now + max_ttl]. `ttl` NULL
+/// means `pgslotguard.default_ttl`, which must itself fit under `max_ttl`.
+struct LeaseTimes {
+    ttl: Interval,
+    now: TimestampWithTimeZone,
+    expires_at: TimestampWithTimeZone,
+}
+
+fn lease_times(slot: &str, ttl: Option<Interval>) -> Result<LeaseTimes> {
+    let max = crate::guc::max_ttl_us();
     let ttl = match ttl {
         Some(t) => t,
-        None => Interval::from_micros(crate::guc::default_ttl_us()),
+        None => {
+            let default = crate::guc::default_ttl_us();
+            if default > max {
+                return Err(GuardError::DefaultTtlAboveMax { default: pretty_duration(default), max: pretty_duration(max) });
+            }
+            Interval::from_micros(default)
+        }
     };
-    let us = ttl.as_micros();
-    if us <= 0 {
+    if !validate::ttl_fields_in_range(ttl.months(), ttl.days(), ttl.micros()) {
+        return Err(GuardError::TtlOutOfRange { slot: slot.into(), ttl: ttl.to_string() });
+    }
+    let (now, expires_at) = state::clock_plus(ttl)?;
+    let span = pg_sys::TimestampTz::from(expires_at) - pg_sys::TimestampTz::from(now);
+    if span <= 0 {
         return Err(GuardError::TtlNotPositive { slot: slot.into(), ttl: ttl.to_string() });
     }
-    let max = crate::guc::max_ttl_us();
-    if us > max as i128 {
+    if span > max {
         return Err(GuardError::TtlTooLong { slot: slot.into(), ttl: ttl.to_string(), max: pretty_duration(max) });
     }
-    Ok(ttl)
+    Ok(LeaseTimes { ttl, now, expires_at })
 }
 
 /// The caller may change this lease: its owner, or a superuser.
-fn check_owner(me: pg_sys::Oid, slot: &str, owner: pg_sys::Oid, verb: &str) -> Result<()> {
-    if me == owner || is_superuser(me) {
+fn check_owner(me: pg_sys::Oid, slot: &str, owner: &str, verb: &str) -> Result<()> {
+    if state::role_name(me) == owner || is_superuser(me) {
         return Ok(());
     }
     Err(GuardError::PermissionDenied {
-        what: format!("{verb} the lease of replication slot \"{slot}\" (owned by role \"{}\")", state::role_name(owner)),
+        what: format!("{verb} the lease of replication slot \"{slot}\" (owned by role \"{owner}\")"),
         hint: "Only the role that took a lease, or a superuser, may renew, release or keep it.",
     })
+}
+
+/// Between the two steps of a guard's drop (src/enforce.rs) the slot is the guard's.
+fn not_being_dropped(name: &str) -> Result<()> {
+    if state::drop_pending(name)? {
+        return Err(GuardError::BeingDropped(name.into()));
+    }
+    Ok(())
 }
 
 fn warn_if_unguarded() {
@@ -77,16 +112,19 @@ pub mod pgslotguard {
     #[pg_extern(volatile, parallel_unsafe, name = "lease_slot")]
     #[search_path(pg_catalog, pg_temp)]
     pub fn lease_slot(
-        slot_name: Option<&str>,
+        slot_name: Option<&[u8]>,
         ttl: Option<Interval>,
-        holder: Option<&str>,
-        max_retained: Option<&str>,
+        holder: Option<&[u8]>,
+        max_retained: Option<&[u8]>,
         adopt: Option<bool>,
     ) -> TableIterator<
         'static,
         (name!(slot_name, String), name!(lsn, Option<String>), name!(expires_at, TimestampWithTimeZone)),
     > {
-        let row = or_report(lease(slot_name, ttl, holder, max_retained, adopt.unwrap_or(false)));
+        let row = or_report((|| {
+            let (slot_name, holder) = (utf8(slot_name, "slot_name")?, utf8(holder, "holder")?);
+            lease(slot_name, ttl, holder, utf8(max_retained, "max_retained")?, adopt.unwrap_or(false))
+        })());
         warn_if_unguarded();
         TableIterator::once(row)
     }
@@ -94,22 +132,22 @@ pub mod pgslotguard {
 
     #[pg_extern(volatile, parallel_unsafe, name = "renew_slot")]
     #[search_path(pg_catalog, pg_temp)]
-    pub fn renew_slot(slot_name: Option<&str>, ttl: Option<Interval>) -> TimestampWithTimeZone {
-        or_report(renew(slot_name, ttl))
+    pub fn renew_slot(slot_name: Option<&[u8]>, ttl: Option<Interval>) -> TimestampWithTimeZone {
+        or_report(utf8(slot_name, "slot_name").and_then(|n| renew(n, ttl)))
     }
 
 
     #[pg_extern(volatile, parallel_unsafe, name = "release_slot")]
     #[search_path(pg_catalog, pg_temp)]
-    pub fn release_slot(slot_name: Option<&str>) -> bool {
-        or_report(release(slot_name, true))
+    pub fn release_slot(slot_name: Option<&[u8]>) -> bool {
+        or_report(utf8(slot_name, "slot_name").and_then(|n| release(n, true)))
     }
 
 
     #[pg_extern(volatile, parallel_unsafe, name = "keep_slot")]
     #[search_path(pg_catalog, pg_temp)]
-    pub fn keep_slot(slot_name: Option<&str>) -> bool {
-        or_report(release(slot_name, false))
+    pub fn keep_slot(slot_name: Option<&[u8]>) -> bool {
+        or_report(utf8(slot_name, "slot_name").and_then(|n| release(n, false)))
     }
 
 
@@ -157,9 +195,10 @@ fn lease(
             });
         }
     }
-    let ttl = check_ttl(name, ttl)?;
+    let times = lease_times(name, ttl)?;
     no_recovery("take a lease")?;
 
+    let actor = state::role_name(me);
     state::as_owner(|| {
         crate::lock::lock_bounded(name)?;
         if let Some(existing) = state::lease_for_update(name)? {
@@ -178,6 +217,7 @@ fn lease(
                 if let Some(pid) = s.active_pid {
                     return Err(GuardError::SlotActive { slot: name.into(), pid, action: "adopt" });
                 }
+                not_being_dropped(name)?;
                 s.restart_lsn.map(crate::validate::format_lsn)
             }
             (None, false) => {
@@ -189,23 +229,24 @@ fn lease(
         let expires_at = state::insert_lease(&NewLease {
             slot_name: name,
             holder,
-            owner: me,
-            ttl,
+            owner: &actor,
+            leased_at: times.now,
+            expires_at: times.expires_at,
             max_retained,
+            limit_by_superuser: max_retained.is_some() && is_superuser(me),
             adopted: adopt,
             lsn: lsn.as_deref(),
         })?;
-        let mut reason = format!("{} for {}", if adopt { "adopted existing slot" } else { "created slot" }, ttl);
+        let mut reason = format!("{} for {}", if adopt { "adopted existing slot" } else { "created slot" }, times.ttl);
         if let Some(h) = holder {
             reason.push_str(&format!(", holder {h}"));
         }
         if let Some(m) = max_retained {
             reason.push_str(&format!(", max_retained {}", pretty_size(m)));
         }
-        let actor = state::role_name(me);
         state::record(&Event {
             slot_name: Some(name),
-            lease_owner: Some(me),
+            lease_owner: Some(&actor),
             ..Event::new(Outcome::Lease, &reason, &actor)
         })?;
         Ok((name.to_string(), lsn, expires_at))
@@ -214,21 +255,22 @@ fn lease(
 
 fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZone> {
     let name = validate::slot_name(name)?;
-    let ttl = check_ttl(name, ttl)?;
+    let times = lease_times(name, ttl)?;
     no_recovery("renew a lease")?;
     let me = caller();
     state::as_owner(|| {
         crate::lock::lock_bounded(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(me, name, lease.owner, "renew")?;
+        check_owner(me, name, &lease.owner, "renew")?;
+        not_being_dropped(name)?;
         if state::slot(name)?.is_none() {
             return Err(GuardError::LeasedSlotGone { slot: name.into() });
         }
-        let expires_at = state::renew_lease(name, ttl)?;
-        let (reason, actor) = (format!("renewed for {ttl}, until {expires_at}"), state::role_name(me));
+        let expires_at = state::renew_lease(name, times.now, times.expires_at)?;
+        let (reason, actor) = (format!("renewed for {}, until {expires_at}", times.ttl), state::role_name(me));
         state::record(&Event {
             slot_name: Some(name),
-            lease_owner: Some(lease.owner),
+            lease_owner: Some(&lease.owner),
             ..Event::new(Outcome::Renew, &reason, &actor)
         })?;
         Ok(expires_at)
@@ -244,7 +286,8 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
     state::as_owner(|| {
         crate::lock::lock_bounded(name)?;
         let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(me, name, lease.owner, verb)?;
+        check_owner(me, name, &lease.owner, verb)?;
+        not_being_dropped(name)?;
         let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
         if drop {
             if let Some(pid) = slot.active_pid {
@@ -258,11 +301,12 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
         state::record(&Event {
             slot_name: Some(name),
             retained_bytes: retained,
-            lease_owner: Some(lease.owner),
+            lease_owner: Some(&lease.owner),
             ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor)
         })?;
         if drop {
-            state::drop_slot(name)?;
+            // Dropped when this transaction commits: a rolled-back release keeps slot and lease.
+            crate::rollback::drop_at_commit(name);
         }
         Ok(true)
     })
@@ -280,7 +324,7 @@ fn enforce(dry_run: bool) -> Result<Vec<crate::enforce::Done>> {
     no_recovery("run an enforcement pass")?;
     let name = state::role_name(me);
     state::as_owner(|| {
-        let mut actor = crate::enforce::Actor { name: &name, warned: None };
+        let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, warned: None };
         Ok(crate::enforce::run_pass(&mut actor, dry_run)?.done)
     })
 }

@@ -44,6 +44,8 @@ pub type WarnKey = (Option<String>, Breach);
 /// Who runs the pass: the worker, or a role calling backup_slot_enforce().
 pub struct Actor<'a> {
     pub name: &'a str,
+    /// The pass may commit between actions (the worker, which owns its transaction).
+    pub own_transaction: bool,
     /// Warnings already given in an earlier pass (the worker keeps them so a waiting slot
     /// is reported once, not every naptime). `None`: report every time.
     pub warned: Option<&'a mut HashSet<WarnKey>>,
@@ -67,7 +69,13 @@ pub fn preview() -> Result<(Policy, Verdict), GuardError> {
     Ok((policy, verdict))
 }
 
-/// Run one pass. `dry_run` (or `pgslotguard.dry_run`) records `would_drop` and touches nothing.
+/// Run one pass. `dry_run` (or `pgslotguard.dry_run`) records `would_drop` and touches
+/// nothing, tracking included.
+///
+/// Run by the worker (`actor.own_transaction`), every action commits on its own: the
+/// record of a drop that happened never waits for the rest of the pass, and a slot's
+/// lock is held only while its action runs. Run by `backup_slot_enforce()`, the whole
+/// pass is part of the caller's transaction.
 pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardError> {
     let policy = crate::guc::policy();
     let dry_run = dry_run || policy.dry_run;
@@ -75,23 +83,24 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     if !dry_run {
         follow_up_checkpoint(actor, &mut summary);
     }
-    let mut snap = state::snapshot()?;
-    snap.seen = state::track(&snap)?;
-    snap.disk = match state::wal_disk() {
-        Ok(d) => Some(d),
-        Err(e) if policy.min_free_wal.is_some() => {
-            summary.failed(None, &e.to_string(), None);
-            None
-        }
-        Err(_) => None,
-    };
-    let verdict = policy::judge(&policy, &snap);
+    let (verdict, finished, disk_error) =
+        in_subtransaction(|| read_state(&policy, actor.name, dry_run)).map_err(GuardError::Pass)?;
+    for done in finished {
+        summary.drops += 1;
+        summary.done.push(done);
+    }
+    if let Some(e) = disk_error {
+        summary.failed(None, &e, None);
+    }
+    commit_point(actor);
 
     if let Some(warned) = actor.warned.as_deref_mut() {
+        // A warning (or, in dry run, a would_drop) is given once per crossing: it is
+        // forgotten once its slot no longer waits or would be dropped.
         let waiting: HashSet<&str> = verdict
             .decisions
             .iter()
-            .filter(|d| matches!(d.action, Action::Wait { .. }))
+            .filter(|d| matches!(d.action, Action::Wait { .. } | Action::Drop { .. }))
             .map(|d| d.slot_name.as_str())
             .collect();
         let stuck = verdict.disk.as_ref().is_some_and(|v| v.stuck.is_some());
@@ -110,6 +119,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
             Action::Drop { breach, terminate, reason } => drop_slot(&policy, actor, d, *breach, *terminate, reason),
         };
         summary.note(actor, d, step);
+        commit_point(actor);
     }
 
     if let Some(v) = &verdict.disk {
@@ -121,10 +131,84 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
         }
     }
 
-    if let Some(retention) = crate::guc::event_retention_us() {
-        state::purge_events(retention)?;
+    if let Some(retention) = crate::guc::event_retention_us().filter(|_| !dry_run) {
+        if let Err(e) = in_subtransaction(|| state::purge_events(retention)) {
+            summary.failed(None, &format!("could not purge old events: {e}"), None);
+        }
     }
     Ok(summary)
+}
+
+/// Read everything the pass decides on, finish drops an interrupted pass made but could
+/// not record, update the tracking, measure the disk, and decide. Returns the verdict,
+/// the drops finished now, and why the disk could not be measured (when a floor needs it).
+fn read_state(policy: &Policy, actor: &str, dry_run: bool) -> Result<(Verdict, Vec<Done>, Option<String>), GuardError> {
+    let mut snap = state::snapshot()?;
+    let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
+    snap.seen = state::track(&snap, !dry_run)?;
+    let mut disk_error = None;
+    snap.disk = match state::wal_disk() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if policy.min_free_wal.is_some() {
+                disk_error = Some(e.to_string());
+            }
+            None
+        }
+    };
+    Ok((policy::judge(policy, &snap), finished, disk_error))
+}
+
+/// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,
+/// crashed) before it committed the record. Record it now, as the drop it was. An intent
+/// on a slot that still exists means the drop never happened: forget it and decide afresh.
+fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<Vec<Done>, GuardError> {
+    let present: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
+    let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) =
+        snap.seen.iter().filter(|s| s.dropping.is_some()).partition(|s| !present.contains(s.slot_name.as_str()));
+    let stale: Vec<String> = stale.iter().map(|s| s.slot_name.clone()).collect();
+    let mut done = vec![];
+    for seen in gone {
+        let Some(intent) = &seen.dropping else { continue };
+        let action = Outcome::parse(&intent.action).unwrap_or(Outcome::ExpireDrop);
+        let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
+        let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
+        state::delete_lease(&seen.slot_name)?;
+        state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
+        state::forget_slot(&seen.slot_name)?;
+        log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
+        done.push(Done { slot_name: seen.slot_name.clone(), action, reason, retained_bytes: None });
+    }
+    if !stale.is_empty() {
+        state::clear_drop_marks(&stale)?;
+    }
+    let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).collect();
+    snap.leases.retain(|l| !finished.contains(l.slot_name.as_str()));
+    snap.seen.retain(|s| !finished.contains(s.slot_name.as_str()));
+    for s in snap.seen.iter_mut() {
+        s.dropping = None;
+    }
+    Ok(done)
+}
+
+/// Commit what the pass did so far and go on in a new transaction (the worker only: it
+/// owns its transaction; a SQL caller's transaction is the caller's).
+fn commit_point(actor: &Actor) {
+    if !actor.own_transaction {
+        return;
+    }
+    // SAFETY: the worker calls run_pass at the top level of the transaction that
+    // BackgroundWorker::transaction started, with its snapshot pushed, outside any
+    // subtransaction (actions run in their own, already ended) and SPI connection (each
+    // query connects and disconnects). This ends that transaction and starts the next
+    // the same way, so BackgroundWorker::transaction pops and commits the last one.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
 }
 
 impl PassSummary {
@@ -223,7 +307,12 @@ fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run
     })
 }
 
-fn would_drop(actor: &Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+fn would_drop(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+    if let Some(warned) = actor.warned.as_deref_mut() {
+        if !warned.insert((Some(d.slot_name.clone()), breach)) {
+            return Ok(Step::Skipped);
+        }
+    }
     in_subtransaction(|| {
         log!("pgslotguard: would drop replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         record(d, Outcome::WouldDrop, &format!("{}: {}", breach.drop_action().as_str(), reason), actor.name)?;
@@ -231,6 +320,11 @@ fn would_drop(actor: &Actor, d: &Decision, breach: Breach, reason: &str) -> Resu
     })
 }
 
+/// Drop a slot in two steps, so that no drop goes unrecorded: first, under the slot's
+/// lock and after a second look, commit the intent (the event it will be, on the slot's
+/// tracking row); then drop the slot, end its lease, record the event and commit. A guard
+/// killed in between leaves the intent, and its next pass records the drop
+/// (`finish_interrupted_drops`). Between the two, lease calls on the slot refuse (55006).
 fn drop_slot(
     policy: &Policy,
     actor: &Actor,
@@ -239,9 +333,10 @@ fn drop_slot(
     terminate: Option<i32>,
     reason: &str,
 ) -> Result<Step, String> {
-    in_subtransaction(|| {
+    let action = breach.drop_action();
+    let first = in_subtransaction(|| {
         if let Some(stop) = second_look(policy, d)? {
-            return Ok(stop);
+            return Ok(Some(stop));
         }
         if let Some(pid) = terminate {
             let gone = state::terminate(pid)?;
@@ -255,12 +350,20 @@ fn drop_slot(
             if !gone {
                 // A walsender blocked on a stalled client can take a while to exit;
                 // dropping now would only fail. The next pass drops it.
-                return Ok(Step::Did(Outcome::Terminate));
+                return Ok(Some(Step::Did(Outcome::Terminate)));
             }
         }
-        state::delete_lease(&d.slot_name)?;
+        state::mark_dropping(&d.slot_name, action, reason)?;
+        Ok(None)
+    })?;
+    if let Some(step) = first {
+        return Ok(step);
+    }
+    commit_point(actor);
+    in_subtransaction(|| {
         state::drop_slot(&d.slot_name)?;
-        let action = breach.drop_action();
+        state::delete_lease(&d.slot_name)?;
+        state::forget_slot(&d.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         record(d, action, reason, actor.name)?;
         Ok(Step::Did(action))
@@ -410,7 +513,7 @@ fn record(d: &Decision, action: Outcome, reason: &str, actor: &str) -> Result<()
         reason,
         retained_bytes: d.retained_bytes,
         actor,
-        lease_owner: d.lease_owner.map(pg_sys::Oid::from),
+        lease_owner: d.lease_owner.as_deref(),
         freed_bytes: if drop { d.releases_bytes } else { None },
         pg_wal_bytes: None,
     })

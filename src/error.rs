@@ -23,6 +23,10 @@ pub enum GuardError {
     TtlNotPositive { slot: String, ttl: String },
     #[error("lease time {ttl} for replication slot \"{slot}\" exceeds pgslotguard.max_ttl ({max})")]
     TtlTooLong { slot: String, ttl: String, max: String },
+    #[error("lease time {ttl} for replication slot \"{slot}\" is out of range")]
+    TtlOutOfRange { slot: String, ttl: String },
+    #[error("pgslotguard.default_ttl ({default}) exceeds pgslotguard.max_ttl ({max})")]
+    DefaultTtlAboveMax { default: String, max: String },
     #[error("replication slot \"{0}\" already exists")]
     SlotExists(String),
     #[error("replication slot \"{slot}\" is already leased until {until}")]
@@ -49,6 +53,12 @@ pub enum GuardError {
     Busy { slot: String, waited_ms: u64 },
     #[error("could not measure the filesystem of pg_wal: {0}")]
     Disk(String),
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    #[error("replication slot \"{0}\" is being dropped by the guard")]
+    BeingDropped(String),
+    #[error("enforcement pass failed: {0}")]
+    Pass(String),
     #[error("{0}")]
     Spi(#[from] pgrx::spi::Error),
 }
@@ -62,7 +72,9 @@ impl GuardError {
             SlotNameTooShort | SlotNameInvalid(_) => ERRCODE_INVALID_NAME,
             SlotNameTooLong(_) => ERRCODE_NAME_TOO_LONG,
             HolderTooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-            BadSize(..) | TtlNotPositive { .. } | TtlTooLong { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            BadSize(..) | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
             SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
             NoLease(_) | NoSlot(_) | LeasedSlotGone { .. } => ERRCODE_UNDEFINED_OBJECT,
             LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -71,6 +83,9 @@ impl GuardError {
             InRecovery(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             Busy { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
             Disk(_) => ERRCODE_IO_ERROR,
+            BeingDropped(_) => ERRCODE_OBJECT_IN_USE,
+            NotUtf8(_) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            Pass(_) => ERRCODE_INTERNAL_ERROR,
             Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -87,6 +102,8 @@ impl GuardError {
             BadSize(..) => "Give a size above zero such as '512MB' or '50GB' (units: bytes, kB, MB, GB, TB, PB).".into(),
             TtlNotPositive { .. } => "Give an interval such as '2 hours'.".into(),
             TtlTooLong { .. } => "Take a shorter lease and renew it with backup_slot_renew(), or raise pgslotguard.max_ttl.".into(),
+            TtlOutOfRange { .. } => "Give an interval such as '2 hours' or '3 days', within pgslotguard.max_ttl.".into(),
+            DefaultTtlAboveMax { .. } => "Lower pgslotguard.default_ttl or raise pgslotguard.max_ttl, or pass a ttl to the call.".into(),
             SlotExists(_) => "Call backup_slot_lease() with adopt => true to put the existing slot under a lease, or choose another name.".into(),
             AlreadyLeased { .. } => "Renew it with backup_slot_renew(), or release it with backup_slot_release() first.".into(),
             NoLease(_) => "SELECT * FROM pgslotguard.leases shows the leases that exist.".into(),
@@ -99,6 +116,9 @@ impl GuardError {
             LimitRaise { .. } => "Only a superuser may give a lease a limit above pgslotguard.max_retained_wal.".into(),
             InRecovery(_) => "Leases are taken on the primary; connect to the primary server.".into(),
             Busy { .. } => "Another session's transaction is leasing, renewing or releasing this slot and has not ended; retry once it commits (pg_locks shows it, objsubid 29543).".into(),
+            NotUtf8(_) => "pgslotguard reads its text arguments as UTF-8; in a SQL_ASCII database pass only ASCII or UTF-8 bytes (slot names are [a-z0-9_] anyway).".into(),
+            BeingDropped(_) => "Its lease has ended; take a new lease once the slot is gone (pgslotguard.events records the drop).".into(),
+            Pass(_) => "The server log has the details; the guard worker retries at its next pass.".into(),
             Disk(_) => "Check that the data directory's pg_wal (or the directory its symlink points to) is readable by the server.".into(),
             Spi(_) => "This is a bug in pgslotguard; please report it with the server log.".into(),
         }

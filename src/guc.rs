@@ -28,7 +28,9 @@ pub enum CheckpointGuc {
     Fast,
 }
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The default of pgslotguard.database (as cron.database_name defaults to postgres).
+const DEFAULT_DATABASE: &CStr = c"postgres";
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_DATABASE));
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// milliseconds
 pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
@@ -52,7 +54,7 @@ pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400
 pub static MIN_FREE_WAL_SPACE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"-1"));
 pub static CHECKPOINT_AFTER_DROP: GucSetting<CheckpointGuc> = GucSetting::<CheckpointGuc>::new(CheckpointGuc::Fast);
 
-const US_PER_S: i64 = 1_000_000;
+use crate::validate::US_PER_S;
 
 /// Define every GUC, then reserve the prefix so a typo such as `pgslotguard.naptme` is
 /// refused rather than silently kept as a placeholder.
@@ -91,21 +93,18 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    unsafe {
-        GucRegistry::define_int_guc_with_hooks(
-            c"pgslotguard.default_ttl",
-            c"Lease length when backup_slot_lease() or backup_slot_renew() is given no ttl.",
-            c"Must not exceed pgslotguard.max_ttl.",
-            &DEFAULT_TTL,
-            1,
-            i32::MAX,
-            GucContext::Userset,
-            GucFlags::UNIT_S,
-            Some(check_default_ttl),
-            None,
-            None,
-        );
-    }
+    // Checked against pgslotguard.max_ttl where it is used (a lease without a ttl), not in
+    // a check hook: a hook would see whichever of the two the configuration file set first.
+    GucRegistry::define_int_guc(
+        c"pgslotguard.default_ttl",
+        c"Lease length when backup_slot_lease() or backup_slot_renew() is given no ttl.",
+        c"Must not exceed pgslotguard.max_ttl; a lease without a ttl fails if it does.",
+        &DEFAULT_TTL,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"pgslotguard.max_ttl",
         c"Longest lease anyone may take or renew to.",
@@ -280,25 +279,6 @@ unsafe extern "C-unwind" fn check_exclude(
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_default_ttl(
-    newval: *mut i32,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    let v = unsafe { *newval };
-    let max = MAX_TTL.get();
-    if v > max {
-        unsafe {
-            check_detail(&format!(
-                "pgslotguard.default_ttl ({v}s) must not exceed pgslotguard.max_ttl ({max}s)."
-            ))
-        };
-        return false;
-    }
-    true
-}
-
 fn compile_exclude(pattern: &str) -> Result<Option<regex::Regex>, regex::Error> {
     if pattern.is_empty() {
         Ok(None)
@@ -318,7 +298,7 @@ pub fn policy() -> Policy {
         .map(|c| c.to_string_lossy().into_owned())
         .and_then(|p| compile_exclude(&p).ok().flatten());
     Policy {
-        max_retained_wal: opt_limit(MAX_RETAINED_WAL.get(), 1 << 20),
+        max_retained_wal: max_retained_wal(),
         max_slot_age_us: opt_limit(MAX_SLOT_AGE.get(), US_PER_S),
         max_inactive_us: opt_limit(MAX_INACTIVE_TIME.get(), US_PER_S),
         scope: match SCOPE.get() {
@@ -344,7 +324,7 @@ pub fn min_free_wal_space() -> Option<Floor> {
 }
 
 pub fn database() -> String {
-    DATABASE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+    DATABASE.get().unwrap_or_else(|| DEFAULT_DATABASE.to_owned()).to_string_lossy().into_owned()
 }
 pub fn enabled() -> bool {
     ENABLED.get()
@@ -358,9 +338,11 @@ pub fn default_ttl_us() -> i64 {
 pub fn max_ttl_us() -> i64 {
     MAX_TTL.get() as i64 * US_PER_S
 }
-/// Global retained-WAL limit in bytes, if set.
+const BYTES_PER_MB: i64 = 1 << 20;
+
+/// Global retained-WAL limit in bytes, if set (the one place it is read).
 pub fn max_retained_wal() -> Option<i64> {
-    opt_limit(MAX_RETAINED_WAL.get(), 1 << 20)
+    opt_limit(MAX_RETAINED_WAL.get(), BYTES_PER_MB)
 }
 /// Event retention in microseconds, if events are purged at all.
 pub fn event_retention_us() -> Option<i64> {

@@ -119,6 +119,11 @@ impl Outcome {
         Outcome::Error,
     ];
 
+    /// The outcome a word names (as stored in a drop intent).
+    pub fn parse(word: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == word)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Lease => "lease",
@@ -167,12 +172,15 @@ impl SlotInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub slot_name: String,
-    /// The role that holds the lease (its OID; opaque here, carried into decisions so the
-    /// events and views can say whose lease it was).
-    pub owner: u32,
+    /// The role that holds the lease, by name (names survive pg_dump and restore; OIDs
+    /// do not), carried into decisions so the events and views can say whose lease it was.
+    pub owner: String,
     pub leased_at: i64,
     pub expires_at: i64,
     pub max_retained: Option<i64>,
+    /// A superuser set `max_retained`: it may exceed the global limit. Otherwise the lease's
+    /// own limit only ever tightens `max_retained_wal`, whatever the DBA sets it to later.
+    pub limit_by_superuser: bool,
 }
 
 /// What the guard has recorded of a slot over time (PostgreSQL 15 has no `inactive_since`).
@@ -181,6 +189,16 @@ pub struct Seen {
     pub slot_name: String,
     pub first_seen: i64,
     pub inactive_since: Option<i64>,
+    /// The guard committed its intent to drop this slot (the event it will record and
+    /// why) and may have died before it recorded the drop: see `enforce::drop_slot`.
+    pub dropping: Option<DropIntent>,
+}
+
+/// A drop the guard has decided and made durable before doing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropIntent {
+    pub action: String,
+    pub reason: String,
 }
 
 /// Everything a decision needs, taken at one instant.
@@ -255,7 +273,7 @@ pub struct Decision {
     pub slot_exists: bool,
     pub leased: bool,
     /// Owner of the lease, if leased.
-    pub lease_owner: Option<u32>,
+    pub lease_owner: Option<String>,
     pub in_scope: bool,
     /// Why the slot is in scope or not, in words.
     pub scope_reason: &'static str,
@@ -274,6 +292,8 @@ pub struct Decision {
     /// For a slot this pass drops: the bytes its drop adds to what the checkpoint frees,
     /// the drops of this pass taken oldest first.
     pub releases_bytes: Option<i64>,
+    /// The retained-WAL limit in force for this slot (see [`retained_limit`]).
+    pub retained_limit: Option<i64>,
 }
 
 impl Decision {
@@ -322,6 +342,33 @@ fn fmt_bytes(b: i64) -> String {
 }
 fn fmt_us(us: i64) -> String {
     crate::validate::pretty_duration(us)
+}
+
+/// The guard's tracking of slots (first seen, inactive since) updated by this snapshot:
+/// new slots are seen now, a slot without a walsender is inactive since it was first
+/// seen so, and vanished slots are forgotten — unless a drop intent on them is still to
+/// be recorded. PostgreSQL 15 tracks none of this itself.
+pub fn track(snap: &Snapshot) -> Vec<Seen> {
+    let known: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let present: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
+    let mut out: Vec<Seen> = snap
+        .slots
+        .iter()
+        .map(|s| match known.get(s.name.as_str()) {
+            None => Seen {
+                slot_name: s.name.clone(),
+                first_seen: snap.now,
+                inactive_since: (!s.active()).then_some(snap.now),
+                dropping: None,
+            },
+            Some(k) => Seen {
+                inactive_since: if s.active() { None } else { k.inactive_since.or(Some(snap.now)) },
+                ..(*k).clone()
+            },
+        })
+        .collect();
+    out.extend(snap.seen.iter().filter(|k| k.dropping.is_some() && !present.contains(k.slot_name.as_str())).cloned());
+    out
 }
 
 /// What the free-space floor asks of a pass, beside the per-slot decisions.
@@ -464,7 +511,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             slot_name: lease.slot_name.clone(),
             slot_exists: false,
             leased: true,
-            lease_owner: Some(lease.owner),
+            lease_owner: Some(lease.owner.clone()),
             in_scope: true,
             scope_reason: "leased",
             retained_bytes: None,
@@ -477,6 +524,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             },
             frees_bytes: None,
             releases_bytes: None,
+            retained_limit: None,
         });
     }
     out.sort_by(|a, b| a.slot_name.cmp(&b.slot_name));
@@ -519,13 +567,34 @@ fn decide_slot(
     } else {
         seen.and_then(|s| s.inactive_since).map(|t| now - t)
     };
+    if let Some(why) = lease.and(not_the_leased_slot(slot)) {
+        return Decision {
+            slot_name: slot.name.clone(),
+            slot_exists: true,
+            leased: true,
+            lease_owner: lease.map(|l| l.owner.clone()),
+            in_scope: false,
+            scope_reason: "not the slot of its lease",
+            retained_bytes: slot.restart_lsn.map(|_| retained),
+            age_us: age,
+            inactive_us: inactive,
+            nearest: None,
+            state: "slot_replaced",
+            action: Action::EndLease {
+                reason: format!("the slot of this name is not the one the lease created or adopted: {why}; lease ended, slot left alone"),
+            },
+            frees_bytes: None,
+            releases_bytes: None,
+            retained_limit: None,
+        };
+    }
     let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
 
     let mut d = Decision {
         slot_name: slot.name.clone(),
         slot_exists: true,
         leased: lease.is_some(),
-        lease_owner: lease.map(|l| l.owner),
+        lease_owner: lease.map(|l| l.owner.clone()),
         in_scope,
         scope_reason,
         retained_bytes: slot.restart_lsn.map(|_| retained),
@@ -536,12 +605,14 @@ fn decide_slot(
         action: Action::None,
         frees_bytes: None,
         releases_bytes: None,
+        retained_limit: None,
     };
     if !in_scope {
         return d;
     }
 
-    let retained_limit = lease.and_then(|l| l.max_retained).or(policy.max_retained_wal);
+    let retained_limit = retained_limit(policy, lease);
+    d.retained_limit = retained_limit;
 
     // Every limit that applies, as numbers; words are made only for the ones shown.
     let mut limits: Vec<Limit> = Vec::with_capacity(4);
@@ -598,6 +669,34 @@ fn decide_slot(
     d
 }
 
+/// The retained-WAL limit of a slot: the global `max_retained_wal`, tightened by the
+/// lease's own `max_retained`; a lease limit set by a superuser replaces the global one.
+pub fn retained_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
+    match (lease.and_then(|l| l.max_retained), policy.max_retained_wal) {
+        (Some(own), Some(global)) if !lease.is_some_and(|l| l.limit_by_superuser) => Some(own.min(global)),
+        (Some(own), _) => Some(own),
+        (None, global) => global,
+    }
+}
+
+/// Why the slot named like a lease is not the lease's slot, if it is not: a lease only
+/// ever creates or adopts a permanent physical slot, so a logical or temporary slot under
+/// its name was made by someone else after the lease's slot was dropped.
+///
+/// A physical slot's restart LSN is no identity: it moves *back* when a client starts
+/// streaming at a segment boundary or from its own older position (seen here: 0/30598E8
+/// → 0/3000000 as pg_receivewal attached), so a physical slot re-created under the name
+/// between two passes cannot be told from the lease's own (README, Known limits).
+fn not_the_leased_slot(slot: &SlotInfo) -> Option<&'static str> {
+    if !slot.physical {
+        Some("it is a logical slot")
+    } else if slot.temporary {
+        Some("it is a temporary slot")
+    } else {
+        None
+    }
+}
+
 fn ratio(value: i64, limit: i64) -> f64 {
     if limit <= 0 {
         if value > 0 {
@@ -624,10 +723,11 @@ mod tests {
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
         Lease {
             slot_name: name.into(),
-            owner: 10,
+            owner: "backup".into(),
             leased_at: NOW - leased_ago,
             expires_at: NOW + expires_in,
             max_retained: None,
+            limit_by_superuser: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
@@ -692,14 +792,41 @@ mod tests {
     }
 
     #[test]
-    fn per_lease_limit_overrides_global_both_ways() {
+    fn per_lease_limit_only_tightens_the_global_one_unless_a_superuser_set_it() {
         let mut l = lease("a", S, 3600 * S);
         l.max_retained = Some(4 * MB);
         let p = Policy::default();
         assert_eq!(dropped(&one(&p, &snap(vec![slot("a")], vec![l.clone()]))), Some(Breach::Retained));
+        // a lease taken with 100 MB while the global limit was off: the DBA's later 1 MB wins
         l.max_retained = Some(100 * MB);
         let p = Policy { max_retained_wal: Some(MB), ..Policy::default() };
-        assert_eq!(one(&p, &snap(vec![slot("a")], vec![l])).action, Action::None);
+        let d = one(&p, &snap(vec![slot("a")], vec![l.clone()]));
+        assert_eq!(dropped(&d), Some(Breach::Retained));
+        assert_eq!(d.retained_limit, Some(MB));
+        // a superuser's lease limit replaces the global one, both ways
+        l.limit_by_superuser = true;
+        let d = one(&p, &snap(vec![slot("a")], vec![l]));
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.retained_limit, Some(100 * MB));
+    }
+
+    #[test]
+    fn a_slot_that_took_a_leased_name_is_never_dropped_by_the_lease() {
+        let mut logical = slot("relog");
+        logical.physical = false;
+        let d = one(&Policy::default(), &snap(vec![logical], vec![lease("relog", 3600 * S, -S)]));
+        assert_eq!(d.state, "slot_replaced");
+        assert!(!d.in_scope);
+        match &d.action {
+            Action::EndLease { reason } => assert!(reason.contains("it is a logical slot"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let mut temp = slot("retemp");
+        temp.temporary = true;
+        let d = one(&Policy::default(), &snap(vec![temp], vec![lease("retemp", 3600 * S, -S)]));
+        assert!(matches!(d.action, Action::EndLease { .. }), "{d:?}");
+        // the lease's own physical slot: dropped as usual
+        assert_eq!(dropped(&one(&Policy::default(), &snap(vec![slot("mine")], vec![lease("mine", 3600 * S, -S)]))), Some(Breach::Expired));
     }
 
     #[test]
@@ -730,7 +857,7 @@ mod tests {
         let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 100 * S, 3600 * S)]));
         assert_eq!(d.action, Action::None, "exactly at the limit");
         let mut s = snap(vec![slot("u")], vec![]);
-        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None }];
+        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None, dropping: None }];
         assert_eq!(dropped(&one(&p, &s)), Some(Breach::Age));
         // never seen before: no age yet, so no age breach
         assert_eq!(one(&p, &snap(vec![slot("u")], vec![])).action, Action::None);
@@ -740,7 +867,7 @@ mod tests {
     fn inactivity_limit_uses_tracked_inactive_since() {
         let p = Policy { max_inactive_us: Some(60 * S), ..Policy::default() };
         let mut s = snap(vec![slot("a")], vec![lease("a", 3600 * S, 3600 * S)]);
-        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S) }];
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S), dropping: None }];
         let d = one(&p, &s);
         assert_eq!(dropped(&d), Some(Breach::Inactive));
         assert_eq!(d.inactive_us, Some(61 * S));
@@ -758,7 +885,7 @@ mod tests {
     fn scope_leased_never_touches_unleased_slots() {
         let p = Policy { max_retained_wal: Some(MB), max_slot_age_us: Some(S), ..Policy::default() };
         let mut s = snap(vec![slot("standby1")], vec![]);
-        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0) }];
+        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0), dropping: None }];
         let d = one(&p, &s);
         assert!(!d.in_scope);
         assert_eq!(d.state, "out_of_scope");
@@ -1005,5 +1132,30 @@ mod tests {
         assert_eq!(words.len(), Outcome::ALL.len());
         assert!(Outcome::ALL.iter().filter(|o| o.is_guard_drop()).all(|o| o.as_str().ends_with("_drop")));
         assert!(!Outcome::WouldDrop.is_guard_drop());
+    }
+
+    #[test]
+    fn tracking_sees_new_slots_now_and_keeps_what_it_knew() {
+        let mut a = slot("a");
+        a.active_pid = Some(1);
+        let mut s = snap(vec![a, slot("b"), slot("c")], vec![]);
+        s.seen = vec![
+            Seen { slot_name: "b".into(), first_seen: 5, inactive_since: Some(7), dropping: None },
+            Seen { slot_name: "c".into(), first_seen: 5, inactive_since: None, dropping: None },
+            Seen { slot_name: "gone".into(), first_seen: 5, inactive_since: None, dropping: None },
+            Seen {
+                slot_name: "dropped".into(),
+                first_seen: 5,
+                inactive_since: None,
+                dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into() }),
+            },
+        ];
+        let t = track(&s);
+        let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
+        assert_eq!((by["a"].first_seen, by["a"].inactive_since), (NOW, None));
+        assert_eq!((by["b"].first_seen, by["b"].inactive_since), (5, Some(7)));
+        assert_eq!(by["c"].inactive_since, Some(NOW), "went inactive now");
+        assert!(!by.contains_key("gone"));
+        assert!(by.contains_key("dropped"), "a drop intent stays until its drop is recorded");
     }
 }

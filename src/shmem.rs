@@ -128,15 +128,38 @@ pub fn update(f: impl FnOnce(&mut WorkerStatus)) {
     }
 }
 
-/// Is a guard worker process alive right now? (Its pid is published and the process exists.)
+/// Is a guard worker process alive right now? The worker publishes its PID when it
+/// starts and clears it on every exit (`clear_pid_at_exit`, which runs on FATAL too); a
+/// crash reinitialises shared memory. So a published PID is the worker's, and the check
+/// that it is still in the server's process array (not merely some process with a reused
+/// PID, as `kill(pid, 0)` would say) is a second guard.
 pub fn worker_running() -> Option<i32> {
     let st = read()?;
     if st.pid == 0 {
         return None;
     }
-    // kill(pid, 0) tells whether the process exists without signalling it.
-    // SAFETY: signal 0 sends nothing; it only checks that the PID exists.
-    let alive = unsafe { libc::kill(st.pid, 0) } == 0;
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns NULL when no backend or
+    // background worker of this server has that PID; the pointer is not dereferenced.
+    let alive = !unsafe { pg_sys::BackendPidGetProc(st.pid) }.is_null();
     alive.then_some(st.pid)
+}
+
+/// Called by the worker once it has published its PID: clear it when the process exits,
+/// however it exits (proc_exit after SIGTERM, FATAL, ERROR escalated to FATAL).
+pub fn clear_pid_at_exit() {
+    // SAFETY: registers a plain function; it runs before the process detaches from shared
+    // memory, when LWLocks can still be taken.
+    unsafe { pg_sys::before_shmem_exit(Some(clear_pid), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn clear_pid(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // SAFETY: MyProcPid is this process's PID, set at start.
+    let me = unsafe { pg_sys::MyProcPid };
+    update(|s| {
+        if s.pid == me {
+            s.pid = 0;
+        }
+    });
 }
 

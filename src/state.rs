@@ -4,7 +4,7 @@
 
 use crate::error::GuardError;
 use crate::policy::disk::{self, WalDisk};
-use crate::policy::{CheckpointMode, Lease, Outcome, Seen, SlotInfo, Snapshot};
+use crate::policy::{CheckpointMode, DropIntent, Lease, Outcome, Seen, SlotInfo, Snapshot};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -35,33 +35,47 @@ thread_local! {
 /// Run one of our queries with its arguments. Every query here is a literal with `$n`
 /// parameters, so its plan is prepared once per backend (argument types from the
 /// arguments) and reused: planning costs about as much as running most of them.
-/// Always through a non-read-only SPI call: several queries write (INSERT ... RETURNING,
-/// FOR UPDATE, slot functions) and a read-only call would refuse them.
-fn select<T>(
+/// `mutating` queries go through SPI's read-write path, which assigns the transaction an
+/// ID; the others run read-only, so a pass that only reads writes no WAL, and the views
+/// work on a hot standby (where a transaction ID cannot be assigned).
+fn run<T>(
     query: &'static str,
     args: &[DatumWithOid],
+    mutating: bool,
     f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>,
 ) -> Result<T> {
     let types: Vec<pgrx::PgOid> = args.iter().map(|a| pgrx::PgOid::from(a.oid())).collect();
     let types = &types[..];
     Ok(Spi::connect_mut(|c| {
         if !PLANS.with_borrow(|p| p.contains_key(query)) {
-            let stmt = c.prepare_mut(query, types)?.keep();
+            let stmt = if mutating { c.prepare_mut(query, types)? } else { c.prepare(query, types)? };
+            let stmt = stmt.keep();
             PLANS.with_borrow_mut(|p| p.insert(query, stmt));
         }
         PLANS.with_borrow(|p| match p.get(query) {
-            Some(stmt) => c.update(stmt, None, args).and_then(f),
+            Some(stmt) if mutating => c.update(stmt, None, args).and_then(f),
+            Some(stmt) => c.select(stmt, None, args).and_then(f),
             None => Err(pgrx::spi::Error::NoTupleTable),
         })
     })?)
 }
 
+/// A query that only reads.
+fn read<T>(query: &'static str, args: &[DatumWithOid], f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>) -> Result<T> {
+    run(query, args, false, f)
+}
+
+/// A query that writes (or locks rows, or creates or drops a slot).
+fn write<T>(query: &'static str, args: &[DatumWithOid], f: impl FnOnce(SpiTupleTable) -> pgrx::spi::Result<T>) -> Result<T> {
+    run(query, args, true, f)
+}
+
 fn update(query: &'static str, args: &[DatumWithOid]) -> Result<usize> {
-    select(query, args, |t| Ok(t.len()))
+    write(query, args, |t| Ok(t.len()))
 }
 
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
-    select(
+    read(
         "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
                 restart_lsn::text
            FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name",
@@ -96,7 +110,7 @@ pub fn in_recovery() -> bool {
 }
 
 pub fn seen() -> Result<Vec<Seen>> {
-    select("SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen", &[], seen_rows)
+    read("SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason FROM pgslotguard.slot_seen", &[], seen_rows)
 }
 
 fn seen_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
@@ -105,18 +119,24 @@ fn seen_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
             slot_name: r.get::<String>(1)?.unwrap_or_default(),
             first_seen: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
             inactive_since: r.get::<TimestampWithTimeZone>(3)?.map(us),
+            dropping: match (r.get::<String>(4)?, r.get::<String>(5)?) {
+                (Some(action), reason) => Some(DropIntent { action, reason: reason.unwrap_or_default() }),
+                _ => None,
+            },
         })
     })
     .collect()
 }
 
 const SNAPSHOT_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner::text,
+                l.limit_by_superuser
            FROM pg_catalog.pg_replication_slots s
            FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
 
 const SNAPSHOT_OF_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner
+                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner::text,
+                l.limit_by_superuser
            FROM (SELECT * FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s
            FULL JOIN (SELECT * FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l
              ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
@@ -138,10 +158,11 @@ fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<L
         if let Some(slot_name) = r.get::<String>(6)? {
             leases.push(Lease {
                 slot_name,
-                owner: r.get::<pg_sys::Oid>(10)?.map(|o| o.to_u32()).unwrap_or(0),
+                owner: r.get::<String>(10)?.unwrap_or_default(),
                 leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
                 expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
                 max_retained: r.get::<i64>(9)?,
+                limit_by_superuser: r.get::<bool>(11)?.unwrap_or(false),
             });
         }
     }
@@ -153,7 +174,7 @@ fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<L
 pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = select(SNAPSHOT_QUERY, &[], slots_and_leases)?;
+    let (slots, leases) = read(SNAPSHOT_QUERY, &[], slots_and_leases)?;
     Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()?, disk: None })
 }
 
@@ -161,32 +182,30 @@ pub fn snapshot() -> Result<Snapshot> {
 pub fn snapshot_of(name: &str) -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = select(SNAPSHOT_OF_QUERY, &[name.into()], slots_and_leases)?;
-    let seen = select(
-        "SELECT slot_name::text, first_seen, inactive_since FROM pgslotguard.slot_seen WHERE slot_name = $1::name",
+    let (slots, leases) = read(SNAPSHOT_OF_QUERY, &[name.into()], slots_and_leases)?;
+    let seen = read(
+        "SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason
+           FROM pgslotguard.slot_seen WHERE slot_name = $1::name",
         &[name.into()],
         seen_rows,
     )?;
     Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None })
 }
 
-/// Record first-seen and inactive-since times for the slots of `snap`, and forget slots
-/// that are gone. Rows are written only when something changed, so an idle pass writes
-/// no WAL. Returns the tracking as it now stands.
-pub fn track(snap: &Snapshot) -> Result<Vec<Seen>> {
+/// Record first-seen and inactive-since times for the slots of `snap` (see
+/// `policy::track`), and forget slots that are gone. Rows are written only when something
+/// changed, so an idle pass writes no WAL; `write = false` (dry run) writes nothing.
+/// Returns the tracking as it now stands.
+pub fn track(snap: &Snapshot, write: bool) -> Result<Vec<Seen>> {
+    let now_seen = crate::policy::track(snap);
+    let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| snap.seen.contains(n));
+    if unchanged || !write {
+        return Ok(now_seen);
+    }
     let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
     let active: Vec<bool> = snap.slots.iter().map(|s| s.active()).collect();
-    let known: std::collections::HashMap<&str, &Seen> =
-        snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    let changed = snap.slots.iter().any(|s| match known.get(s.name.as_str()) {
-        None => true,
-        Some(k) => k.inactive_since.is_some() == s.active(),
-    }) || snap.seen.len() != snap.slots.len();
-    if !changed {
-        return Ok(snap.seen.clone());
-    }
     update(
-        "DELETE FROM pgslotguard.slot_seen WHERE slot_name::text <> ALL ($1::text[])",
+        "DELETE FROM pgslotguard.slot_seen WHERE slot_name::text <> ALL ($1::text[]) AND drop_action IS NULL",
         &[names.clone().into()],
     )?;
     update(
@@ -199,19 +218,19 @@ pub fn track(snap: &Snapshot) -> Result<Vec<Seen>> {
           WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
         &[names.into(), active.into(), ts(snap.now).into()],
     )?;
-    seen()
+    Ok(now_seen)
 }
 
 /// A lease row with what the API needs to check rights and state.
 pub struct LeaseRow {
-    pub owner: pg_sys::Oid,
+    pub owner: String,
     pub expires_at: TimestampWithTimeZone,
 }
 
 /// The lease of `name`, locked against concurrent change until the end of the transaction.
 pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
-    select(
-        "SELECT owner, expires_at FROM pgslotguard.lease_data WHERE slot_name = $1::name FOR UPDATE",
+    write(
+        "SELECT owner::text, expires_at FROM pgslotguard.lease_data WHERE slot_name = $1::name FOR UPDATE",
         &[name.into()],
         |mut t| {
             if t.is_empty() {
@@ -219,7 +238,7 @@ pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
             }
             t = t.first();
             Ok(Some(LeaseRow {
-                owner: t.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                owner: t.get::<String>(1)?.unwrap_or_default(),
                 expires_at: t.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
             }))
         },
@@ -228,7 +247,7 @@ pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
 
 /// Create a physical slot that reserves WAL now; returns its restart LSN as text.
 pub fn create_slot(name: &str) -> Result<String> {
-    select(
+    write(
         "SELECT lsn::text FROM pg_catalog.pg_create_physical_replication_slot($1::name, true, false)",
         &[name.into()],
         |t| Ok(t.first().get::<String>(1)?.unwrap_or_default()),
@@ -236,13 +255,16 @@ pub fn create_slot(name: &str) -> Result<String> {
 }
 
 pub fn drop_slot(name: &str) -> Result<()> {
-    select("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
+    write("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
 }
 
-/// Terminate a walsender and wait up to 1 s for it to go (a longer wait would hold up
-/// the whole pass).
+/// How long the guard waits for a walsender it terminated to exit; a longer wait would hold
+/// up the whole pass (if it has not exited, the next pass drops the slot).
+const TERMINATE_WAIT_MS: i64 = 1000;
+
+/// Terminate a walsender and wait up to [`TERMINATE_WAIT_MS`] for it to go.
 pub fn terminate(pid: i32) -> Result<bool> {
-    select("SELECT pg_catalog.pg_terminate_backend($1, 1000)", &[pid.into()], |t| {
+    write("SELECT pg_catalog.pg_terminate_backend($1, $2)", &[pid.into(), TERMINATE_WAIT_MS.into()], |t| {
         Ok(t.first().get::<bool>(1)?.unwrap_or(false))
     })
 }
@@ -250,44 +272,96 @@ pub fn terminate(pid: i32) -> Result<bool> {
 pub struct NewLease<'a> {
     pub slot_name: &'a str,
     pub holder: Option<&'a str>,
-    pub owner: pg_sys::Oid,
-    pub ttl: Interval,
+    pub owner: &'a str,
+    pub leased_at: TimestampWithTimeZone,
+    pub expires_at: TimestampWithTimeZone,
     pub max_retained: Option<i64>,
+    pub limit_by_superuser: bool,
     pub adopted: bool,
     pub lsn: Option<&'a str>,
 }
 
 /// Insert a lease; returns its expiry.
 pub fn insert_lease(l: &NewLease) -> Result<TimestampWithTimeZone> {
-    select(
+    write(
         "INSERT INTO pgslotguard.lease_data
-                (slot_name, holder, owner, leased_at, expires_at, max_retained, adopted, reserved_lsn)
-         VALUES ($1::name, $2, $3, pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) $4,
-                 $5, $6, $7::pg_catalog.pg_lsn)
+                (slot_name, holder, owner, leased_at, expires_at, max_retained, adopted, reserved_lsn,
+                 limit_by_superuser)
+         VALUES ($1::name, $2, $3::name, $4, $8, $5, $6, $7::pg_catalog.pg_lsn, $9)
          RETURNING expires_at",
         &[
             l.slot_name.into(),
             l.holder.into(),
             l.owner.into(),
-            l.ttl.into(),
+            l.leased_at.into(),
             l.max_retained.into(),
             l.adopted.into(),
             l.lsn.into(),
+            l.expires_at.into(),
+            l.limit_by_superuser.into(),
         ],
         |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
     )
     .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
 }
 
-pub fn renew_lease(name: &str, ttl: Interval) -> Result<TimestampWithTimeZone> {
-    select(
-        "UPDATE pgslotguard.lease_data
-            SET expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) $2, renewed_at = pg_catalog.now()
+/// The clock time now, and now + `ttl` by PostgreSQL's calendar arithmetic.
+pub fn clock_plus(ttl: Interval) -> Result<(TimestampWithTimeZone, TimestampWithTimeZone)> {
+    read(
+        "SELECT t, t OPERATOR(pg_catalog.+) $1 FROM (SELECT pg_catalog.clock_timestamp() AS t) c",
+        &[ttl.into()],
+        |t| {
+            let r = t.first();
+            let never = TimestampWithTimeZone::negative_infinity;
+            Ok((r.get::<TimestampWithTimeZone>(1)?.unwrap_or_else(never), r.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(never)))
+        },
+    )
+}
+
+pub fn renew_lease(name: &str, now: TimestampWithTimeZone, expires_at: TimestampWithTimeZone) -> Result<TimestampWithTimeZone> {
+    write(
+        "UPDATE pgslotguard.lease_data SET expires_at = $2, renewed_at = $3
           WHERE slot_name = $1::name RETURNING expires_at",
-        &[name.into(), ttl.into()],
+        &[name.into(), expires_at.into(), now.into()],
         |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
     )
     .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
+}
+
+/// Make the guard's intent to drop a slot durable before it drops it (the drop itself is
+/// not transactional). Also creates the tracking row if the slot is new this pass.
+pub fn mark_dropping(name: &str, action: Outcome, reason: &str) -> Result<()> {
+    update(
+        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, drop_action, drop_reason)
+         VALUES ($1::name, pg_catalog.clock_timestamp(), $2, $3)
+         ON CONFLICT (slot_name) DO UPDATE SET drop_action = excluded.drop_action, drop_reason = excluded.drop_reason",
+        &[name.into(), action.as_str().into(), reason.into()],
+    )
+    .map(|_| ())
+}
+
+/// Forget the tracking row of a slot that is gone (after its drop is recorded).
+pub fn forget_slot(name: &str) -> Result<()> {
+    update("DELETE FROM pgslotguard.slot_seen WHERE slot_name = $1::name", &[name.into()]).map(|_| ())
+}
+
+/// Clear drop intents on slots that still exist (a drop that failed or was cut short
+/// before it happened): the slot is decided afresh.
+pub fn clear_drop_marks(names: &[String]) -> Result<()> {
+    update(
+        "UPDATE pgslotguard.slot_seen SET drop_action = NULL, drop_reason = NULL WHERE slot_name::text = ANY ($1::text[])",
+        &[names.to_vec().into()],
+    )
+    .map(|_| ())
+}
+
+/// Is the guard dropping this slot (an intent committed, the drop not yet recorded)?
+pub fn drop_pending(name: &str) -> Result<bool> {
+    read(
+        "SELECT EXISTS (SELECT 1 FROM pgslotguard.slot_seen WHERE slot_name = $1::name AND drop_action IS NOT NULL)",
+        &[name.into()],
+        |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
+    )
 }
 
 pub fn delete_lease(name: &str) -> Result<usize> {
@@ -300,7 +374,7 @@ pub struct Event<'a> {
     pub reason: &'a str,
     pub retained_bytes: Option<i64>,
     pub actor: &'a str,
-    pub lease_owner: Option<pg_sys::Oid>,
+    pub lease_owner: Option<&'a str>,
     /// Drops: the WAL the drop lets the next checkpoint remove (projected).
     /// Checkpoints: the bytes pg_wal shrank by (measured).
     pub freed_bytes: Option<i64>,
@@ -328,7 +402,7 @@ pub fn record(e: &Event) -> Result<()> {
     update(
         "INSERT INTO pgslotguard.event_log
                 (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes)
-         VALUES ($1::name, $2, $3, $4, $5, $6, $7, $8)",
+         VALUES ($1::name, $2, $3, $4, $5, $6::name, $7, $8)",
         &[
             e.slot_name.into(),
             e.action.as_str().into(),
@@ -343,20 +417,28 @@ pub fn record(e: &Event) -> Result<()> {
     .map(|_| ())
 }
 
-/// Delete events older than the retention; returns how many went.
+/// Delete events older than the retention; returns how many went. Looks first, so a
+/// pass with nothing to purge stays read-only.
 pub fn purge_events(older_than_us: i64) -> Result<usize> {
-    update("DELETE FROM pgslotguard.event_log WHERE at < $1", &[ts(now_us() - older_than_us).into()])
+    let cutoff = ts(now_us() - older_than_us);
+    let any = read("SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE at < $1)", &[cutoff.into()], |t| {
+        Ok(t.first().get::<bool>(1)?.unwrap_or(false))
+    })?;
+    if !any {
+        return Ok(0);
+    }
+    update("DELETE FROM pgslotguard.event_log WHERE at < $1", &[cutoff.into()])
 }
 
 /// Pin the session's search_path (the worker's SPI queries must not resolve anything
 /// through a schema a user can write to).
 pub fn pin_search_path() -> Result<()> {
-    select("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)", &[], |_| Ok(()))
+    read("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)", &[], |_| Ok(()))
 }
 
 /// Is the extension installed in this database (its tables readable)?
 pub fn extension_installed() -> Result<bool> {
-    select(
+    read(
         "SELECT pg_catalog.to_regclass('pgslotguard.lease_data') IS NOT NULL
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard')",
         &[],
@@ -377,7 +459,7 @@ pub fn extension_owner() -> Result<pg_sys::Oid> {
     if ext != pg_sys::InvalidOid && ext == cached_ext {
         return Ok(cached_owner);
     }
-    let owner = select("SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1", &[ext.into()], |t| {
+    let owner = read("SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1", &[ext.into()], |t| {
         Ok(t.first().get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)))
     })?;
     OWNER.set((ext, owner));
@@ -404,11 +486,16 @@ pub fn is_member_of_pg_monitor(role: pg_sys::Oid) -> bool {
 pub fn as_owner<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     let owner = extension_owner()?;
     let (mut saved_user, mut saved_ctx) = (pg_sys::InvalidOid, 0i32);
+    // SAFETY: the pattern fmgr_security_definer uses. SECURITY_LOCAL_USERID_CHANGE marks
+    // the switch so that SET ROLE / SET SESSION AUTHORIZATION are refused inside it, and
+    // AbortTransaction/AbortSubTransaction restore the saved user and context if `f`
+    // raises an ERROR (which then does not return here). On return we restore them.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
         pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     }
     let r = f();
+    // SAFETY: restores exactly what was saved above, in the same transaction state.
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
     r
 }
@@ -476,7 +563,7 @@ pub fn request_checkpoint(mode: CheckpointMode) {
 /// The LSN of the last completed checkpoint, from pg_control (changes when a checkpoint
 /// ends, unlike the redo pointer in shared memory, which moves when one begins).
 pub fn last_checkpoint_lsn() -> Result<u64> {
-    select("SELECT checkpoint_lsn::text FROM pg_catalog.pg_control_checkpoint()", &[], |t| {
+    read("SELECT checkpoint_lsn::text FROM pg_catalog.pg_control_checkpoint()", &[], |t| {
         Ok(t.first().get::<&str>(1)?.and_then(crate::validate::parse_lsn).unwrap_or(0))
     })
 }

@@ -138,7 +138,9 @@ mod tests {
     fn release_drops_slot_and_ends_lease() {
         run("SELECT * FROM backup_slot_lease('rel', '1h')");
         assert_eq!(one::<bool>("SELECT backup_slot_release('rel')"), Some(true));
-        assert!(!slot_exists("rel"));
+        // the slot goes when the release commits (tests/lease.rs); this test's
+        // transaction never commits
+        assert!(slot_exists("rel"), "dropped before commit");
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'rel'"), Some(0));
         assert_eq!(
             text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'rel'"),
@@ -192,7 +194,7 @@ mod tests {
 
     #[pg_test]
     fn bad_input_gets_sqlstate_hint_and_changes_nothing() {
-        // (adopting a logical slot is in tests/bad_input.rs: a logical slot cannot be made in
+        // (adopting a logical slot is in tests/lease.rs: a logical slot cannot be made in
         // the transaction a #[pg_test] runs in)
         helpers();
         run("SELECT * FROM backup_slot_lease('taken', '1h')");
@@ -222,6 +224,12 @@ mod tests {
             ("SELECT backup_slot_renew('taken', '0')".into(), "22023"),
             ("SELECT backup_slot_renew('taken', '1000 years')".into(), "22023"),
             ("SELECT backup_slot_renew(NULL)".into(), "22004"),
+            // max_ttl (7d) counts the resulting expiry, not months as 30 days
+            ("SELECT backup_slot_lease('t8', '1000 months -29993 days')".into(), "22023"),
+            ("SELECT backup_slot_renew('taken', '1000 months -29993 days')".into(), "22023"),
+            ("SELECT backup_slot_renew('taken', '-1 day 12:00:00')".into(), "22023"),
+            ("SELECT backup_slot_lease('t9', '71000000 months -2129999993 days')".into(), "22023"),
+            ("SELECT backup_slot_renew('taken', '-2129999993 days 71000000 months')".into(), "22023"),
             ("SELECT backup_slot_release('nolease')".into(), "42704"),
             ("SELECT backup_slot_release('Bad')".into(), "42602"),
             ("SELECT backup_slot_keep('nolease')".into(), "42704"),
@@ -425,7 +433,16 @@ mod tests {
         assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.checkpoint_after_drop'"), "{off,spread,fast}");
         assert_eq!(text("SELECT current_setting('pgslotguard.min_free_wal_space')"), "-1");
         // default_ttl above max_ttl, a typo'd name under the reserved prefix
-        assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.default_ttl = '8d'$$)"), "22023");
+        // default_ttl above max_ttl: each setting is valid alone; the lease that would use
+        // the pair fails, naming both
+        assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.default_ttl = '8d'$$)"), "00000");
+        let e = text("SELECT pg_temp.error_of($$SELECT backup_slot_lease('dflt')$$)");
+        assert!(
+            e.starts_with("22023: pgslotguard.default_ttl (8d 00h) exceeds pgslotguard.max_ttl (7d 00h)")
+                && e.contains("HINT: Lower pgslotguard.default_ttl or raise pgslotguard.max_ttl"),
+            "{e}"
+        );
+        run("RESET pgslotguard.default_ttl");
         assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptme = '1s'$$)"), "42602");
         // SIGHUP settings cannot be SET in a session
         assert_eq!(text("SELECT pg_temp.sqlstate_of($$SET pgslotguard.naptime = '5s'$$)"), "55P02");
@@ -456,5 +473,29 @@ mod tests {
         let seg = one::<i64>("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'").unwrap_or(0);
         assert_eq!(one::<i64>("SELECT pg_wal_bytes FROM pgslotguard.status"), Some(segs * seg));
         assert_eq!(one::<i64>("SELECT floor_bytes FROM pgslotguard.status"), None, "no floor by default");
+    }
+
+    #[pg_test]
+    fn a_month_and_minus_thirty_days_never_yields_an_expiry_in_the_past() {
+        helpers();
+        run("SELECT * FROM backup_slot_lease('mixed', '1h')");
+        // whatever the month's length, either refused or an expiry in the future
+        let r = text("SELECT pg_temp.sqlstate_of($$SELECT backup_slot_renew('mixed', '-1 month 30 days 12:00:00')$$)");
+        if r == "00000" {
+            assert_eq!(one::<bool>("SELECT expires_at > clock_timestamp() FROM pgslotguard.lease_data WHERE slot_name = 'mixed'"), Some(true));
+        } else {
+            assert_eq!(r, "22023");
+        }
+    }
+
+    #[pg_test]
+    fn lease_times_count_from_the_call_not_the_transaction_start() {
+        // this test runs in one transaction: now() is its start
+        run("SELECT pg_sleep(1.2)");
+        run("SELECT * FROM backup_slot_lease('late', '2s')");
+        let left = one::<f64>("SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM pgslotguard.lease_data WHERE slot_name = 'late'").unwrap_or(0.0);
+        assert!(left > 1.5, "the lease left the call with only {left} s of its 2 s");
+        let leased = one::<f64>("SELECT extract(epoch FROM leased_at - now())::float8 FROM pgslotguard.lease_data WHERE slot_name = 'late'").unwrap_or(0.0);
+        assert!(leased >= 1.2, "leased_at is {leased} s after the transaction start");
     }
 }

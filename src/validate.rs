@@ -75,6 +75,21 @@ pub fn max_retained(text: Option<&str>) -> Result<Option<i64>, GuardError> {
     Ok(Some(bytes))
 }
 
+/// Microseconds in a second (PostgreSQL's timestamps and intervals count microseconds).
+pub const US_PER_S: i64 = 1_000_000;
+
+/// Far beyond any `pgslotguard.max_ttl` (at most 68 years) and far inside timestamptz's
+/// range (to year 294276): each field of a ttl must stay within this many years before
+/// any date arithmetic is tried, so none can overflow.
+pub const TTL_FIELD_LIMIT_YEARS: i64 = 10_000;
+
+/// Each field of a ttl interval (months, days, microseconds) alone stays within
+/// [`TTL_FIELD_LIMIT_YEARS`] either way (also false for PostgreSQL 17's infinite intervals).
+pub fn ttl_fields_in_range(months: i32, days: i32, micros: i64) -> bool {
+    let y = TTL_FIELD_LIMIT_YEARS;
+    (months as i64).abs() <= y * 12 && (days as i64).abs() <= y * 366 && (micros as i128).abs() <= (y * 366 * 86_400) as i128 * US_PER_S as i128
+}
+
 /// Parse a `pg_lsn` in its text form (`16/B374D848`). Reading the text is much cheaper
 /// than pg_lsn arithmetic in SQL, which goes through numeric.
 pub fn parse_lsn(text: &str) -> Option<u64> {
@@ -107,7 +122,7 @@ pub fn pretty_size(bytes: i64) -> String {
 /// Format a duration in microseconds the way a DBA reads it: `2h 05m`, `42s`, `3d 04h`.
 pub fn pretty_duration(us: i64) -> String {
     let neg = us < 0;
-    let s = us.unsigned_abs() / 1_000_000;
+    let s = us.unsigned_abs() / US_PER_S as u64;
     let (d, h, m, sec) = (s / 86_400, (s % 86_400) / 3600, (s % 3600) / 60, s % 60);
     let body = if d > 0 {
         format!("{d}d {h:02}h")
@@ -178,6 +193,16 @@ mod tests {
         for bad in ["-1", "0", "10XB", "99999999999PB", "abc"] {
             assert!(matches!(max_retained(Some(bad)), Err(GuardError::BadSize(..))), "{bad}");
         }
+    }
+
+    #[test]
+    fn ttl_fields_are_bounded_before_any_arithmetic() {
+        assert!(ttl_fields_in_range(0, 7, 0));
+        assert!(ttl_fields_in_range(1000, -29_993, 0));
+        assert!(!ttl_fields_in_range(71_000_000, -2_129_999_993, 0));
+        assert!(!ttl_fields_in_range(0, 0, i64::MAX));
+        assert!(!ttl_fields_in_range(i32::MAX, 0, 0));
+        assert!(!ttl_fields_in_range(0, i32::MIN, 0));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Set-returning functions behind the inspection views in sql/schema.sql. They show the
+//! Set-returning functions behind the inspection views in sql/api.sql. They show the
 //! decision of `policy::decide` for the current state, so the views say exactly what the
 //! next pass would do.
 
@@ -33,15 +33,17 @@ pub mod pgslotguard {
             name!(next_action, String),
             name!(action_reason, Option<String>),
             name!(frees_bytes, Option<i64>),
+            name!(max_retained_bytes, Option<i64>),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
+        let me_name = state::role_name(me);
         let (policy, verdict) = crate::error::or_report(state::as_owner(crate::enforce::preview));
         let rows: Vec<_> = verdict
             .decisions
             .into_iter()
-            .filter(|d| all || d.lease_owner == Some(me.to_u32()))
+            .filter(|d| all || d.lease_owner.as_deref() == Some(me_name.as_str()))
             .map(|d| {
                 let nearest = d.nearest_limit();
                 let (next, reason) = match &d.action {
@@ -73,6 +75,7 @@ pub mod pgslotguard {
                     next,
                     reason,
                     d.frees_bytes,
+                    d.retained_limit,
                 )
             })
             .collect();

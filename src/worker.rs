@@ -51,6 +51,7 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
         s.pid = pid;
         s.started_at = state::now_us();
     });
+    shmem::clear_pid_at_exit();
     log!("pgslotguard: guard worker started (database \"{db}\", naptime {} ms)", guc::naptime_ms());
 
     let mut warned = HashSet::new();
@@ -81,7 +82,6 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
-    shmem::update(|s| s.pid = 0);
     log!("pgslotguard: guard worker shutting down");
     // Exit code 1, not 0: a bgworker that exits with 0 is unregistered for good, and a
     // guard stopped by a stray SIGTERM must come back (bgw_restart_time). At server
@@ -125,16 +125,13 @@ fn wait_for_database(db: &str) {
 fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &mut bool) {
     let start = state::now_us();
     let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-        enforce::in_subtransaction(|| {
-            if state::in_recovery() {
-                return Ok(None);
-            }
-            if !state::extension_installed()? {
-                return Ok(None);
-            }
-            let mut actor = enforce::Actor { name: "worker", warned: Some(warned) };
-            enforce::run_pass(&mut actor, false).map(Some)
-        })
+        let installed = enforce::in_subtransaction(|| Ok(!state::in_recovery() && state::extension_installed()?))?;
+        if !installed {
+            return Ok(None);
+        }
+        // At the top level of the transaction, so that the pass can commit action by action.
+        let mut actor = enforce::Actor { name: "worker", own_transaction: true, warned: Some(warned) };
+        enforce::run_pass(&mut actor, false).map(Some).map_err(|e| e.to_string())
     }));
     let elapsed = state::now_us() - start;
     match outcome {

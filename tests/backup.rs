@@ -51,7 +51,7 @@ fn wait_streaming(primary: &Cluster) {
 fn backup_through_lease_then_release_gives_a_valid_standby() {
     let c = with_extension("bb-release", &[]);
     let dir = leased_backup(&c, "nightly");
-    assert_eq!(c.sql("SELECT backup_slot_release('nightly')").len(), 1);
+    assert_eq!(c.text("SELECT backup_slot_release('nightly')::text"), "true");
     assert!(!c.slot_exists("nightly"));
     assert_eq!(
         c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'nightly'"),
@@ -229,6 +229,13 @@ fn on_a_standby_the_guard_writes_nothing_and_takes_over_after_promotion() {
     // the standby carries the lease rows (WAL-logged) but no guard runs there
     s.wait_for("the standby to accept queries", WAIT, |s| s.try_sql("SELECT 1").ok().map(|_| ()));
     assert_eq!(s.text("SELECT running::text FROM pgslotguard.status"), "false");
+    // every view works on the standby: its reads are read-only, and a hot standby cannot
+    // assign a transaction ID
+    for v in ["leases", "slots", "events", "status"] {
+        s.try_sql(&format!("SELECT * FROM pgslotguard.{v}")).unwrap_or_else(|e| panic!("pgslotguard.{v} on a standby: {e}"));
+    }
+    // the lease row is replicated, its slot is not (slots are per server)
+    assert_eq!(s.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'expires_later'"), "slot_missing");
     let err = s.client().batch_execute("SELECT * FROM backup_slot_lease('on_standby', '1h')").unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "25006");

@@ -67,9 +67,9 @@ fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
 fn without_a_floor_an_orphaned_slot_fills_pg_wal_and_the_primary_panics() {
     let fs = Tmpfs::mount("walfs-nofloor", FS_MB);
     let c = orphaned("nofloor", &fs, &[]);
-    // pgbench writes until the server dies under it; 120 s is far more than 320 MB takes.
-    let mut bench = c.pgbench_run(2, 120);
-    let st = wait_exit(&mut bench, Duration::from_secs(150));
+    // pgbench writes until the server dies under it (20-80 s for 256 MB here).
+    let mut bench = c.pgbench_run(2, 240);
+    let st = wait_exit(&mut bench, Duration::from_secs(270));
     let log = c.log();
     assert!(!st.success(), "pgbench ran to the end: the disk never filled\n{}", c.log_tail(20));
     assert!(
@@ -91,25 +91,22 @@ fn with_a_floor_the_orphan_is_dropped_the_wal_freed_and_the_primary_survives() {
     assert_eq!(c.count("SELECT fs_total_bytes FROM pgslotguard.status"), total);
 
     let (stop, min_free, watcher) = watch_free(&fs);
-    // Long enough to write more than the filesystem holds (pgbench writes 6-15 MB/s here).
-    let mut bench = c.pgbench_run(2, 45);
-    let st = wait_exit(&mut bench, Duration::from_secs(90));
+    // pgbench at full speed until the guard has dropped the orphan, then 10 s more: the
+    // primary must carry on writing. (How long the disk takes to fill depends on pgbench's
+    // speed on this machine: 20-80 s.)
+    let mut bench = c.pgbench_run(2, 300);
+    c.wait_for("the floor to drop the orphaned slot", Duration::from_secs(240), |c| (!c.slot_exists("orphan")).then_some(()));
+    std::thread::sleep(Duration::from_secs(10));
+    let still_running = bench.0.try_wait().unwrap().is_none();
+    bench.stop();
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
     let min_free = min_free.load(Ordering::Relaxed);
-    let out = {
-        let mut s = String::new();
-        use std::io::Read;
-        if let Some(o) = bench.0.stdout.as_mut() {
-            o.read_to_string(&mut s).ok();
-        }
-        s
-    };
-    eprintln!("floor {floor} bytes of {total}; smallest free space seen {min_free}; pgbench: {}", out.lines().filter(|l| l.starts_with("tps") || l.contains("processed")).collect::<Vec<_>>().join("; "));
+    eprintln!("floor {floor} bytes of {total}; smallest free space seen {min_free}");
 
-    assert!(st.success(), "pgbench failed: the primary did not survive\n{}", c.log_tail(30));
+    assert!(still_running, "pgbench stopped by itself: the primary did not carry on\n{}", c.log_tail(30));
+    assert_eq!(c.count("SELECT 1::bigint"), 1, "the server does not answer");
     assert!(!c.log().contains("PANIC"), "PANIC in the server log:\n{}", c.log_tail(30));
-    assert!(!c.slot_exists("orphan"), "the orphan slot was not dropped\n{}", c.describe());
     assert_eq!(
         c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'orphan' ORDER BY id DESC LIMIT 1"),
         "space_drop",
@@ -154,13 +151,23 @@ fn a_slot_out_of_scope_in_the_way_of_the_floor_is_named_once_and_never_dropped()
     eprintln!("floor {floor_mb} MB of {} MB: {reason}", total >> 20);
 }
 
-#[test]
-fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
-    let c = with_extension("ckpt", &["max_wal_size = '64MB'", "min_wal_size = '32MB'", "checkpoint_timeout = '1h'"]);
+/// A cluster with a small max_wal_size and no timed checkpoint in sight, and a lease
+/// `pinning` that holds 200 MB of WAL and is older than a checkpoint (its WAL is really
+/// pinned, not just not yet removed).
+fn pinned(tag: &str, extra: &[&str]) -> Cluster {
+    let mut conf = vec!["max_wal_size = '64MB'", "min_wal_size = '32MB'", "checkpoint_timeout = '1h'"];
+    conf.extend_from_slice(extra);
+    let c = with_extension(tag, &conf);
     c.exec("CHECKPOINT");
     c.exec("SELECT * FROM backup_slot_lease('pinning', '1 hour')");
     c.make_wal(200);
-    c.exec("CHECKPOINT"); // the slot is now older than a checkpoint: its WAL is really pinned
+    c.exec("CHECKPOINT");
+    c
+}
+
+#[test]
+fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
+    let c = pinned("ckpt", &[]);
     let before = c.pg_wal_bytes();
     let frees = c.count("SELECT frees_bytes FROM pgslotguard.slots WHERE slot_name = 'pinning'");
     assert!(before > 150 << 20 && frees > 100 << 20, "pg_wal {before}, frees {frees}\n{}", c.describe());
@@ -185,14 +192,7 @@ fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
 
 #[test]
 fn with_checkpoint_after_drop_off_the_wal_waits_for_the_next_checkpoint() {
-    let c = with_extension(
-        "ckptoff",
-        &["max_wal_size = '64MB'", "min_wal_size = '32MB'", "checkpoint_timeout = '1h'", "pgslotguard.checkpoint_after_drop = off"],
-    );
-    c.exec("CHECKPOINT");
-    c.exec("SELECT * FROM backup_slot_lease('pinning', '1 hour')");
-    c.make_wal(200);
-    c.exec("CHECKPOINT");
+    let c = pinned("ckptoff", &["pgslotguard.checkpoint_after_drop = off"]);
     let before = c.pg_wal_bytes();
     c.exec("UPDATE pgslotguard.lease_data SET expires_at = now() WHERE slot_name = 'pinning'");
     c.wait_for("the drop", WAIT, |c| (!c.slot_exists("pinning")).then_some(()));

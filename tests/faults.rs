@@ -76,7 +76,9 @@ fn worker_killed_with_sigkill_comes_back_and_nothing_is_lost() {
     assert!(st.success());
     // the postmaster resets the cluster (crash recovery) and starts the guard again
     let new_pid = c.wait_for("a new guard worker after SIGKILL", WAIT, |c| c.worker_pid().filter(|p| *p != pid));
-    assert_ne!(new_pid, pid);
+    // status names the new worker, not the PID of the one that is gone
+    assert_eq!(c.sql("SELECT pid FROM pgslotguard.status")[0].get::<_, Option<i32>>(0), Some(new_pid));
+    assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "true");
     assert!(c.slot_exists("survivor"));
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'survivor'"), 1);
     c.wait_for("the expired lease to be enforced after the crash", WAIT, |c| (!c.slot_exists("doomed")).then_some(()));
@@ -126,4 +128,41 @@ fn missing_guard_database_keeps_the_server_up_and_the_worker_comes_back() {
     let mut g = c.client_db("guard_db");
     g.batch_execute("CREATE EXTENSION pgslotguard; SELECT * FROM backup_slot_lease('late_db', '1 s')").unwrap();
     c.wait_for("the guard to enforce in the database once it exists", WAIT, |c| (!c.slot_exists("late_db")).then_some(()));
+}
+
+#[test]
+fn a_guard_killed_mid_pass_loses_no_record_of_a_drop() {
+    let c = with_extension("killmid", &["pgslotguard.naptime = '1h'", "max_replication_slots = 400"]);
+    let n = 300;
+    c.exec(&format!("SELECT count(*) FROM generate_series(1, {n}) i, backup_slot_lease('k_' || i, '2s')"));
+    std::thread::sleep(Duration::from_millis(2100)); // every lease has expired
+    let pid = c.wait_for("the guard worker", WAIT, |c| c.worker_pid());
+    let mut watch = c.client();
+    c.reload(); // SIGHUP: the worker runs a pass at once
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left: i64 = watch.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'k\\_%'", &[]).unwrap().get(0);
+        if left < n {
+            let st = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap();
+            assert!(st.success());
+            eprintln!("killed the guard mid-pass with {left} of {n} slots left");
+            assert!(left > 0, "the pass ended before the kill: the test proves nothing");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pass never started");
+    }
+    drop(watch);
+    // crash recovery (connections fail meanwhile), a new guard, and its first pass
+    // finishes the job
+    c.wait_for("every expired slot to be dropped after the crash", WAIT, |c| {
+        let left = c.try_sql(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'k\\_%')
+                  + (SELECT count(*) FROM pgslotguard.lease_data)",
+        );
+        left.ok().and_then(|r| r.first().map(|r| r.get::<_, i64>(0))).filter(|n| *n == 0).map(|_| ())
+    });
+    let outside = c.count("SELECT count(*) FROM pgslotguard.events WHERE reason LIKE '%dropped outside pgslotguard%'");
+    let drops = c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop' AND slot_name LIKE 'k\\_%'");
+    assert_eq!(outside, 0, "drops the killed guard made lost their record\n{}", c.describe());
+    assert_eq!(drops, n, "{}", c.describe());
 }

@@ -71,3 +71,135 @@ fn a_lease_held_open_in_a_transaction_makes_the_guard_skip_only_that_slot() {
     tx.rollback().unwrap();
     c.wait_for("the expired slot to be dropped once its lock is free", WAIT, |c| (!c.slot_exists("held")).then_some(()));
 }
+
+#[test]
+fn a_non_superuser_lease_limit_only_tightens_the_global_one_even_later() {
+    let c = with_extension("tighten", &[]);
+    c.exec("CREATE ROLE backup LOGIN REPLICATION");
+    let mut backup = connect_as(&c, "backup");
+    // taken while no global limit is set: 1PB is a lowering of "no limit"
+    backup.batch_execute("SELECT * FROM backup_slot_lease('exempt_try', '1h', max_retained => '1PB')").unwrap();
+    // a superuser's own lease limit may exceed the global one
+    c.exec("SELECT * FROM backup_slot_lease('dba_slot', '1h', max_retained => '1PB')");
+    c.make_wal(4);
+    // the DBA sets a global limit later: it binds the non-superuser's lease
+    c.set_policy(&[("pgslotguard.max_retained_wal", "1MB")]);
+    c.wait_for("the non-superuser's slot to be dropped under the later global limit", WAIT, |c| {
+        (!c.slot_exists("exempt_try")).then_some(())
+    });
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'exempt_try' ORDER BY id DESC LIMIT 1"), "retained_drop");
+    c.wait_passes(2);
+    assert!(c.slot_exists("dba_slot"), "a superuser's lease limit was overridden\n{}", c.describe());
+    assert_eq!(c.text("SELECT max_retained FROM pgslotguard.leases WHERE slot_name = 'dba_slot'"), "1024 TB");
+
+    // and now a non-superuser cannot ask for more than the global limit at all
+    let err = backup.batch_execute("SELECT * FROM backup_slot_lease('raise', '1h', max_retained => '50GB')").unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "42501", "{db:?}");
+    assert!(db.message().contains("above pgslotguard.max_retained_wal (1024 kB)"), "{db:?}");
+    assert!(db.hint().is_some_and(|h| h.contains("Only a superuser")), "{db:?}");
+    assert!(!c.slot_exists("raise"));
+}
+
+#[test]
+fn a_logical_slot_that_took_a_leased_name_is_never_dropped_by_the_lease() {
+    let c = with_extension("relog", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('relog', '3s')");
+    c.exec("SELECT pg_drop_replication_slot('relog')");
+    c.exec("SELECT pg_create_logical_replication_slot('relog', 'test_decoding')");
+    c.wait_for("the lease to end", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'relog'") == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(4)); // past the lease's expiry
+    c.wait_passes(2);
+    assert!(c.slot_exists("relog"), "the guard dropped a logical slot under a leased name\n{}", c.describe());
+    let ev = c.text("SELECT action || ': ' || reason FROM pgslotguard.events WHERE slot_name = 'relog' ORDER BY id DESC LIMIT 1");
+    assert!(ev.starts_with("warn: the slot of this name is not the one the lease created") && ev.contains("logical"), "{ev}");
+}
+
+#[test]
+fn an_idle_guard_writes_no_wal_and_assigns_no_transaction_ids() {
+    let c = with_extension(
+        "idle",
+        &["pgslotguard.naptime = '100ms'", "pgslotguard.max_retained_wal = '1GB'", "pgslotguard.min_free_wal_space = '1%'", "autovacuum = off"],
+    );
+    c.exec("CREATE EXTENSION pg_walinspect");
+    c.exec("SELECT * FROM backup_slot_lease('idle_a', '1 hour'); SELECT pg_create_physical_replication_slot('other', true);");
+    c.wait_passes(3);
+    let lsn0 = c.text("SELECT pg_current_wal_insert_lsn()::text");
+    let xid0 = c.text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text");
+    let passes0 = c.count("SELECT passes FROM pgslotguard.status");
+    c.wait_passes(30);
+    let xid1 = c.text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text");
+    let lsn1 = c.text("SELECT pg_current_wal_insert_lsn()::text");
+    let passes = c.count("SELECT passes FROM pgslotguard.status") - passes0;
+    assert_eq!(xid1, xid0, "{passes} idle passes assigned transaction IDs");
+    // Only the server's own background records (running-xacts snapshots) may appear.
+    let written = if lsn1 == lsn0 {
+        String::new()
+    } else {
+        c.text(&format!(
+            "SELECT string_agg(resource_manager || '/' || record_type, ', ')
+               FROM pg_get_wal_records_info('{lsn0}', '{lsn1}') WHERE resource_manager <> 'Standby'"
+        ))
+    };
+    assert!(written.is_empty(), "{passes} idle passes wrote WAL: {written}");
+}
+
+#[test]
+fn dry_run_reports_a_would_be_drop_once_per_crossing() {
+    let c = with_extension("dryonce", &["pgslotguard.naptime = '100ms'", "pgslotguard.dry_run = on"]);
+    c.exec("SELECT count(*) FROM generate_series(1, 5) i, backup_slot_lease('d' || i, '1 second')");
+    c.wait_for("five would_drop events", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'would_drop'") >= 5).then_some(())
+    });
+    c.wait_passes(20);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'would_drop'"), 5, "{}", c.describe());
+    let lines = c.log().matches("pgslotguard: would drop replication slot").count();
+    assert_eq!(lines, 5, "{}", c.log_tail(20));
+}
+
+#[test]
+fn dump_and_restore_keeps_leases_events_and_their_owners() {
+    let a = with_extension("dumpsrc", &[]);
+    a.exec("CREATE ROLE alice LOGIN REPLICATION; CREATE ROLE bob LOGIN REPLICATION;");
+    connect_as(&a, "alice").batch_execute("SELECT * FROM backup_slot_lease('alice_slot', '1h')").unwrap();
+    connect_as(&a, "bob").batch_execute("SELECT * FROM backup_slot_lease('bob_slot', '1h')").unwrap();
+    connect_as(&a, "alice").batch_execute("SELECT backup_slot_renew('alice_slot', '2h')").unwrap();
+    let dump = a.dir.join("postgres.dump");
+    let dump_s = dump.to_string_lossy().to_string();
+    a.run_tool("pg_dump", &["-h", "127.0.0.1", "-p", &a.port_s(), "-U", "postgres", "-Fc", "-f", &dump_s, "postgres"]);
+
+    // Another cluster, whose roles get other OIDs than on the first.
+    let b = Cluster::start("dumpdst", &[]);
+    b.exec("CREATE ROLE filler; CREATE ROLE bob LOGIN REPLICATION; CREATE ROLE alice LOGIN REPLICATION;");
+    let out = b.tool("pg_restore").args(["-h", "127.0.0.1", "-p", &b.port_s(), "-U", "postgres", "-d", "postgres", &dump_s]).output().unwrap();
+    assert!(out.status.success(), "pg_restore failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // leasing works at once: the event ids go on from the dumped sequence
+    b.exec("SELECT * FROM backup_slot_lease('fresh', '1h')");
+    assert_eq!(b.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name IN ('alice_slot', 'bob_slot') AND action IN ('lease', 'renew')"), 3);
+    assert!(
+        b.count("SELECT id FROM pgslotguard.events WHERE slot_name = 'fresh'")
+            > b.count("SELECT max(id) FROM pgslotguard.events WHERE slot_name IN ('alice_slot', 'bob_slot') AND action IN ('lease', 'renew')")
+    );
+    // each role sees its own events, by name
+    let seen = |role: &str| -> String {
+        connect_as(&b, role)
+            .query_one("SELECT string_agg(DISTINCT slot_name, ',') FROM pgslotguard.events", &[])
+            .unwrap()
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default()
+    };
+    assert_eq!(seen("alice"), "alice_slot");
+    assert_eq!(seen("bob"), "bob_slot");
+    // the restored leases have no slot on this cluster: they end cleanly
+    b.wait_for("the restored leases without slots to end", WAIT, |b| {
+        (b.count("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name IN ('alice_slot', 'bob_slot')") == 0).then_some(())
+    });
+    assert_eq!(
+        b.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'warn' AND reason LIKE 'slot no longer exists%'"),
+        2
+    );
+    assert!(b.slot_exists("fresh"));
+}

@@ -7,6 +7,34 @@ use common::*;
 use std::time::Duration;
 
 #[test]
+fn release_rolled_back_keeps_slot_and_lease_and_a_committed_one_drops_the_slot() {
+    let c = with_extension("relrollback", &[]);
+    c.exec("SELECT * FROM backup_slot_lease('rb1', '1h')");
+    let mut cl = c.client();
+    let mut tx = cl.transaction().unwrap();
+    tx.batch_execute("SELECT backup_slot_release('rb1')").unwrap();
+    tx.rollback().unwrap();
+    assert!(c.slot_exists("rb1"), "a rolled-back release dropped the slot\n{}", c.describe());
+    assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'rb1'"), "ok");
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'release'"), 0);
+
+    // in a savepoint that rolls back, likewise; then a release that commits drops it
+    let mut tx = cl.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s; SELECT backup_slot_release('rb1'); ROLLBACK TO SAVEPOINT s;").unwrap();
+    tx.commit().unwrap();
+    assert!(c.slot_exists("rb1"), "a release rolled back to a savepoint dropped the slot");
+    c.exec("SELECT backup_slot_release('rb1')");
+    assert!(!c.slot_exists("rb1"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events ORDER BY id DESC LIMIT 1"), "release");
+
+    // lease and release in one transaction: nothing left
+    c.exec("BEGIN; SELECT * FROM backup_slot_lease('rb2', '1h'); SELECT backup_slot_release('rb2'); COMMIT;");
+    assert!(!c.slot_exists("rb2"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+}
+
+#[test]
 fn lease_rolled_back_leaves_no_slot() {
     let c = with_extension("rollback", &[]);
     let mut cl = c.client();
@@ -100,4 +128,28 @@ fn lease_warns_when_no_guard_worker_runs() {
     );
     assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "false");
     assert_eq!(c.text("SELECT preloaded::text FROM pgslotguard.status"), "false");
+}
+
+#[test]
+fn bytes_that_are_not_utf8_in_a_sql_ascii_database_get_22021_and_a_hint() {
+    let c = Cluster::start("sqlascii", &["pgslotguard.database = 'ascii'"]);
+    c.exec("CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    let mut db = c.client_db("ascii");
+    db.batch_execute("CREATE EXTENSION pgslotguard").unwrap();
+    for q in [
+        "SELECT * FROM backup_slot_lease(E'bad\\xff', '1h')",
+        "SELECT * FROM backup_slot_lease('ok_name', '1h', holder => E'caf\\xe9')",
+        "SELECT * FROM backup_slot_lease('ok_name', '1h', max_retained => E'1\\xffGB')",
+        "SELECT backup_slot_renew(E'x\\xfe')",
+        "SELECT backup_slot_release(E'x\\xfe')",
+    ] {
+        let err = db.batch_execute(q).unwrap_err();
+        let e = err.as_db_error().unwrap_or_else(|| panic!("{q}: {err}"));
+        assert_eq!(e.code().code(), "22021", "{q}: {e:?}");
+        assert!(e.hint().is_some_and(|h| h.contains("SQL_ASCII")), "{q}: {e:?}");
+    }
+    assert!(!c.slot_exists("ok_name"));
+    // plain ASCII works as anywhere
+    db.batch_execute("SELECT * FROM backup_slot_lease('ok_name', '1h', holder => 'nightly')").unwrap();
+    assert!(c.slot_exists("ok_name"));
 }

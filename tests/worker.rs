@@ -94,7 +94,9 @@ fn worker_comes_back_after_sigterm() {
     let st = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
     assert!(st.success());
     let new_pid = c.wait_for("a new guard worker after SIGTERM", WAIT, |c| c.worker_pid().filter(|p| *p != pid));
-    assert_ne!(new_pid, pid);
+    // status names the new worker, not the PID of the one that is gone
+    assert_eq!(c.sql("SELECT pid FROM pgslotguard.status")[0].get::<_, Option<i32>>(0), Some(new_pid));
+    assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "true");
     // and it still enforces
     c.exec("SELECT * FROM backup_slot_lease('after_term', '1 second')");
     c.wait_for("the restarted worker to drop an expired slot", WAIT, |c| (!c.slot_exists("after_term")).then_some(()));

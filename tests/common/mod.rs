@@ -1,6 +1,7 @@
 //! Shared helpers for the integration suites: throwaway PostgreSQL 15 clusters run as the
 //! `postgres` system user, on 127.0.0.1 at a free port with the socket in a temp dir,
 //! always stopped (by their own data directory) when the test ends, pass or fail.
+//! Each suite uses some of these helpers, none uses all: unused ones are not dead code.
 #![allow(dead_code)]
 
 use postgres::{Client, NoTls, Row};
@@ -17,15 +18,18 @@ pub fn running_as_postgres() -> bool {
         || Command::new("id").arg("-un").output().map(|o| o.stdout == b"postgres\n").unwrap_or(false)
 }
 
-/// A command run as the postgres system user.
+/// A command run as the postgres system user, from `/` (the test's own directory may be
+/// one postgres cannot enter; `Cluster::tool` runs in the cluster's directory instead).
 pub fn pg_cmd(program: &str) -> Command {
-    if running_as_postgres() {
+    let mut c = if running_as_postgres() {
         Command::new(program)
     } else {
         let mut c = Command::new("sudo");
         c.args(["-n", "-u", "postgres", "--", program]);
         c
-    }
+    };
+    c.current_dir("/");
+    c
 }
 
 pub fn bin(name: &str) -> String {
@@ -107,17 +111,6 @@ impl Cluster {
         conf.extend(extra.iter().map(|s| s.to_string()));
         c.append_conf(&conf.join("\n"));
         c
-    }
-
-    pub fn from_data(dir: PathBuf, data: PathBuf) -> Cluster {
-        let conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
-        let port = conf
-            .lines()
-            .filter_map(|l| l.strip_prefix("port = "))
-            .last()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or(0);
-        Cluster { dir, data, port }
     }
 
     pub fn append_conf(&self, text: &str) {
@@ -477,8 +470,4 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-pub fn path_str(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
