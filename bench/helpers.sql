@@ -74,3 +74,18 @@ BEGIN
         PERFORM pg_sleep(0.05);
     END LOOP;
 END $$;
+
+-- B6: write WAL (1 MB inserts into table filler, truncated as it goes) until the slot
+-- retains at least target bytes.
+CREATE FUNCTION bench_fill_to(slot text, target bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    cur bigint;
+BEGIN
+    LOOP
+        SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint INTO cur FROM pg_replication_slots WHERE slot_name = slot;
+        EXIT WHEN cur IS NULL OR cur >= target;
+        INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
+        TRUNCATE filler;
+    END LOOP;
+    RETURN cur;
+END $$;

@@ -146,6 +146,13 @@ fn read_state(policy: &Policy, actor: &str, dry_run: bool) -> Result<(Verdict, V
     let mut snap = state::snapshot()?;
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
     snap.seen = state::track(&snap, !dry_run)?;
+    // The disk is measured (statvfs, a listing of pg_wal) only when something needs it:
+    // the floor, or a drop whose released WAL is recorded and followed by a checkpoint.
+    let verdict = policy::judge(policy, &snap);
+    let drops = verdict.decisions.iter().any(|d| matches!(d.action, Action::Drop { .. }));
+    if policy.min_free_wal.is_none() && !drops {
+        return Ok((verdict, finished, None));
+    }
     let mut disk_error = None;
     snap.disk = match state::wal_disk() {
         Ok(d) => Some(d),

@@ -402,12 +402,19 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
 pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
     let mut decisions = decide_limits(policy, snap);
     let Some(wal) = &snap.disk else { return Verdict { decisions, disk: None } };
+    // Decisions of existing slots by name (decisions of leases without a slot have no pin).
+    let index: HashMap<String, usize> = decisions
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.slot_exists)
+        .map(|(i, d)| (d.slot_name.clone(), i))
+        .collect();
     let pins: Vec<disk::Pin> = snap
         .slots
         .iter()
         .filter_map(|s| {
             let r = s.restart_lsn?;
-            let d = decisions.iter().find(|d| d.slot_exists && d.slot_name == s.name)?;
+            let d = &decisions[*index.get(&s.name)?];
             let (droppable, why_not) = if !d.in_scope {
                 (false, d.scope_reason)
             } else if s.active() && !policy.terminate_active {
@@ -419,8 +426,8 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
         })
         .collect();
     for (name, frees) in disk::frees_per_slot(wal, &pins) {
-        if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && d.slot_name == name) {
-            d.frees_bytes = Some(frees);
+        if let Some(&i) = index.get(&name) {
+            decisions[i].frees_bytes = Some(frees);
         }
     }
     let already: HashSet<&str> = decisions
@@ -429,8 +436,8 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
         .map(|d| d.slot_name.as_str())
         .collect();
     let plan = policy.min_free_wal.map(|floor| disk::plan(wal, floor, &pins, &already));
-    let mut stuck = None;
     let mut dropping: HashSet<String> = already.iter().map(|s| s.to_string()).collect();
+    let mut stuck = None;
     if let Some(p) = plan.as_ref().filter(|p| p.below) {
         let why = format!(
             "free space on the filesystem of pg_wal is {} of {}, below pgslotguard.min_free_wal_space ({})",
@@ -439,27 +446,25 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             fmt_bytes(p.floor)
         );
         for (name, marginal) in &p.drops {
-            let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && &d.slot_name == name) else { continue };
+            let Some(&i) = index.get(name) else { continue };
             let pid = snap.slots.iter().find(|s| &s.name == name).and_then(|s| s.active_pid);
             let mut reason = format!("{why}; dropping it frees about {} of pg_wal", fmt_bytes(*marginal));
             if let Some(pid) = pid {
                 reason.push_str(&format!("; walsender PID {pid} terminated (terminate_active)"));
             }
-            d.state = Breach::Space.state();
-            d.action = Action::Drop { breach: Breach::Space, terminate: pid, reason };
+            decisions[i].state = Breach::Space.state();
+            decisions[i].action = Action::Drop { breach: Breach::Space, terminate: pid, reason };
             dropping.insert(name.clone());
         }
         if let Some((name, not_why, extra)) = &p.blocker {
-            if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && &d.slot_name == name) {
-                if d.action == Action::None {
-                    d.action = Action::Wait {
-                        breach: Breach::Space,
-                        reason: format!(
-                            "{why}; this slot holds back {} that a checkpoint could free, and is not dropped: {not_why}",
-                            fmt_bytes(*extra)
-                        ),
-                    };
-                }
+            if let Some(d) = index.get(name).map(|&i| &mut decisions[i]).filter(|d| d.action == Action::None) {
+                d.action = Action::Wait {
+                    breach: Breach::Space,
+                    reason: format!(
+                        "{why}; this slot holds back {} that a checkpoint could free, and is not dropped: {not_why}",
+                        fmt_bytes(*extra)
+                    ),
+                };
             }
         } else if !p.restores {
             stuck = Some(format!(
@@ -470,21 +475,16 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
         }
     }
     // What each drop of this pass releases, oldest first.
-    let mut order: Vec<&disk::Pin> = pins.iter().filter(|p| dropping.contains(&p.name)).collect();
-    order.sort_by(|a, b| a.restart_lsn.cmp(&b.restart_lsn).then(a.name.cmp(&b.name)));
-    let mut gone: HashSet<&str> = HashSet::new();
-    let mut so_far = disk::freed(wal, &pins, &gone);
-    let mut releases: Vec<(String, i64)> = vec![];
-    for p in order {
-        gone.insert(p.name.as_str());
-        let now = disk::freed(wal, &pins, &gone);
-        releases.push((p.name.clone(), now - so_far));
-        so_far = now;
-    }
-    for (name, r) in releases {
-        if let Some(d) = decisions.iter_mut().find(|d| d.slot_exists && d.slot_name == name) {
-            d.releases_bytes = Some(r);
+    let mut horizon = disk::Horizon::new(&pins);
+    let mut so_far = horizon.freed(wal);
+    let order: Vec<String> = horizon.oldest_first().filter(|p| dropping.contains(&p.name)).map(|p| p.name.clone()).collect();
+    for name in order {
+        horizon.drop_pin(&name);
+        let now = horizon.freed(wal);
+        if let Some(&i) = index.get(&name) {
+            decisions[i].releases_bytes = Some(now - so_far);
         }
+        so_far = now;
     }
     Verdict { decisions, disk: Some(DiskVerdict { disk: wal.clone(), plan, freed: so_far, stuck }) }
 }

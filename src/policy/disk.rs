@@ -121,22 +121,87 @@ pub fn projected_pg_wal(disk: &WalDisk, remaining_oldest: Option<u64>) -> i64 {
     disk.pg_wal.min(bound)
 }
 
-/// Bytes a checkpoint would free once the slots named in `dropped` are gone.
-pub fn freed(disk: &WalDisk, pins: &[Pin], dropped: &HashSet<&str>) -> i64 {
-    let oldest = pins.iter().filter(|p| !dropped.contains(p.name.as_str())).map(|p| p.restart_lsn).min();
+/// Bytes a checkpoint would free with `oldest` the oldest restart LSN still held.
+fn freed_at(disk: &WalDisk, oldest: Option<u64>) -> i64 {
     disk.pg_wal - projected_pg_wal(disk, oldest)
 }
 
+/// Bytes a checkpoint would free once the slots named in `dropped` are gone.
+pub fn freed(disk: &WalDisk, pins: &[Pin], dropped: &HashSet<&str>) -> i64 {
+    freed_at(disk, pins.iter().filter(|p| !dropped.contains(p.name.as_str())).map(|p| p.restart_lsn).min())
+}
+
+/// The removal horizon as slots go, oldest first: the pins in restart-LSN order and a
+/// cursor at the oldest one not yet gone. Slots only ever go, so the cursor only moves
+/// forward, and a pass over n slots costs O(n log n), not a scan per drop.
+#[derive(Clone)]
+pub struct Horizon<'a> {
+    pins: &'a [Pin],
+    by_name: std::collections::HashMap<&'a str, usize>,
+    order: Vec<usize>,
+    gone: Vec<bool>,
+    at: usize,
+}
+
+impl<'a> Horizon<'a> {
+    pub fn new(pins: &'a [Pin]) -> Horizon<'a> {
+        let mut order: Vec<usize> = (0..pins.len()).collect();
+        order.sort_by(|&a, &b| pins[a].restart_lsn.cmp(&pins[b].restart_lsn).then(pins[a].name.cmp(&pins[b].name)));
+        let by_name = pins.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+        Horizon { pins, by_name, order, gone: vec![false; pins.len()], at: 0 }
+    }
+
+    /// The pins, oldest first.
+    pub fn oldest_first(&self) -> impl Iterator<Item = &'a Pin> + '_ {
+        self.order.iter().map(|&i| &self.pins[i])
+    }
+
+    /// Mark the pin named `name` gone.
+    pub fn drop_pin(&mut self, name: &str) {
+        if let Some(&i) = self.by_name.get(name) {
+            self.gone[i] = true;
+        }
+    }
+
+    fn drop_index(&mut self, i: usize) {
+        self.gone[i] = true;
+    }
+
+    /// The oldest pin not gone.
+    pub fn oldest(&mut self) -> Option<&'a Pin> {
+        while self.at < self.order.len() && self.gone[self.order[self.at]] {
+            self.at += 1;
+        }
+        self.order.get(self.at).map(|&i| &self.pins[i])
+    }
+
+    /// What a checkpoint frees with the pins gone so far.
+    pub fn freed(&mut self, disk: &WalDisk) -> i64 {
+        let oldest = self.oldest().map(|p| p.restart_lsn);
+        freed_at(disk, oldest)
+    }
+}
+
 /// For each pin: the bytes freed by dropping it together with every droppable pin that
-/// is not younger (what `pgslotguard.slots.frees_bytes` shows).
+/// is not younger (what `pgslotguard.slots.frees_bytes` shows), beyond what a checkpoint
+/// frees anyway. O(n log n): with every droppable pin up to a pin's restart LSN gone, the
+/// horizon is the oldest *non-droppable* other pin up to there, or else the first pin
+/// after it.
 pub fn frees_per_slot(disk: &WalDisk, pins: &[Pin]) -> Vec<(String, i64)> {
-    let base = freed(disk, pins, &HashSet::new());
+    let h = Horizon::new(pins);
+    let sorted: Vec<u64> = h.oldest_first().map(|p| p.restart_lsn).collect();
+    let base = freed_at(disk, sorted.first().copied());
+    let stays: Vec<&Pin> = h.oldest_first().filter(|p| !p.droppable).take(2).collect();
     pins.iter()
         .map(|p| {
-            let mut set: HashSet<&str> =
-                pins.iter().filter(|o| o.droppable && o.restart_lsn <= p.restart_lsn).map(|o| o.name.as_str()).collect();
-            set.insert(p.name.as_str());
-            (p.name.clone(), freed(disk, pins, &set) - base)
+            let r = p.restart_lsn;
+            let after = sorted.get(sorted.partition_point(|&x| x <= r)).copied();
+            let stay = stays.iter().find(|o| o.name != p.name).map(|o| o.restart_lsn).filter(|&x| x <= r);
+            let oldest = match (stay, after) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            (p.name.clone(), freed_at(disk, oldest) - base)
         })
         .collect()
 }
@@ -171,26 +236,31 @@ pub fn plan(disk: &WalDisk, floor: Floor, pins: &[Pin], already: &HashSet<&str>)
     let headroom = headroom(floor, disk.segment_size);
     let mut out =
         FloorPlan { floor, headroom, below: disk.free < floor, drops: vec![], freed: 0, restores: true, blocker: None };
-    let mut gone: HashSet<&str> = already.clone();
-    let mut got = freed(disk, pins, &gone);
+    let mut h = Horizon::new(pins);
+    for (i, p) in pins.iter().enumerate() {
+        if already.contains(p.name.as_str()) {
+            h.drop_index(i);
+        }
+    }
+    let mut got = h.freed(disk);
     out.freed = got;
     if !out.below {
         return out;
     }
     let target = floor + headroom;
-    let mut candidates: Vec<&Pin> =
-        pins.iter().filter(|p| p.droppable && !already.contains(p.name.as_str())).collect();
-    candidates.sort_by(|a, b| a.restart_lsn.cmp(&b.restart_lsn).then(a.name.cmp(&b.name)));
+    let candidates: Vec<&Pin> =
+        h.oldest_first().filter(|p| p.droppable && !already.contains(p.name.as_str())).collect();
 
     // Walk oldest first; remember the shortest prefix that frees the most.
     let (mut best_k, mut best) = (0usize, got);
     let mut steps: Vec<(String, i64)> = vec![];
+    let mut walk = h.clone();
     for (k, p) in candidates.iter().enumerate() {
         if disk.free + got >= target {
             break;
         }
-        gone.insert(p.name.as_str());
-        let now = freed(disk, pins, &gone);
+        walk.drop_pin(&p.name);
+        let now = walk.freed(disk);
         steps.push((p.name.clone(), now - got));
         got = now;
         if got > best {
@@ -203,16 +273,12 @@ pub fn plan(disk: &WalDisk, floor: Floor, pins: &[Pin], already: &HashSet<&str>)
     out.freed = best;
     out.restores = disk.free + best >= target;
     if !out.restores {
-        let dropped: HashSet<&str> =
-            already.iter().copied().chain(out.drops.iter().map(|(n, _)| n.as_str())).collect();
-        let oldest_left = pins
-            .iter()
-            .filter(|p| !dropped.contains(p.name.as_str()))
-            .min_by(|a, b| a.restart_lsn.cmp(&b.restart_lsn).then(a.name.cmp(&b.name)));
-        if let Some(p) = oldest_left.filter(|p| !p.droppable) {
-            let mut with = dropped.clone();
-            with.insert(p.name.as_str());
-            let extra = freed(disk, pins, &with) - best;
+        for (name, _) in &out.drops {
+            h.drop_pin(name);
+        }
+        if let Some(p) = h.oldest().filter(|p| !p.droppable) {
+            h.drop_pin(&p.name);
+            let extra = h.freed(disk) - best;
             if extra > 0 {
                 out.blocker = Some((p.name.clone(), p.why_not, extra));
             }
@@ -340,6 +406,34 @@ mod tests {
         assert_eq!(f["mid"], 10 * SEG);
         // standby with old: horizon at mid (30 back): 60 - 34 = 26, minus base
         assert_eq!(f["standby"], 20 * SEG);
+    }
+
+    #[test]
+    fn frees_per_slot_agrees_with_the_definition_on_many_shapes() {
+        // the O(n log n) walk against the definition: drop the slot and every droppable
+        // one not younger, project, subtract what a checkpoint frees anyway
+        let d = disk(0, 200 * SEG);
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for round in 0..200 {
+            let n = 1 + (round % 9);
+            let pins: Vec<Pin> =
+                (0..n).map(|i| pin(&format!("s{i}"), 1 + (next() % 60) as i64, next() % 3 != 0)).collect();
+            let base = freed(&d, &pins, &HashSet::new());
+            for (name, got) in frees_per_slot(&d, &pins) {
+                let p = pins.iter().find(|p| p.name == name).unwrap();
+                let mut set: HashSet<&str> = pins
+                    .iter()
+                    .filter(|o| o.droppable && o.restart_lsn <= p.restart_lsn)
+                    .map(|o| o.name.as_str())
+                    .collect();
+                set.insert(p.name.as_str());
+                assert_eq!(got, freed(&d, &pins, &set) - base, "{name} in {pins:?}");
+            }
+        }
     }
 
     #[test]
