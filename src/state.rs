@@ -198,7 +198,8 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
 /// Returns the tracking as it now stands.
 pub fn track(snap: &Snapshot, write: bool) -> Result<Vec<Seen>> {
     let now_seen = crate::policy::track(snap);
-    let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| snap.seen.contains(n));
+    let before: std::collections::HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| before.get(n.slot_name.as_str()) == Some(&n));
     if unchanged || !write {
         return Ok(now_seen);
     }
