@@ -249,6 +249,7 @@ fn lease(
             lease_owner: Some(&actor),
             ..Event::new(Outcome::Lease, &reason, &actor)
         })?;
+        crate::rollback::wake_guard_at_commit();
         Ok((name.to_string(), lsn, expires_at))
     })
 }
@@ -273,6 +274,7 @@ fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZ
             lease_owner: Some(&lease.owner),
             ..Event::new(Outcome::Renew, &reason, &actor)
         })?;
+        crate::rollback::wake_guard_at_commit();
         Ok(expires_at)
     })
 }
@@ -308,6 +310,7 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
             // Dropped when this transaction commits: a rolled-back release keeps slot and lease.
             crate::rollback::drop_at_commit(name);
         }
+        crate::rollback::wake_guard_at_commit();
         Ok(true)
     })
 }

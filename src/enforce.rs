@@ -35,6 +35,9 @@ pub struct PassSummary {
     /// Slots skipped because another transaction held their lock.
     pub busy: i64,
     pub last_busy: Option<String>,
+    /// Microseconds from the pass's snapshot until the next time-driven limit is due
+    /// (`policy::next_due`), when one is.
+    pub next_due_us: Option<i64>,
 }
 
 /// A warning the worker has given and will not repeat while it holds: a slot waiting on
@@ -83,12 +86,13 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     if !dry_run {
         follow_up_checkpoint(actor, &mut summary);
     }
-    let (verdict, finished, disk_error) =
+    let (verdict, finished, disk_error, due) =
         in_subtransaction(|| read_state(&policy, actor.name, dry_run)).map_err(GuardError::Pass)?;
     for done in finished {
         summary.drops += 1;
         summary.done.push(done);
     }
+    summary.next_due_us = due;
     if let Some(e) = disk_error {
         summary.failed(None, &e, None);
     }
@@ -142,16 +146,22 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
 /// Read everything the pass decides on, finish drops an interrupted pass made but could
 /// not record, update the tracking, measure the disk, and decide. Returns the verdict,
 /// the drops finished now, and why the disk could not be measured (when a floor needs it).
-fn read_state(policy: &Policy, actor: &str, dry_run: bool) -> Result<(Verdict, Vec<Done>, Option<String>), GuardError> {
+#[allow(clippy::type_complexity)]
+fn read_state(
+    policy: &Policy,
+    actor: &str,
+    dry_run: bool,
+) -> Result<(Verdict, Vec<Done>, Option<String>, Option<i64>), GuardError> {
     let mut snap = state::snapshot()?;
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
     snap.seen = state::track(&snap, !dry_run)?;
     // The disk is measured (statvfs, a listing of pg_wal) only when something needs it:
     // the floor, or a drop whose released WAL is recorded and followed by a checkpoint.
     let verdict = policy::judge(policy, &snap);
+    let due = policy::next_due(policy, &snap, &verdict.decisions);
     let drops = verdict.decisions.iter().any(|d| matches!(d.action, Action::Drop { .. }));
     if policy.min_free_wal.is_none() && !drops {
-        return Ok((verdict, finished, None));
+        return Ok((verdict, finished, None, due));
     }
     let mut disk_error = None;
     snap.disk = match state::wal_disk() {
@@ -163,7 +173,7 @@ fn read_state(policy: &Policy, actor: &str, dry_run: bool) -> Result<(Verdict, V
             None
         }
     };
-    Ok((policy::judge(policy, &snap), finished, disk_error))
+    Ok((policy::judge(policy, &snap), finished, disk_error, due))
 }
 
 /// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,

@@ -371,6 +371,36 @@ pub fn track(snap: &Snapshot) -> Vec<Seen> {
     out
 }
 
+/// How long from `snap.now` until a limit that only time moves is reached on a slot the
+/// guard leaves alone now: a lease's expiry, the age limit, the inactivity limit. `None`:
+/// nothing of the kind lies ahead. (A limit is breached when the value is strictly
+/// above it, so age and inactivity are due one microsecond after the limit.) The worker
+/// sleeps until then rather than a whole naptime.
+pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Option<i64> {
+    let leases: HashMap<&str, &Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
+    let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let active: HashSet<&str> = snap.slots.iter().filter(|s| s.active()).map(|s| s.name.as_str()).collect();
+    let now = snap.now;
+    let mut due: Vec<i64> = vec![];
+    for d in decisions.iter().filter(|d| d.slot_exists && d.in_scope && d.action == Action::None) {
+        let name = d.slot_name.as_str();
+        let lease = leases.get(name);
+        if let Some(l) = lease {
+            due.push(l.expires_at - now);
+        }
+        let born = lease.map(|l| l.leased_at).or(seen.get(name).map(|s| s.first_seen));
+        if let (Some(limit), Some(born)) = (policy.max_slot_age_us, born) {
+            due.push(born + limit + 1 - now);
+        }
+        if let (Some(limit), Some(since)) = (policy.max_inactive_us, seen.get(name).and_then(|s| s.inactive_since)) {
+            if !active.contains(name) {
+                due.push(since + limit + 1 - now);
+            }
+        }
+    }
+    due.into_iter().filter(|&t| t > 0).min()
+}
+
 /// What the free-space floor asks of a pass, beside the per-slot decisions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskVerdict {
@@ -1157,5 +1187,28 @@ mod tests {
         assert_eq!(by["c"].inactive_since, Some(NOW), "went inactive now");
         assert!(!by.contains_key("gone"));
         assert!(by.contains_key("dropped"), "a drop intent stays until its drop is recorded");
+    }
+
+    #[test]
+    fn next_due_is_the_nearest_expiry_age_or_inactivity_ahead() {
+        let p = Policy { max_slot_age_us: Some(100 * S), max_inactive_us: Some(50 * S), ..Policy::default() };
+        let mut s = snap(vec![slot("a"), slot("b")], vec![lease("a", 10 * S, 30 * S), lease("b", 95 * S, 3600 * S)]);
+        s.seen = vec![Seen { slot_name: "b".into(), first_seen: NOW - 95 * S, inactive_since: Some(NOW - 40 * S), dropping: None }];
+        let d = decide(&p, &s);
+        // a: expires in 30 s (age 90 s ahead); b: age limit in 5 s, inactivity in 10 s
+        assert_eq!(next_due(&p, &s, &d), Some(5 * S + 1));
+        // without limits, the expiry of a
+        assert_eq!(next_due(&Policy::default(), &s, &decide(&Policy::default(), &s)), Some(30 * S));
+    }
+
+    #[test]
+    fn nothing_is_due_for_slots_out_of_scope_acted_on_or_waiting() {
+        let p = Policy { max_slot_age_us: Some(100 * S), ..Policy::default() };
+        // unleased under scope = leased; an expired lease (dropped this pass); an expired
+        // active one (waits for its walsender, not for a time)
+        let mut active = slot("busy");
+        active.active_pid = Some(3);
+        let s = snap(vec![slot("free"), slot("gone"), active], vec![lease("gone", S, -S), lease("busy", S, -S)]);
+        assert_eq!(next_due(&p, &s, &decide(&p, &s)), None);
     }
 }

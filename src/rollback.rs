@@ -20,6 +20,8 @@ thread_local! {
     /// Slots released in the current transaction, dropped at commit: (name, subtransaction).
     static RELEASED: RefCell<Vec<(String, pg_sys::SubTransactionId)>> = const { RefCell::new(Vec::new()) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// A lease call in this transaction changed a lease: wake the guard at commit.
+    static WAKE: Cell<bool> = const { Cell::new(false) };
 }
 
 fn register() {
@@ -43,6 +45,14 @@ fn current_subxact() -> pg_sys::SubTransactionId {
 pub fn created_in_this_transaction(name: &str) {
     register();
     PENDING.with_borrow_mut(|p| p.push((name.to_string(), current_subxact())));
+}
+
+/// Wake the guard worker when this transaction commits (not before: until then the worker
+/// would read the old state). Many commits in a row wake it once per pass at most
+/// (src/worker.rs spaces passes woken this way).
+pub fn wake_guard_at_commit() {
+    register();
+    WAKE.set(true);
 }
 
 /// Drop this slot when the transaction commits (not before: a rollback keeps it).
@@ -91,6 +101,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => drop_released(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            WAKE.set(false);
             RELEASED.with_borrow_mut(|r| r.clear());
             let pending = PENDING.with_borrow_mut(std::mem::take);
             for (name, _) in pending {
@@ -108,6 +119,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
             PENDING.with_borrow_mut(|p| p.clear());
+            if WAKE.replace(false) {
+                crate::shmem::wake_worker();
+            }
         }
         _ => {}
     }

@@ -144,6 +144,21 @@ pub fn worker_running() -> Option<i32> {
     alive.then_some(st.pid)
 }
 
+/// Wake the guard worker now (set its latch), if it runs: a lease call that committed
+/// has changed what the next pass must do or when.
+pub fn wake_worker() {
+    let Some(pid) = worker_running() else { return };
+    // SAFETY: BackendPidGetProc returns the worker's PGPROC in shared memory (or NULL if
+    // it is gone); its procLatch is the latch the worker waits on, and SetLatch may be
+    // called on another process's latch (that is what it is for).
+    unsafe {
+        let proc = pg_sys::BackendPidGetProc(pid);
+        if !proc.is_null() {
+            pg_sys::SetLatch(&mut (*proc).procLatch);
+        }
+    }
+}
+
 /// Called by the worker once it has published its PID: clear it when the process exits,
 /// however it exits (proc_exit after SIGTERM, FATAL, ERROR escalated to FATAL).
 pub fn clear_pid_at_exit() {

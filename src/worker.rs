@@ -8,11 +8,13 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const WORKER_NAME: &str = "pgslotguard guard";
 /// How often the worker looks for the end of a checkpoint it requested.
 const CHECKPOINT_POLL_US: i64 = 500_000;
+/// The least time between the start of a pass and one woken by a lease call.
+const MIN_WOKEN_SPACING: Duration = Duration::from_millis(100);
 /// The postmaster restarts the worker this long after it exits with an error.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
 
@@ -57,29 +59,53 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     let mut warned = HashSet::new();
     let mut missing_logged = false;
     let mut disabled_logged = false;
-    loop {
-        let started = state::now_us();
+    'passes: loop {
+        let started = Instant::now();
+        let started_at = state::now_us();
+        let mut due = None;
         if guc::enabled() {
             disabled_logged = false;
-            one_pass(&db, &mut warned, &mut missing_logged);
+            due = one_pass(&db, &mut warned, &mut missing_logged);
         } else if !disabled_logged {
             log!("pgslotguard: pgslotguard.enabled is off; the guard worker idles");
             disabled_logged = true;
         }
-        let mut naptime = guc::naptime_ms() as i64 * 1000;
-        // A checkpoint the guard requested is under way: look again soon, to record what
-        // pg_wal measures once it completes.
+        // Sleep until the next lease expiry, age or inactivity deadline, or naptime,
+        // whichever comes first; while a checkpoint the guard requested is under way, look
+        // again soon to record what pg_wal measures once it completes. Sleeping is timed
+        // on the monotonic clock, so a wall-clock jump neither stalls nor hurries it.
+        let mut wait_us = guc::naptime_ms() as i64 * 1000;
+        if let Some(d) = due {
+            wait_us = wait_us.min(d);
+        }
         if shmem::read().is_some_and(|s| s.ckpt_pending) {
-            naptime = naptime.min(CHECKPOINT_POLL_US);
+            wait_us = wait_us.min(CHECKPOINT_POLL_US);
         }
-        let next = started + naptime;
-        shmem::update(|s| s.next_pass = next);
-        let wait = (next - state::now_us()).clamp(0, naptime) as u64;
-        if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait))) {
-            break;
-        }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        let mut next = started + Duration::from_micros(wait_us.max(0) as u64);
+        shmem::update(|s| s.next_pass = started_at + wait_us);
+        loop {
+            let remaining = next.saturating_duration_since(Instant::now());
+            if !BackgroundWorker::wait_latch(Some(remaining)) {
+                break 'passes;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: the worker's main loop, outside any transaction: where a backend
+                // processes a reload too.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                break;
+            }
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            // Woken early by a lease call that committed: pass now, but not sooner than
+            // MIN_WOKEN_SPACING after the last pass began, so that a burst of lease calls
+            // (1000 renews in a second) costs a handful of passes, not one each.
+            let earliest = started + MIN_WOKEN_SPACING;
+            if now >= earliest {
+                break;
+            }
+            next = next.min(earliest);
         }
     }
     log!("pgslotguard: guard worker shutting down");
@@ -122,7 +148,9 @@ fn wait_for_database(db: &str) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &mut bool) {
+/// One pass in its own transaction; returns when the next time-driven limit is due
+/// (microseconds from the pass's snapshot), if one is.
+fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &mut bool) -> Option<i64> {
     let start = state::now_us();
     let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         let installed = enforce::in_subtransaction(|| Ok(!state::in_recovery() && state::extension_installed()?))?;
@@ -146,6 +174,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                 .report(PgLogLevel::LOG);
                 *missing_logged = true;
             }
+            None
         }
         Ok(Some(summary)) => {
             if *missing_logged {
@@ -166,6 +195,8 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                     s.set_last_error(e, state::now_us());
                 }
             });
+            // Measured from the pass's snapshot, taken as it began.
+            summary.next_due_us
         }
         Err(msg) => {
             warning!("pgslotguard: enforcement pass failed: {msg}");
@@ -176,6 +207,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                 s.last_pass_us = elapsed;
                 s.set_last_error(&format!("pass failed: {msg}"), state::now_us());
             });
+            None
         }
     }
 }

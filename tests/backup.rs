@@ -169,6 +169,10 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
 
     // active consumer: pg_receivewal attached, then frozen (SIGSTOP) so WAL piles up
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
+    // A new slot reserves WAL from the last checkpoint's redo point: checkpoint first, or
+    // it starts out over the 16 MB limit (and the guard, woken by the lease's commit,
+    // drops it before pg_receivewal attaches).
+    c.exec("CHECKPOINT");
     c.exec("SELECT * FROM backup_slot_lease('receiver', '1h')");
     let (recv, waldir) = c.receivewal("receiver");
     let pid = c.wait_for("pg_receivewal on the slot", WAIT, |c| {

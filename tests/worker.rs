@@ -180,3 +180,38 @@ fn events_older_than_the_retention_are_purged() {
         (c.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'recent'") == 0).then_some(())
     });
 }
+
+#[test]
+fn a_lease_is_dropped_at_its_expiry_not_at_the_next_naptime() {
+    let c = with_extension("deadline", &["pgslotguard.naptime = '1h'"]);
+    c.wait_passes(1);
+    let t0 = std::time::Instant::now();
+    c.exec("SELECT * FROM backup_slot_lease('two_seconds', '2 s')");
+    c.wait_for("the 2 s lease to be dropped under a 1 h naptime", Duration::from_secs(20), |c| {
+        (!c.slot_exists("two_seconds")).then_some(())
+    });
+    let took = t0.elapsed();
+    eprintln!("lease of 2 s dropped {took:?} after it was taken, at naptime 1 h");
+    assert!(took < Duration::from_millis(3500), "took {took:?}");
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'two_seconds' ORDER BY id DESC LIMIT 1"), "expire_drop");
+}
+
+#[test]
+fn a_burst_of_renews_wakes_the_guard_a_handful_of_times() {
+    let c = with_extension("burst", &["pgslotguard.naptime = '1h'"]);
+    c.exec("SELECT * FROM backup_slot_lease('busy_lease', '1h')");
+    c.wait_passes(1);
+    std::thread::sleep(Duration::from_millis(300)); // the pass woken by the lease is done
+    let p0 = c.count("SELECT passes FROM pgslotguard.status");
+    let t0 = std::time::Instant::now();
+    let mut cl = c.client();
+    for _ in 0..1000 {
+        cl.batch_execute("SELECT backup_slot_renew('busy_lease', '1h')").unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300)); // the last wake-up's pass
+    let passes = c.count("SELECT passes FROM pgslotguard.status") - p0;
+    eprintln!("1000 renews in {secs:.2} s caused {passes} passes (naptime 1 h)");
+    assert!(passes >= 1, "the renews never woke the guard");
+    assert!((passes as f64) <= secs * 10.0 + 3.0, "{passes} passes for 1000 renews in {secs:.2} s");
+}
