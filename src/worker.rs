@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub const WORKER_NAME: &str = "pgslotguard guard";
 /// How often the worker looks for the end of a checkpoint it requested.
 const CHECKPOINT_POLL_US: i64 = 500_000;
+/// How often the worker looks for the extension while it is not created.
+const MISSING_EXTENSION_POLL_US: i64 = 1_000_000;
 /// The least time between the start of a pass and one woken by a lease call.
 const MIN_WOKEN_SPACING: Duration = Duration::from_millis(100);
 /// The postmaster restarts the worker this long after it exits with an error.
@@ -77,6 +79,10 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
         let mut wait_us = guc::naptime_ms() as i64 * 1000;
         if let Some(d) = due {
             wait_us = wait_us.min(d);
+        }
+        if missing_logged {
+            // The extension is not there yet: notice CREATE EXTENSION within a second.
+            wait_us = wait_us.min(MISSING_EXTENSION_POLL_US);
         }
         if shmem::read().is_some_and(|s| s.ckpt_pending) {
             wait_us = wait_us.min(CHECKPOINT_POLL_US);

@@ -184,7 +184,7 @@ fn events_older_than_the_retention_are_purged() {
 #[test]
 fn a_lease_is_dropped_at_its_expiry_not_at_the_next_naptime() {
     let c = with_extension("deadline", &["pgslotguard.naptime = '1h'"]);
-    c.wait_passes(1);
+    c.wait_for("the guard's first pass", WAIT, |c| (c.count("SELECT passes FROM pgslotguard.status") >= 1).then_some(()));
     let t0 = std::time::Instant::now();
     c.exec("SELECT * FROM backup_slot_lease('two_seconds', '2 s')");
     c.wait_for("the 2 s lease to be dropped under a 1 h naptime", Duration::from_secs(20), |c| {
@@ -200,7 +200,7 @@ fn a_lease_is_dropped_at_its_expiry_not_at_the_next_naptime() {
 fn a_burst_of_renews_wakes_the_guard_a_handful_of_times() {
     let c = with_extension("burst", &["pgslotguard.naptime = '1h'"]);
     c.exec("SELECT * FROM backup_slot_lease('busy_lease', '1h')");
-    c.wait_passes(1);
+    c.wait_for("the guard's first pass", WAIT, |c| (c.count("SELECT passes FROM pgslotguard.status") >= 1).then_some(()));
     std::thread::sleep(Duration::from_millis(300)); // the pass woken by the lease is done
     let p0 = c.count("SELECT passes FROM pgslotguard.status");
     let t0 = std::time::Instant::now();
