@@ -126,11 +126,6 @@ fn freed_at(disk: &WalDisk, oldest: Option<u64>) -> i64 {
     disk.pg_wal - projected_pg_wal(disk, oldest)
 }
 
-/// Bytes a checkpoint would free once the slots named in `dropped` are gone.
-pub fn freed(disk: &WalDisk, pins: &[Pin], dropped: &HashSet<&str>) -> i64 {
-    freed_at(disk, pins.iter().filter(|p| !dropped.contains(p.name.as_str())).map(|p| p.restart_lsn).min())
-}
-
 /// The removal horizon as slots go, oldest first: the pins in restart-LSN order and a
 /// cursor at the oldest one not yet gone. Slots only ever go, so the cursor only moves
 /// forward, and a pass over n slots costs O(n log n), not a scan per drop.
@@ -161,10 +156,6 @@ impl<'a> Horizon<'a> {
         if let Some(&i) = self.by_name.get(name) {
             self.gone[i] = true;
         }
-    }
-
-    fn drop_index(&mut self, i: usize) {
-        self.gone[i] = true;
     }
 
     /// The oldest pin not gone.
@@ -237,10 +228,8 @@ pub fn plan(disk: &WalDisk, floor: Floor, pins: &[Pin], already: &HashSet<&str>)
     let mut out =
         FloorPlan { floor, headroom, below: disk.free < floor, drops: vec![], freed: 0, restores: true, blocker: None };
     let mut h = Horizon::new(pins);
-    for (i, p) in pins.iter().enumerate() {
-        if already.contains(p.name.as_str()) {
-            h.drop_index(i);
-        }
+    for name in already {
+        h.drop_pin(name);
     }
     let mut got = h.freed(disk);
     out.freed = got;
@@ -319,6 +308,12 @@ mod tests {
     }
     fn none() -> HashSet<&'static str> {
         HashSet::new()
+    }
+
+    /// The definition the guard's O(n log n) walks must agree with: what a checkpoint
+    /// frees once the slots named in `dropped` are gone.
+    fn freed(disk: &WalDisk, pins: &[Pin], dropped: &HashSet<&str>) -> i64 {
+        freed_at(disk, pins.iter().filter(|p| !dropped.contains(p.name.as_str())).map(|p| p.restart_lsn).min())
     }
 
     #[test]
