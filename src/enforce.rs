@@ -9,6 +9,7 @@
 //! After drops, the pass asks the checkpointer for a checkpoint so `pg_wal` shrinks now.
 
 use crate::error::{caught_message, GuardError};
+use crate::policy::timing::{self, ClockWatch};
 use crate::policy::{self, Action, Breach, CheckpointMode, Decision, DiskVerdict, Outcome, Policy, Verdict};
 use crate::state::{self, Event};
 use crate::validate::{pretty_duration, pretty_size};
@@ -38,6 +39,10 @@ pub struct PassSummary {
     /// Microseconds from the pass's snapshot until the next time-driven limit is due
     /// (`policy::next_due`), when one is.
     pub next_due_us: Option<i64>,
+    /// Bytes of WAL that may still be written before a limit that WAL moves is crossed
+    /// (`policy::timing::wal_budget`), when such a limit applies; and the WAL position the
+    /// pass measured it at.
+    pub wal_budget: Option<(i64, u64)>,
 }
 
 /// A warning the worker has given and will not repeat while it holds: a slot waiting on
@@ -52,6 +57,9 @@ pub struct Actor<'a> {
     /// Warnings already given in an earlier pass (the worker keeps them so a waiting slot
     /// is reported once, not every naptime). `None`: report every time.
     pub warned: Option<&'a mut HashSet<WarnKey>>,
+    /// The worker's wall-clock jump rule (`policy::timing::ClockWatch`); a SQL caller has
+    /// none and acts on the database clock alone.
+    pub clock: Option<&'a mut ClockWatch>,
 }
 
 /// What happened to one decision.
@@ -86,13 +94,16 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     if !dry_run {
         follow_up_checkpoint(actor, &mut summary);
     }
-    let (verdict, finished, disk_error, due) =
-        in_subtransaction(|| read_state(&policy, actor.name, dry_run)).map_err(GuardError::Pass)?;
+    let name = actor.name;
+    let mut clock = actor.clock.as_deref_mut();
+    let Read { verdict, finished, disk_error, due, budget } =
+        in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut())).map_err(GuardError::Pass)?;
     for done in finished {
         summary.drops += 1;
         summary.done.push(done);
     }
     summary.next_due_us = due;
+    summary.wal_budget = budget;
     if let Some(e) = disk_error {
         summary.failed(None, &e, None);
     }
@@ -143,37 +154,59 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     Ok(summary)
 }
 
+/// What a pass read and decided, before acting.
+struct Read {
+    verdict: Verdict,
+    /// Drops an interrupted pass made and could not record, recorded now.
+    finished: Vec<Done>,
+    /// Why the disk could not be measured, when a floor needs it.
+    disk_error: Option<String>,
+    /// Microseconds until the next time-driven limit (or a held one) is due.
+    due: Option<i64>,
+    /// The WAL budget, and the WAL position it was measured at.
+    budget: Option<(i64, u64)>,
+}
+
 /// Read everything the pass decides on, finish drops an interrupted pass made but could
-/// not record, update the tracking, measure the disk, and decide. Returns the verdict,
-/// the drops finished now, and why the disk could not be measured (when a floor needs it).
-#[allow(clippy::type_complexity)]
-fn read_state(
-    policy: &Policy,
-    actor: &str,
-    dry_run: bool,
-) -> Result<(Verdict, Vec<Done>, Option<String>, Option<i64>), GuardError> {
+/// not record, update the tracking, apply the wall-clock jump rule, measure the disk, and
+/// decide.
+fn read_state(policy: &Policy, actor: &str, dry_run: bool, clock: Option<&mut ClockWatch>) -> Result<Read, GuardError> {
     let mut snap = state::snapshot()?;
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
     snap.seen = state::track(&snap, !dry_run)?;
+    let mut held_due = None;
+    if let Some(watch) = clock {
+        let (held, due) = watch.hold(snap.now, state::mono_us(), &timing::time_deadlines(policy, &snap));
+        if !held.is_empty() && !watch.held_logged {
+            log!(
+                "pgslotguard: the system clock was set forward; time limits of {} slot(s) wait until that much time has really passed",
+                held.len()
+            );
+        }
+        watch.held_logged = !held.is_empty();
+        snap.held = held;
+        held_due = due;
+    }
     // The disk is measured (statvfs, a listing of pg_wal) only when something needs it:
     // the floor, or a drop whose released WAL is recorded and followed by a checkpoint.
-    let verdict = policy::judge(policy, &snap);
-    let due = policy::next_due(policy, &snap, &verdict.decisions);
+    let mut verdict = policy::judge(policy, &snap);
     let drops = verdict.decisions.iter().any(|d| matches!(d.action, Action::Drop { .. }));
-    if policy.min_free_wal.is_none() && !drops {
-        return Ok((verdict, finished, None, due));
-    }
     let mut disk_error = None;
-    snap.disk = match state::wal_disk() {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if policy.min_free_wal.is_some() {
-                disk_error = Some(e.to_string());
+    if policy.min_free_wal.is_some() || drops {
+        snap.disk = match state::wal_disk() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                if policy.min_free_wal.is_some() {
+                    disk_error = Some(e.to_string());
+                }
+                None
             }
-            None
-        }
-    };
-    Ok((policy::judge(policy, &snap), finished, disk_error, due))
+        };
+        verdict = policy::judge(policy, &snap);
+    }
+    let due = [policy::next_due(policy, &snap, &verdict.decisions), held_due].into_iter().flatten().min();
+    let budget = timing::wal_budget(&snap, &verdict).map(|b| (b, snap.current_lsn));
+    Ok(Read { verdict, finished, disk_error, due, budget })
 }
 
 /// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,

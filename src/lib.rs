@@ -1,7 +1,7 @@
 //! pgslotguard: replication slots for backups as leases, enforced by a background worker.
 //!
 //! Module map: `guc` (every setting, the `Policy` snapshot), `validate` and `policy` (pure
-//! logic, unit-tested without PostgreSQL), `error` (SQLSTATE + HINT mapping), `state` (SPI),
+//! logic, unit-tested without PostgreSQL), `error` (SQLSTATE + HINT mapping), `state` (SPI), `slots` (core's slot array),
 //! `rollback` (no slot survives a rolled-back lease), `api` (the SQL functions), `enforce`
 //! (one pass, shared by the worker and backup_slot_enforce), `views`, `shmem`, `worker`.
 
@@ -16,6 +16,7 @@ pub mod lock;
 pub mod policy;
 pub mod rollback;
 pub mod shmem;
+pub mod slots;
 pub mod state;
 pub mod validate;
 pub mod views;

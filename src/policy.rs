@@ -16,6 +16,7 @@
 //! * A lease whose slot no longer exists is ended.
 
 pub mod disk;
+pub mod timing;
 
 use disk::{Floor, WalDisk};
 use regex::Regex;
@@ -212,6 +213,9 @@ pub struct Snapshot {
     pub seen: Vec<Seen>,
     /// The filesystem that holds `pg_wal`, when measured.
     pub disk: Option<WalDisk>,
+    /// Slots whose time-driven limits (expiry, age, inactivity) have come on the wall clock
+    /// but not on the monotonic one: the clock was set forward (`timing::ClockWatch`).
+    pub held: HashSet<String>,
 }
 
 /// Why a slot is (not) dropped; also the event action name.
@@ -646,20 +650,22 @@ fn decide_slot(
 
     // Every limit that applies, as numbers; words are made only for the ones shown.
     let mut limits: Vec<Limit> = Vec::with_capacity(4);
+    // A slot held by a forward clock jump has its time-driven limits shown but not breached.
+    let timely = !snap.held.contains(&slot.name);
     if let Some(limit) = retained_limit {
         limits.push(Limit { breach: Breach::Retained, over: retained > limit, frac: ratio(retained, limit), used: retained, limit });
     }
     if let (Some(limit), Some(age)) = (policy.max_slot_age_us, age) {
-        limits.push(Limit { breach: Breach::Age, over: age > limit, frac: ratio(age, limit), used: age, limit });
+        limits.push(Limit { breach: Breach::Age, over: timely && age > limit, frac: ratio(age, limit), used: age, limit });
     }
     if let Some(l) = lease {
-        let over = now >= l.expires_at;
+        let over = timely && now >= l.expires_at;
         let span = (l.expires_at - l.leased_at).max(1);
         let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
         limits.push(Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 });
     }
     if let (Some(limit), Some(idle)) = (policy.max_inactive_us, inactive) {
-        limits.push(Limit { breach: Breach::Inactive, over: idle > limit, frac: ratio(idle, limit), used: idle, limit });
+        limits.push(Limit { breach: Breach::Inactive, over: timely && idle > limit, frac: ratio(idle, limit), used: idle, limit });
     }
 
     d.nearest = limits.iter().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));
@@ -761,7 +767,7 @@ mod tests {
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None, held: HashSet::new() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -1187,6 +1193,18 @@ mod tests {
         assert_eq!(by["c"].inactive_since, Some(NOW), "went inactive now");
         assert!(!by.contains_key("gone"));
         assert!(by.contains_key("dropped"), "a drop intent stays until its drop is recorded");
+    }
+
+    #[test]
+    fn a_slot_held_by_a_clock_jump_is_not_dropped_for_time_but_still_for_wal() {
+        let p = Policy { max_retained_wal: Some(5 * MB), max_slot_age_us: Some(S), ..Policy::default() };
+        let mut s = snap(vec![slot("a")], vec![lease("a", 10 * S, -S)]);
+        s.slots[0].restart_lsn = Some(8 * MB as u64);
+        s.held.insert("a".into());
+        let d = one(&p, &s);
+        assert_eq!(d.action, Action::None, "expired and too old on the wall clock only");
+        s.slots[0].restart_lsn = Some(0);
+        assert!(matches!(one(&p, &s).action, Action::Drop { breach: Breach::Retained, .. }));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct WorkerStatus {
     pub ckpt_projected: i64,
     pub ckpt_drops: i64,
     pub ckpt_requested_at: i64,
+    /// A lease call committed and woke the worker (`wake_worker`); the worker clears it.
+    pub wake_requested: bool,
+    /// Probes of the WAL position between passes (policy::timing).
+    pub probes: i64,
     last_error_len: usize,
     last_error: [u8; ERR_LEN],
 }
@@ -68,6 +72,8 @@ impl Default for WorkerStatus {
             ckpt_projected: 0,
             ckpt_drops: 0,
             ckpt_requested_at: 0,
+            wake_requested: false,
+            probes: 0,
             last_error_len: 0,
             last_error: [0; ERR_LEN],
         }
@@ -148,6 +154,7 @@ pub fn worker_running() -> Option<i32> {
 /// has changed what the next pass must do or when.
 pub fn wake_worker() {
     let Some(pid) = worker_running() else { return };
+    update(|s| s.wake_requested = true);
     // SAFETY: BackendPidGetProc returns the worker's PGPROC in shared memory (or NULL if
     // it is gone); its procLatch is the latch the worker waits on, and SetLatch may be
     // called on another process's latch (that is what it is for).
@@ -157,6 +164,13 @@ pub fn wake_worker() {
             pg_sys::SetLatch(&mut (*proc).procLatch);
         }
     }
+}
+
+/// Was the worker woken by a lease call since it last asked? Clears the request.
+pub fn take_wake() -> bool {
+    let mut woken = false;
+    update(|s| woken = std::mem::take(&mut s.wake_requested));
+    woken
 }
 
 /// Called by the worker once it has published its PID: clear it when the process exits,

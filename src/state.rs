@@ -1,4 +1,5 @@
-//! SPI access to the `pgslotguard.*` tables and to `pg_replication_slots`; slot creation
+//! SPI access to the `pgslotguard.*` tables (core's slots are read from shared memory, in
+//! src/slots.rs); slot creation
 //! and drops go through PostgreSQL's own functions. Every query is schema-qualified and
 //! takes its values as `$n` arguments, never spliced into the text.
 
@@ -23,6 +24,13 @@ fn us(t: TimestampWithTimeZone) -> i64 {
 
 pub fn now_us() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Microseconds on the monotonic clock (which no one sets), from the first call in this
+/// process: what sleeps and the wall-clock jump rule (policy::timing) are timed on.
+pub fn mono_us() -> i64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_micros() as i64
 }
 
 thread_local! {
@@ -74,24 +82,9 @@ fn update(query: &'static str, args: &[DatumWithOid]) -> Result<usize> {
     write(query, args, |t| Ok(t.len()))
 }
 
+/// The slot named `name`, read from shared memory (src/slots.rs).
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
-    read(
-        "SELECT slot_name::text, slot_type = 'physical', temporary, active_pid,
-                restart_lsn::text
-           FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name",
-        &[name.into()],
-        |t| t.map(slot_row).next().transpose(),
-    )
-}
-
-fn slot_row(r: pgrx::spi::SpiHeapTupleData) -> pgrx::spi::Result<SlotInfo> {
-    Ok(SlotInfo {
-        name: r.get::<String>(1)?.unwrap_or_default(),
-        physical: r.get::<bool>(2)?.unwrap_or(false),
-        temporary: r.get::<bool>(3)?.unwrap_or(false),
-        active_pid: r.get::<i32>(4)?,
-        restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
-    })
+    Ok(crate::slots::one(name))
 }
 
 /// Current WAL position: the insert position on a primary, the last replayed one on a standby.
@@ -128,68 +121,54 @@ fn seen_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
     .collect()
 }
 
-const SNAPSHOT_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner::text,
-                l.limit_by_superuser
-           FROM pg_catalog.pg_replication_slots s
-           FULL JOIN pgslotguard.lease_data l ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
+const LEASES_QUERY: &str = "SELECT slot_name::text, leased_at, expires_at, max_retained, owner::text, limit_by_superuser
+           FROM pgslotguard.lease_data";
 
-const SNAPSHOT_OF_QUERY: &str = "SELECT s.slot_name::text, s.slot_type = 'physical', s.temporary, s.active_pid,
-                s.restart_lsn::text, l.slot_name::text, l.leased_at, l.expires_at, l.max_retained, l.owner::text,
-                l.limit_by_superuser
-           FROM (SELECT * FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s
-           FULL JOIN (SELECT * FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l
-             ON l.slot_name OPERATOR(pg_catalog.=) s.slot_name";
+const LEASE_OF_QUERY: &str = "SELECT slot_name::text, leased_at, expires_at, max_retained, owner::text, limit_by_superuser
+           FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name";
 
-/// Split rows of the slot/lease full join into slots and leases.
-fn slots_and_leases(t: SpiTupleTable) -> pgrx::spi::Result<(Vec<SlotInfo>, Vec<Lease>)> {
-    let mut slots = Vec::with_capacity(t.len());
-    let mut leases = Vec::new();
-    for r in t {
-        if let Some(name) = r.get::<String>(1)? {
-            slots.push(SlotInfo {
-                name,
-                physical: r.get::<bool>(2)?.unwrap_or(false),
-                temporary: r.get::<bool>(3)?.unwrap_or(false),
-                active_pid: r.get::<i32>(4)?,
-                restart_lsn: r.get::<&str>(5)?.and_then(crate::validate::parse_lsn),
-            });
-        }
-        if let Some(slot_name) = r.get::<String>(6)? {
-            leases.push(Lease {
-                slot_name,
-                owner: r.get::<String>(10)?.unwrap_or_default(),
-                leased_at: r.get::<TimestampWithTimeZone>(7)?.map(us).unwrap_or(0),
-                expires_at: r.get::<TimestampWithTimeZone>(8)?.map(us).unwrap_or(0),
-                max_retained: r.get::<i64>(9)?,
-                limit_by_superuser: r.get::<bool>(11)?.unwrap_or(false),
-            });
-        }
-    }
-    Ok((slots, leases))
+fn lease_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
+    t.map(|r| {
+        Ok(Lease {
+            slot_name: r.get::<String>(1)?.unwrap_or_default(),
+            leased_at: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
+            expires_at: r.get::<TimestampWithTimeZone>(3)?.map(us).unwrap_or(0),
+            max_retained: r.get::<i64>(4)?,
+            owner: r.get::<String>(5)?.unwrap_or_default(),
+            limit_by_superuser: r.get::<bool>(6)?.unwrap_or(false),
+        })
+    })
+    .collect()
 }
 
-/// Everything a decision needs, read now: slots and leases in one query (a full join, so
-/// leases whose slot is gone come too), then the tracking table.
+/// Everything a decision needs, read now: the leases (those whose slot is gone too)
+/// through SPI, then the slots from shared memory, then the tracking table.
+///
+/// The leases are read first, and the order matters: a lease's slot is created before the
+/// lease commits, so every lease the query sees has a slot the later read sees unless it
+/// was really dropped. Read the other way round, a lease committing between the two reads
+/// would look like a lease whose slot is missing.
 pub fn snapshot() -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = read(SNAPSHOT_QUERY, &[], slots_and_leases)?;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()?, disk: None })
+    let leases = read(LEASES_QUERY, &[], lease_rows)?;
+    let slots = crate::slots::all();
+    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()?, disk: None, held: Default::default() })
 }
 
 /// The same, for one slot name only (the second look before acting).
 pub fn snapshot_of(name: &str) -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let (slots, leases) = read(SNAPSHOT_OF_QUERY, &[name.into()], slots_and_leases)?;
+    let leases = read(LEASE_OF_QUERY, &[name.into()], lease_rows)?;
+    let slots = crate::slots::one(name).into_iter().collect();
     let seen = read(
         "SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason
            FROM pgslotguard.slot_seen WHERE slot_name = $1::name",
         &[name.into()],
         seen_rows,
     )?;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None })
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None, held: Default::default() })
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap` (see

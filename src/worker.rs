@@ -2,6 +2,8 @@
 //! at once on SIGHUP). Errors are contained per slot (enforce.rs) and per pass (here): the
 //! worker logs them, publishes them in shared memory and carries on; it never panics.
 
+use crate::policy::timing::{self, ClockWatch, Probe, WalRate};
+use crate::validate::pretty_duration;
 use crate::{enforce, guc, shmem, state};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -59,25 +61,36 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     log!("pgslotguard: guard worker started (database \"{db}\", naptime {} ms)", guc::naptime_ms());
 
     let mut warned = HashSet::new();
+    let mut clock = ClockWatch::default();
+    let mut rate = WalRate::default();
     let mut missing_logged = false;
     let mut disabled_logged = false;
     'passes: loop {
         let started = Instant::now();
         let started_at = state::now_us();
-        let mut due = None;
+        if let Some(j) = clock.jump(started_at, state::mono_us()) {
+            log!(
+                "pgslotguard: the system clock moved {} {} against real time since the last pass; lease times follow the clock, time-driven drops wait for real time",
+                if j > 0 { "forward" } else { "back" },
+                pretty_duration(j.abs())
+            );
+        }
+        let mut next = Next::default();
         if guc::enabled() {
             disabled_logged = false;
-            due = one_pass(&db, &mut warned, &mut missing_logged);
+            let mut actor = enforce::Actor { name: "worker", own_transaction: true, warned: Some(&mut warned), clock: Some(&mut clock) };
+            next = one_pass(&db, &mut actor, &mut missing_logged);
         } else if !disabled_logged {
             log!("pgslotguard: pgslotguard.enabled is off; the guard worker idles");
             disabled_logged = true;
         }
+        rate.observe(state::mono_us(), state::current_lsn());
         // Sleep until the next lease expiry, age or inactivity deadline, or naptime,
         // whichever comes first; while a checkpoint the guard requested is under way, look
         // again soon to record what pg_wal measures once it completes. Sleeping is timed
         // on the monotonic clock, so a wall-clock jump neither stalls nor hurries it.
         let mut wait_us = guc::naptime_ms() as i64 * 1000;
-        if let Some(d) = due {
+        if let Some(d) = next.due_us {
             wait_us = wait_us.min(d);
         }
         if missing_logged {
@@ -87,11 +100,27 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
         if shmem::read().is_some_and(|s| s.ckpt_pending) {
             wait_us = wait_us.min(CHECKPOINT_POLL_US);
         }
-        let mut next = started + Duration::from_micros(wait_us.max(0) as u64);
+        let mut end = started + Duration::from_micros(wait_us.max(0) as u64);
         shmem::update(|s| s.next_pass = started_at + wait_us);
         loop {
-            let remaining = next.saturating_duration_since(Instant::now());
-            if !BackgroundWorker::wait_latch(Some(remaining)) {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            // Between passes, while a retained-WAL limit or the floor applies, probe the WAL
+            // position and pass again once half the budget the last pass measured is spent.
+            let mut wake = end;
+            if let Some((budget, at_lsn)) = next.wal_budget {
+                let lsn = state::current_lsn();
+                rate.observe(state::mono_us(), lsn);
+                match timing::next_probe(budget, lsn.saturating_sub(at_lsn) as i64, rate.bytes_per_s()) {
+                    Probe::PassNow => break,
+                    Probe::In(us) => wake = wake.min(now + Duration::from_micros(us as u64)),
+                }
+            }
+            // WaitLatch counts whole milliseconds: round up, so a wait never ends early.
+            let ms = wake.saturating_duration_since(now).as_micros().div_ceil(1000) as u64;
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(ms))) {
                 break 'passes;
             }
             if BackgroundWorker::sighup_received() {
@@ -100,18 +129,17 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 break;
             }
-            let now = Instant::now();
-            if now >= next {
-                break;
+            if !shmem::take_wake() {
+                // A probe's time came (or the pass's): loop to probe or pass.
+                if next.wal_budget.is_some() {
+                    shmem::update(|s| s.probes += 1);
+                }
+                continue;
             }
-            // Woken early by a lease call that committed: pass now, but not sooner than
+            // Woken by a lease call that committed: pass now, but not sooner than
             // MIN_WOKEN_SPACING after the last pass began, so that a burst of lease calls
             // (1000 renews in a second) costs a handful of passes, not one each.
-            let earliest = started + MIN_WOKEN_SPACING;
-            if now >= earliest {
-                break;
-            }
-            next = next.min(earliest);
+            end = end.min(started + MIN_WOKEN_SPACING);
         }
     }
     log!("pgslotguard: guard worker shutting down");
@@ -154,9 +182,17 @@ fn wait_for_database(db: &str) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// One pass in its own transaction; returns when the next time-driven limit is due
-/// (microseconds from the pass's snapshot), if one is.
-fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &mut bool) -> Option<i64> {
+/// When the next pass is due, as the last pass found.
+#[derive(Default)]
+struct Next {
+    /// Microseconds from the pass's snapshot until the next time-driven limit is due.
+    due_us: Option<i64>,
+    /// The WAL budget and the WAL position it was measured at (policy::timing).
+    wal_budget: Option<(i64, u64)>,
+}
+
+/// One pass in its own transaction; returns when the next pass is due.
+fn one_pass(db: &str, actor: &mut enforce::Actor, missing_logged: &mut bool) -> Next {
     let start = state::now_us();
     let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         let installed = enforce::in_subtransaction(|| Ok(!state::in_recovery() && state::extension_installed()?))?;
@@ -164,8 +200,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
             return Ok(None);
         }
         // At the top level of the transaction, so that the pass can commit action by action.
-        let mut actor = enforce::Actor { name: "worker", own_transaction: true, warned: Some(warned) };
-        enforce::run_pass(&mut actor, false).map(Some).map_err(|e| e.to_string())
+        enforce::run_pass(actor, false).map(Some).map_err(|e| e.to_string())
     }));
     let elapsed = state::now_us() - start;
     match outcome {
@@ -180,7 +215,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                 .report(PgLogLevel::LOG);
                 *missing_logged = true;
             }
-            None
+            Next::default()
         }
         Ok(Some(summary)) => {
             if *missing_logged {
@@ -202,7 +237,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                 }
             });
             // Measured from the pass's snapshot, taken as it began.
-            summary.next_due_us
+            Next { due_us: summary.next_due_us, wal_budget: summary.wal_budget }
         }
         Err(msg) => {
             warning!("pgslotguard: enforcement pass failed: {msg}");
@@ -213,7 +248,7 @@ fn one_pass(db: &str, warned: &mut HashSet<enforce::WarnKey>, missing_logged: &m
                 s.last_pass_us = elapsed;
                 s.set_last_error(&format!("pass failed: {msg}"), state::now_us());
             });
-            None
+            Next::default()
         }
     }
 }

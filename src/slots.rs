@@ -1,0 +1,84 @@
+//! Core's replication slots, read straight from shared memory the way
+//! `pg_get_replication_slots()` reads them: the slot array under
+//! `ReplicationSlotControlLock` (shared), each slot copied under its spinlock and examined
+//! after the spinlock is released. A pass reads every slot this way instead of querying
+//! `pg_replication_slots` through SPI: no plan, no tuplestore, no LSN turned into text and
+//! back. The extension's own tables are still read through SPI (state.rs).
+
+use crate::policy::SlotInfo;
+use pgrx::pg_sys;
+
+/// `ReplicationSlotControlLock` is `MainLWLockArray[37]` (src/include/storage/
+/// lwlocknames.h). Core never renumbers the individual LWLocks (lwlocknames.txt keeps a
+/// retired number unused), and 37 holds on every version from 13 to 18.
+const REPLICATION_SLOT_CONTROL_LOCK: usize = 37;
+
+/// Every slot in use.
+pub fn all() -> Vec<SlotInfo> {
+    read(|_| true)
+}
+
+/// The slot named `name`, if it exists.
+pub fn one(name: &str) -> Option<SlotInfo> {
+    read(|n| n == name.as_bytes()).into_iter().next()
+}
+
+/// The bytes of a `NameData` up to its terminating NUL.
+fn name_bytes(n: &pg_sys::NameData) -> &[u8] {
+    // SAFETY: NameData is 64 `c_char`s; reinterpreting them as bytes is sound.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(n.data.as_ptr().cast::<u8>(), n.data.len()) };
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
+fn read(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
+    let mut out = Vec::new();
+    // SAFETY: ReplicationSlotCtl points to the slot array in shared memory, set up by the
+    // postmaster before any backend or worker starts, with max_replication_slots entries
+    // (a PGC_POSTMASTER setting, fixed while the server runs). Holding
+    // ReplicationSlotControlLock in shared mode keeps slots from being created or dropped
+    // (both take it exclusively), so `in_use` and the name are stable; the fields that
+    // change while a slot is in use (active_pid, restart_lsn) are copied under the slot's
+    // spinlock, as core's own readers do. Nothing between SpinLockAcquire and
+    // SpinLockRelease can raise an ERROR or allocate (a plain copy), and an ERROR raised
+    // while the LWLock is held releases it at abort (LWLockReleaseAll).
+    unsafe {
+        let ctl = pg_sys::ReplicationSlotCtl;
+        let max = pg_sys::max_replication_slots;
+        if ctl.is_null() || max <= 0 {
+            return out;
+        }
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(REPLICATION_SLOT_CONTROL_LOCK)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED);
+        let base = (&raw mut (*ctl).replication_slots).cast::<pg_sys::ReplicationSlot>();
+        for i in 0..max as usize {
+            let slot = base.add(i);
+            if !(*slot).in_use || !want(name_bytes(&(*slot).data.name)) {
+                continue;
+            }
+            pg_sys::SpinLockAcquire(&raw mut (*slot).mutex);
+            let active_pid = (*slot).active_pid;
+            let data = (*slot).data;
+            pg_sys::SpinLockRelease(&raw mut (*slot).mutex);
+            out.push(info(&data, active_pid));
+        }
+        pg_sys::LWLockRelease(lock);
+    }
+    out
+}
+
+/// What `pg_replication_slots` shows of a slot, from its copied contents.
+fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t) -> SlotInfo {
+    use pg_sys::ReplicationSlotPersistency::{RS_EPHEMERAL, RS_TEMPORARY};
+    SlotInfo {
+        name: String::from_utf8_lossy(name_bytes(&data.name)).into_owned(),
+        // A physical slot belongs to no database (core's SlotIsPhysical).
+        physical: data.database == pg_sys::InvalidOid,
+        // An ephemeral slot is a logical slot its creator has not finished making (it is
+        // dropped if the creation fails): like a temporary one, it is never the guard's to
+        // drop. pg_replication_slots shows it as not temporary.
+        temporary: data.persistency == RS_TEMPORARY || data.persistency == RS_EPHEMERAL,
+        active_pid: (active_pid != 0).then_some(active_pid),
+        restart_lsn: (data.restart_lsn != 0).then_some(data.restart_lsn),
+    }
+}
