@@ -173,7 +173,7 @@ struct Read {
 fn read_state(policy: &Policy, actor: &str, dry_run: bool, clock: Option<&mut ClockWatch>) -> Result<Read, GuardError> {
     let mut snap = state::snapshot()?;
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
-    snap.seen = state::track(&snap, !dry_run)?;
+    state::track(&mut snap, !dry_run)?;
     let mut held_due = None;
     if let Some(watch) = clock {
         let (held, due) = watch.hold(snap.now, state::mono_us(), &timing::time_deadlines(policy, &snap));

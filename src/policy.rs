@@ -20,7 +20,7 @@ pub mod timing;
 
 use disk::{Floor, WalDisk};
 use regex::Regex;
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 /// Which slots the limits cover (`pgslotguard.scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,9 +351,16 @@ fn fmt_us(us: i64) -> String {
 /// The guard's tracking of slots (first seen, inactive since) updated by this snapshot:
 /// new slots are seen now, a slot without a walsender is inactive since it was first
 /// seen so, and vanished slots are forgotten — unless a drop intent on them is still to
-/// be recorded. PostgreSQL 15 tracks none of this itself.
-pub fn track(snap: &Snapshot) -> Vec<Seen> {
+/// be recorded. PostgreSQL 15 tracks none of this itself. `None`: the tracking is the
+/// snapshot's own, unchanged (the usual pass).
+pub fn track(snap: &Snapshot) -> Option<Vec<Seen>> {
     let known: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    // The usual pass: every slot known, none turned active or idle, none gone.
+    let same = snap.seen.len() == snap.slots.len()
+        && snap.slots.iter().all(|s| known.get(s.name.as_str()).is_some_and(|k| k.inactive_since.is_none() == s.active()));
+    if same {
+        return None;
+    }
     let present: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
     let mut out: Vec<Seen> = snap
         .slots
@@ -372,7 +379,7 @@ pub fn track(snap: &Snapshot) -> Vec<Seen> {
         })
         .collect();
     out.extend(snap.seen.iter().filter(|k| k.dropping.is_some() && !present.contains(k.slot_name.as_str())).cloned());
-    out
+    Some(out)
 }
 
 /// How long from `snap.now` until a limit that only time moves is reached on a slot the
@@ -767,7 +774,7 @@ mod tests {
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None, held: HashSet::new() }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None, held: HashSet::default() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -1186,7 +1193,7 @@ mod tests {
                 dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into() }),
             },
         ];
-        let t = track(&s);
+        let t = track(&s).expect("changed");
         let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
         assert_eq!((by["a"].first_seen, by["a"].inactive_since), (NOW, None));
         assert_eq!((by["b"].first_seen, by["b"].inactive_since), (5, Some(7)));

@@ -102,85 +102,124 @@ pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
-pub fn seen() -> Result<Vec<Seen>> {
-    read("SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason FROM pgslotguard.slot_seen", &[], seen_rows)
+// The pass reads whole tables (a thousand leases are a thousand rows): each query returns
+// one row of arrays, one per column, which SPI hands over in one tuple instead of a
+// thousand. Reading them row by row cost more than the rest of the pass together.
+
+/// Column `n` of the first row, as a vector of nullable values (empty for no rows).
+fn column<T>(t: &SpiTupleTable, n: usize) -> pgrx::spi::Result<Vec<Option<T>>>
+where
+    Vec<Option<T>>: FromDatum + IntoDatum,
+{
+    Ok(t.get::<Vec<Option<T>>>(n)?.unwrap_or_default())
 }
 
-fn seen_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
-    t.map(|r| {
-        Ok(Seen {
-            slot_name: r.get::<String>(1)?.unwrap_or_default(),
-            first_seen: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
-            inactive_since: r.get::<TimestampWithTimeZone>(3)?.map(us),
-            dropping: match (r.get::<String>(4)?, r.get::<String>(5)?) {
-                (Some(action), reason) => Some(DropIntent { action, reason: reason.unwrap_or_default() }),
-                _ => None,
-            },
-        })
-    })
-    .collect()
+/// The tracking table and the leases, each as one row of arrays, in one query (one plan,
+/// one portal): every row, or (`_OF`) the rows of the slot named `$1`.
+const TABLES_QUERY: &str = "SELECT s.*, l.*
+           FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
+                        array_agg(drop_action), array_agg(drop_reason)
+                   FROM pgslotguard.slot_seen) s,
+                (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
+                        array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
+                   FROM pgslotguard.lease_data) l";
+const TABLES_OF_QUERY: &str = "SELECT s.*, l.*
+           FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
+                        array_agg(drop_action), array_agg(drop_reason)
+                   FROM pgslotguard.slot_seen WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s,
+                (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
+                        array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
+                   FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l";
+
+/// Tracking rows from columns 1-5 of the first row.
+fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
+    let names = column::<String>(t, 1)?;
+    let first = column::<TimestampWithTimeZone>(t, 2)?;
+    let inactive = column::<TimestampWithTimeZone>(t, 3)?;
+    let actions = column::<String>(t, 4)?;
+    let mut reasons = column::<String>(t, 5)?.into_iter();
+    let mut out = Vec::with_capacity(names.len());
+    for (((name, first), inactive), action) in names.into_iter().zip(first).zip(inactive).zip(actions) {
+        let reason = reasons.next().flatten();
+        out.push(Seen {
+            slot_name: name.unwrap_or_default(),
+            first_seen: first.map(us).unwrap_or(0),
+            inactive_since: inactive.map(us),
+            dropping: action.map(|action| DropIntent { action, reason: reason.unwrap_or_default() }),
+        });
+    }
+    Ok(out)
 }
 
-const LEASES_QUERY: &str = "SELECT slot_name::text, leased_at, expires_at, max_retained, owner::text, limit_by_superuser
-           FROM pgslotguard.lease_data";
-
-const LEASE_OF_QUERY: &str = "SELECT slot_name::text, leased_at, expires_at, max_retained, owner::text, limit_by_superuser
-           FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name";
-
-fn lease_rows(t: SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
-    t.map(|r| {
-        Ok(Lease {
-            slot_name: r.get::<String>(1)?.unwrap_or_default(),
-            leased_at: r.get::<TimestampWithTimeZone>(2)?.map(us).unwrap_or(0),
-            expires_at: r.get::<TimestampWithTimeZone>(3)?.map(us).unwrap_or(0),
-            max_retained: r.get::<i64>(4)?,
-            owner: r.get::<String>(5)?.unwrap_or_default(),
-            limit_by_superuser: r.get::<bool>(6)?.unwrap_or(false),
-        })
-    })
-    .collect()
+/// Leases from columns 6-11 of the first row.
+fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
+    let names = column::<String>(t, 6)?;
+    let leased = column::<TimestampWithTimeZone>(t, 7)?;
+    let expires = column::<TimestampWithTimeZone>(t, 8)?;
+    let limits = column::<i64>(t, 9)?;
+    let mut owners = column::<String>(t, 10)?.into_iter();
+    let by_superuser = column::<bool>(t, 11)?;
+    let mut out = Vec::with_capacity(names.len());
+    for (i, name) in names.into_iter().enumerate() {
+        out.push(Lease {
+            slot_name: name.unwrap_or_default(),
+            owner: owners.next().flatten().unwrap_or_default(),
+            leased_at: leased.get(i).copied().flatten().map(us).unwrap_or(0),
+            expires_at: expires.get(i).copied().flatten().map(us).unwrap_or(0),
+            max_retained: limits.get(i).copied().flatten(),
+            limit_by_superuser: by_superuser.get(i).copied().flatten().unwrap_or(false),
+        });
+    }
+    Ok(out)
 }
 
-/// Everything a decision needs, read now: the leases (those whose slot is gone too)
-/// through SPI, then the slots from shared memory, then the tracking table.
+/// Everything a decision needs, read now: the tracking rows and the leases (those whose
+/// slot is gone too) through SPI, then the slots from shared memory. `only`: one slot's.
 ///
 /// The leases are read first, and the order matters: a lease's slot is created before the
 /// lease commits, so every lease the query sees has a slot the later read sees unless it
 /// was really dropped. Read the other way round, a lease committing between the two reads
-/// would look like a lease whose slot is missing.
-pub fn snapshot() -> Result<Snapshot> {
+/// would look like a lease whose slot is missing. (A slot created after the tracking rows
+/// were read is simply new to the tracking.)
+fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let leases = read(LEASES_QUERY, &[], lease_rows)?;
-    let slots = crate::slots::all();
-    Ok(Snapshot { now, current_lsn, slots, leases, seen: seen()?, disk: None, held: Default::default() })
+    let rows = |t: SpiTupleTable| {
+        let t = t.first();
+        Ok((seen_rows(&t)?, lease_rows(&t)?))
+    };
+    let (seen, leases) = match only {
+        None => read(TABLES_QUERY, &[], rows)?,
+        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows)?,
+    };
+    let slots = match only {
+        None => crate::slots::all(),
+        Some(name) => crate::slots::one(name).into_iter().collect(),
+    };
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None, held: Default::default() })
+}
+
+/// Every slot, lease and tracking row.
+pub fn snapshot() -> Result<Snapshot> {
+    read_snapshot(None)
 }
 
 /// The same, for one slot name only (the second look before acting).
 pub fn snapshot_of(name: &str) -> Result<Snapshot> {
-    let now = now_us();
-    let current_lsn = current_lsn();
-    let leases = read(LEASE_OF_QUERY, &[name.into()], lease_rows)?;
-    let slots = crate::slots::one(name).into_iter().collect();
-    let seen = read(
-        "SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason
-           FROM pgslotguard.slot_seen WHERE slot_name = $1::name",
-        &[name.into()],
-        seen_rows,
-    )?;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None, held: Default::default() })
+    read_snapshot(Some(name))
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap` (see
 /// `policy::track`), and forget slots that are gone. Rows are written only when something
 /// changed, so an idle pass writes no WAL; `write = false` (dry run) writes nothing.
-/// Returns the tracking as it now stands.
-pub fn track(snap: &Snapshot, write: bool) -> Result<Vec<Seen>> {
-    let now_seen = crate::policy::track(snap);
-    let before: std::collections::HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+/// Leaves the tracking as it now stands in `snap.seen`.
+pub fn track(snap: &mut Snapshot, write: bool) -> Result<()> {
+    let Some(now_seen) = crate::policy::track(snap) else { return Ok(()) };
+    let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
     let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| before.get(n.slot_name.as_str()) == Some(&n));
     if unchanged || !write {
-        return Ok(now_seen);
+        snap.seen = now_seen;
+        return Ok(());
     }
     let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
     let active: Vec<bool> = snap.slots.iter().map(|s| s.active()).collect();
@@ -198,7 +237,8 @@ pub fn track(snap: &Snapshot, write: bool) -> Result<Vec<Seen>> {
           WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
         &[names.into(), active.into(), ts(snap.now).into()],
     )?;
-    Ok(now_seen)
+    snap.seen = now_seen;
+    Ok(())
 }
 
 /// A lease row with what the API needs to check rights and state.

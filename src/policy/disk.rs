@@ -20,7 +20,7 @@
 //! rate estimate is low). So the projection errs on the side of freeing *less*: the guard
 //! may drop one slot more than needed, never one too few for the floor.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 
 /// What the guard measured of the filesystem that holds `pg_wal`, and the server
 /// settings that decide what a checkpoint keeps. Bytes, LSNs as `u64`.
@@ -307,7 +307,7 @@ mod tests {
         }
     }
     fn none() -> HashSet<&'static str> {
-        HashSet::new()
+        HashSet::default()
     }
 
     /// The definition the guard's O(n log n) walks must agree with: what a checkpoint
@@ -417,7 +417,7 @@ mod tests {
             let n = 1 + (round % 9);
             let pins: Vec<Pin> =
                 (0..n).map(|i| pin(&format!("s{i}"), 1 + (next() % 60) as i64, next() % 3 != 0)).collect();
-            let base = freed(&d, &pins, &HashSet::new());
+            let base = freed(&d, &pins, &HashSet::default());
             for (name, got) in frees_per_slot(&d, &pins) {
                 let p = pins.iter().find(|p| p.name == name).unwrap();
                 let mut set: HashSet<&str> = pins

@@ -16,7 +16,8 @@
 //! sets, counted from any origin.
 
 use super::{Action, Snapshot, Verdict};
-use std::collections::{HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::VecDeque;
 
 /// The shortest time between two probes: at 15 MB/s of WAL, 20 ms is 300 kB.
 pub const MIN_PROBE_US: i64 = 20_000;
@@ -174,8 +175,8 @@ impl ClockWatch {
     /// Note this pass's deadlines; returns the slots held (see the type's rule) and the
     /// time until the nearest monotonic deadline of a held slot.
     pub fn hold(&mut self, wall: i64, mono: i64, deadlines: &[(String, i64)]) -> (HashSet<String>, Option<i64>) {
-        let mut noted = HashMap::with_capacity(deadlines.len());
-        let mut held = HashSet::new();
+        let mut noted = HashMap::default();
+        let mut held = HashSet::default();
         let mut next: Option<i64> = None;
         for (name, wall_dl) in deadlines {
             let mono_dl = match self.noted.get(name) {
@@ -314,7 +315,7 @@ mod tests {
             leases,
             seen: vec![],
             disk: None,
-            held: HashSet::new(),
+            held: HashSet::default(),
         }
     }
 
@@ -366,7 +367,7 @@ mod tests {
         let mut w = ClockWatch::default();
         let dl = vec![("a".to_string(), 1000 * S)];
         // wall 0, mono 5 s: deadline 1000 s ahead on both clocks
-        assert_eq!(w.hold(0, 5 * S, &dl), (HashSet::new(), None));
+        assert_eq!(w.hold(0, 5 * S, &dl), (HashSet::default(), None));
         assert_eq!(w.jump(0, 5 * S), None);
         // one second later the wall clock reads 2000 s: a jump of 1999 s
         let (held, next) = w.hold(2000 * S, 6 * S, &dl);
