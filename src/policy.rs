@@ -1200,6 +1200,10 @@ mod tests {
         assert_eq!(by["c"].inactive_since, Some(NOW), "went inactive now");
         assert!(!by.contains_key("gone"));
         assert!(by.contains_key("dropped"), "a drop intent stays until its drop is recorded");
+        // the next pass over the same slots finds nothing to change
+        let mut again = snap(s.slots.clone(), vec![]);
+        again.seen = t.into_iter().filter(|x| x.slot_name != "dropped").collect();
+        assert_eq!(track(&again), None);
     }
 
     #[test]

@@ -373,11 +373,11 @@ mod tests {
         let d = disk(0, 60 * SEG);
         let pins = vec![pin("old", 50, true), pin("young", 10, true)];
         // dropping the young slot frees nothing: the old one still holds everything
-        assert_eq!(freed(&d, &pins, &["young"].into()), 60 * SEG - 54 * SEG);
+        assert_eq!(freed(&d, &pins, &["young"].into_iter().collect()), 60 * SEG - 54 * SEG);
         assert_eq!(freed(&d, &pins, &none()), 6 * SEG);
         // dropping the old one frees down to the young one's horizon
-        assert_eq!(freed(&d, &pins, &["old"].into()), 60 * SEG - 14 * SEG);
-        assert_eq!(freed(&d, &pins, &["old", "young"].into()), 60 * SEG - 4 * SEG);
+        assert_eq!(freed(&d, &pins, &["old"].into_iter().collect()), 60 * SEG - 14 * SEG);
+        assert_eq!(freed(&d, &pins, &["old", "young"].into_iter().collect()), 60 * SEG - 4 * SEG);
     }
 
     #[test]
@@ -386,7 +386,7 @@ mod tests {
         let mut d = disk(0, 8 * SEG);
         d.max_wal = 1024 * MB;
         let pins = vec![pin("a", 5, true)];
-        assert_eq!(freed(&d, &pins, &["a"].into()), 0);
+        assert_eq!(freed(&d, &pins, &["a"].into_iter().collect()), 0);
     }
 
     #[test]
@@ -466,7 +466,7 @@ mod tests {
     fn slots_dropped_for_other_limits_count_as_gone() {
         let d = disk(50 * MB, 60 * SEG);
         let pins = vec![pin("old", 50, true), pin("mid", 30, true)];
-        let p = plan(&d, Floor::Bytes(100 * MB), &pins, &["old"].into());
+        let p = plan(&d, Floor::Bytes(100 * MB), &pins, &["old"].into_iter().collect());
         assert!(p.restores);
         assert!(p.drops.is_empty());
     }
