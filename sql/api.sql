@@ -140,6 +140,7 @@ SELECT w.preloaded,
        pg_catalog.round(w.last_pass_ms::numeric, 3) AS last_pass_ms,
        w.next_pass_at,
        w.passes,
+       w.wal_probes,
        w.drops,
        w.errors,
        w.last_error,
@@ -161,7 +162,7 @@ SELECT w.preloaded,
        pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom
   FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s;
 COMMENT ON VIEW pgslotguard.status IS
-'the guard worker: running or not (pid), last pass time and duration, next pass, passes, drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it';
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it';
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.

@@ -117,6 +117,7 @@ pub mod pgslotguard {
             name!(last_pass_ms, Option<f64>),
             name!(next_pass_at, Option<TimestampWithTimeZone>),
             name!(passes, i64),
+            name!(wal_probes, i64),
             name!(drops, i64),
             name!(errors, i64),
             name!(last_error, Option<String>),
@@ -129,7 +130,7 @@ pub mod pgslotguard {
     > {
         let t = |v: i64| (v != 0).then(|| state::ts(v));
         let row = match crate::shmem::read() {
-            None => (false, false, None, None, None, None, None, 0, 0, 0, None, None, 0, None, None, false),
+            None => (false, false, None, None, None, None, None, 0, 0, 0, 0, None, None, 0, None, None, false),
             Some(s) => {
                 let running = crate::shmem::worker_running().is_some();
                 (
@@ -141,6 +142,7 @@ pub mod pgslotguard {
                     (s.last_pass_start != 0).then(|| s.last_pass_us as f64 / 1000.0),
                     if running { t(s.next_pass) } else { None },
                     s.passes,
+                    s.probes,
                     s.drops,
                     s.errors,
                     s.last_error(),

@@ -215,3 +215,32 @@ fn a_burst_of_renews_wakes_the_guard_a_handful_of_times() {
     assert!(passes >= 1, "the renews never woke the guard");
     assert!((passes as f64) <= secs * 10.0 + 3.0, "{passes} passes for 1000 renews in {secs:.2} s");
 }
+
+#[test]
+fn a_slot_crossing_its_wal_limit_is_dropped_without_waiting_for_naptime() {
+    // naptime 1 h and a lease of 1 h: no deadline brings a pass; only the worker's probes of
+    // the WAL position between passes can see the slot near its limit.
+    let c = with_extension("walprobe", &["pgslotguard.naptime = '1h'", "pgslotguard.max_retained_wal = '48MB'"]);
+    c.exec("CHECKPOINT");
+    c.exec("SELECT * FROM backup_slot_lease('orphan', '1h')");
+    c.wait_for("the pass woken by the lease", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.slots WHERE slot_name = 'orphan' AND state = 'ok'") == 1).then_some(())
+    });
+    let p0 = c.count("SELECT passes FROM pgslotguard.status");
+    // About 1 MB of WAL per statement, at the pace one client writes it.
+    c.exec("CREATE TABLE filler (x text)");
+    let mut written = 0;
+    while c.slot_exists("orphan") && written < 400 {
+        c.exec("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000)");
+        written += 1;
+    }
+    c.wait_for("the slot to be dropped for its retained WAL", WAIT, |c| (!c.slot_exists("orphan")).then_some(()));
+    let (action, retained) = {
+        let r = c.sql("SELECT action, retained_bytes FROM pgslotguard.events WHERE slot_name = 'orphan' ORDER BY id DESC LIMIT 1");
+        (r[0].get::<_, String>(0), r[0].get::<_, Option<i64>>(1))
+    };
+    let passes = c.count("SELECT passes FROM pgslotguard.status") - p0;
+    eprintln!("dropped after ~{written} MB written, retaining {retained:?} bytes, in {passes} passes (naptime 1 h)");
+    assert_eq!(action, "retained_drop", "{}", c.describe());
+    assert!(passes >= 1 && passes < 40, "{passes} passes for ~{written} MB of WAL");
+}

@@ -83,10 +83,13 @@ pub fn wal_budget(snap: &Snapshot, verdict: &Verdict) -> Option<i64> {
         .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None)
         .filter(|d| slots.get(d.slot_name.as_str()).is_some_and(|s| s.restart_lsn.is_some()))
         .filter_map(|d| Some(d.retained_limit? - d.retained_bytes.unwrap_or(0)));
-    let floor = verdict.disk.as_ref().and_then(|v| {
-        let floor = snap.disk.as_ref().zip(v.plan.as_ref()).map(|(disk, plan)| disk.free - plan.floor)?;
-        Some(floor)
-    });
+    // Below the floor, this pass has dropped what it could (or nothing it may drop helps):
+    // more WAL changes nothing the next pass could do, so only free space above it counts.
+    let floor = verdict
+        .disk
+        .as_ref()
+        .and_then(|v| snap.disk.as_ref().zip(v.plan.as_ref()).map(|(disk, plan)| disk.free - plan.floor))
+        .filter(|&b| b > 0);
     retained.chain(floor).map(|b| b.max(0)).min()
 }
 
@@ -105,11 +108,15 @@ pub enum Probe {
 /// early or late. Until then, probe when half the budget would be spent at the measured
 /// rate, but at least every [`MAX_PROBE_US`] (the rate can rise) and at most every
 /// [`MIN_PROBE_US`].
+///
+/// No WAL written, no pass: what WAL moves has not moved (so a slot exactly at its limit
+/// does not make the worker pass in a loop on an idle server).
 pub fn next_probe(budget: i64, written: i64, rate: Option<f64>) -> Probe {
     let left = budget / 2 - written;
-    if left <= 0 {
+    if left <= 0 && written > 0 {
         return Probe::PassNow;
     }
+    let left = left.max(1);
     let wait = match rate {
         Some(r) if r > 0.0 => (left as f64 / r * 1e6) as i64,
         _ => MAX_PROBE_US,
@@ -242,7 +249,9 @@ mod tests {
     #[test]
     fn a_pass_comes_once_half_the_budget_is_spent() {
         assert_eq!(next_probe(64 * MB, 32 * MB, Some(1.0)), Probe::PassNow);
-        assert_eq!(next_probe(0, 0, None), Probe::PassNow);
+        // at the limit: the first byte written crosses it; none written, nothing to do
+        assert_eq!(next_probe(0, 1, None), Probe::PassNow);
+        assert_eq!(next_probe(0, 0, None), Probe::In(MAX_PROBE_US));
         // 16 MB to go at 16 MB/s: a second, but a probe at most every 200 ms
         assert_eq!(next_probe(64 * MB, 16 * MB, Some(16.0 * MB as f64)), Probe::In(MAX_PROBE_US));
         // 1 MB to go at 100 MB/s: 10 ms, but no probe sooner than 20 ms
@@ -353,6 +362,9 @@ mod tests {
             max_slot_keep: None,
         });
         assert_eq!(wal_budget(&s, &judge(&p, &s)), Some(30 * MB));
+        // below the floor: the pass did what it could; no budget from the floor
+        s.disk.as_mut().unwrap().free = 90 * MB;
+        assert_eq!(wal_budget(&s, &judge(&p, &s)), None);
     }
 
     #[test]
