@@ -568,7 +568,8 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             retained_limit: None,
         });
     }
-    out.sort_by(|a, b| a.slot_name.cmp(&b.slot_name));
+    // Names are unique (a lease without a slot has no slot of its name).
+    out.sort_unstable_by(|a, b| a.slot_name.cmp(&b.slot_name));
     out
 }
 
@@ -655,32 +656,39 @@ fn decide_slot(
     let retained_limit = retained_limit(policy, lease);
     d.retained_limit = retained_limit;
 
-    // Every limit that applies, as numbers; words are made only for the ones shown.
-    let mut limits: Vec<Limit> = Vec::with_capacity(4);
+    // Every limit that applies, as numbers, in priority order (hard limits, then expiry,
+    // then inactivity); words are made only for the ones shown. On the stack: a pass
+    // judges every slot.
     // A slot held by a forward clock jump has its time-driven limits shown but not breached.
-    let timely = !snap.held.contains(&slot.name);
-    if let Some(limit) = retained_limit {
-        limits.push(Limit { breach: Breach::Retained, over: retained > limit, frac: ratio(retained, limit), used: retained, limit });
-    }
-    if let (Some(limit), Some(age)) = (policy.max_slot_age_us, age) {
-        limits.push(Limit { breach: Breach::Age, over: timely && age > limit, frac: ratio(age, limit), used: age, limit });
-    }
-    if let Some(l) = lease {
-        let over = timely && now >= l.expires_at;
-        let span = (l.expires_at - l.leased_at).max(1);
-        let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
-        limits.push(Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 });
-    }
-    if let (Some(limit), Some(idle)) = (policy.max_inactive_us, inactive) {
-        limits.push(Limit { breach: Breach::Inactive, over: timely && idle > limit, frac: ratio(idle, limit), used: idle, limit });
-    }
+    let timely = snap.held.is_empty() || !snap.held.contains(&slot.name);
+    let limits: [Option<Limit>; 4] = [
+        retained_limit.map(|limit| Limit { breach: Breach::Retained, over: retained > limit, frac: ratio(retained, limit), used: retained, limit }),
+        policy.max_slot_age_us.zip(age).map(|(limit, age)| Limit {
+            breach: Breach::Age,
+            over: timely && age > limit,
+            frac: ratio(age, limit),
+            used: age,
+            limit,
+        }),
+        lease.map(|l| {
+            let over = timely && now >= l.expires_at;
+            let span = (l.expires_at - l.leased_at).max(1);
+            let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
+            Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 }
+        }),
+        policy.max_inactive_us.zip(inactive).map(|(limit, idle)| Limit {
+            breach: Breach::Inactive,
+            over: timely && idle > limit,
+            frac: ratio(idle, limit),
+            used: idle,
+            limit,
+        }),
+    ];
 
-    d.nearest = limits.iter().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));
+    d.nearest = limits.iter().flatten().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));
 
-    // The first breach in priority order decides: hard limits, then expiry, then inactivity.
-    let breach = [Breach::Retained, Breach::Age, Breach::Expired, Breach::Inactive]
-        .into_iter()
-        .find_map(|b| limits.iter().find(|l| l.breach == b && l.over).map(|l| (b, l.words())));
+    // The first breach in priority order decides.
+    let breach = limits.iter().flatten().find(|l| l.over).map(|l| (l.breach, l.words()));
     let Some((breach, words)) = breach else { return d };
 
     match slot.active_pid {
