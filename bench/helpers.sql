@@ -89,3 +89,49 @@ BEGIN
     END LOOP;
     RETURN cur;
 END $$;
+
+-- B8: from the moment a slot's inactivity limit is reached (its inactive_since, as core
+-- or the guard tracks it, plus the limit) until core invalidates it or the guard drops it,
+-- and until pg_wal shrinks to half what it was at the limit. `tracker`: 'core' or 'guard'.
+CREATE FUNCTION bench_idle_limit(slot text, tracker text, limit_s float8, timeout_s float8,
+    OUT acted_s float8, OUT freed_s float8, OUT pg_wal_at_limit bigint, OUT pg_wal_after bigint, OUT how text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz := clock_timestamp();
+    since timestamptz;
+    at_limit timestamptz;
+    wal bigint;
+    reason text;
+BEGIN
+    LOOP
+        IF tracker = 'core' THEN
+            SELECT inactive_since INTO since FROM pg_replication_slots WHERE slot_name = slot;
+        ELSE
+            SELECT inactive_since INTO since FROM pgslotguard.slot_seen WHERE slot_name = slot;
+        END IF;
+        EXIT WHEN since IS NOT NULL OR clock_timestamp() > t0 + make_interval(secs => timeout_s);
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+    at_limit := since + make_interval(secs => limit_s);
+    WHILE clock_timestamp() < at_limit LOOP PERFORM pg_sleep(0.01); END LOOP;
+    SELECT sum(size) INTO pg_wal_at_limit FROM pg_ls_waldir();
+    LOOP
+        SELECT invalidation_reason INTO reason FROM pg_replication_slots WHERE slot_name = slot;
+        IF acted_s IS NULL AND (NOT FOUND OR reason IS NOT NULL) THEN
+            acted_s := extract(epoch FROM clock_timestamp() - at_limit);
+            how := COALESCE('invalidated: ' || reason, 'dropped');
+        END IF;
+        SELECT sum(size) INTO wal FROM pg_ls_waldir();
+        IF wal <= pg_wal_at_limit / 2 THEN
+            freed_s := extract(epoch FROM clock_timestamp() - at_limit);
+            pg_wal_after := wal;
+            RETURN;
+        END IF;
+        IF clock_timestamp() > at_limit + make_interval(secs => timeout_s) THEN
+            pg_wal_after := wal;
+            how := COALESCE(how, 'nothing happened') || ' (timed out)';
+            RETURN;
+        END IF;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+END $$;

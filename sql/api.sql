@@ -89,6 +89,7 @@ SELECT d.slot_name,
        s.active,
        s.active_pid,
        s.wal_status,
+       d.invalidation_reason,
        s.restart_lsn,
        d.leased,
        d.in_scope,
@@ -107,7 +108,7 @@ SELECT d.slot_name,
   JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
  ORDER BY d.slot_name;
 COMMENT ON VIEW pgslotguard.slots IS
-'every replication slot with the guard''s view of it: in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees)';
+'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees)';
 
 CREATE VIEW pgslotguard.events WITH (security_barrier) AS
 SELECT e.id,

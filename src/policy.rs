@@ -161,6 +161,13 @@ pub struct SlotInfo {
     pub temporary: bool,
     pub active_pid: Option<i32>,
     pub restart_lsn: Option<u64>,
+    /// Why core invalidated the slot (`pg_replication_slots.invalidation_reason` on 17+:
+    /// `wal_removed`, `rows_removed`, `wal_level_insufficient`, `idle_timeout` on 18);
+    /// `None` for a usable slot.
+    pub invalidation: Option<&'static str>,
+    /// Core's `inactive_since` (17+): when the slot last lost its walsender, or when the
+    /// server started. `None` on 15 and while the slot is active.
+    pub core_inactive_since: Option<i64>,
 }
 
 impl SlotInfo {
@@ -298,6 +305,8 @@ pub struct Decision {
     pub releases_bytes: Option<i64>,
     /// The retained-WAL limit in force for this slot (see [`retained_limit`]).
     pub retained_limit: Option<i64>,
+    /// Why core invalidated the slot, if it did ([`SlotInfo::invalidation`]).
+    pub invalidation: Option<&'static str>,
 }
 
 impl Decision {
@@ -366,20 +375,30 @@ pub fn track(snap: &Snapshot) -> Option<Vec<Seen>> {
         .slots
         .iter()
         .map(|s| match known.get(s.name.as_str()) {
+            // On 17+, core's inactive_since says when a slot lost its walsender between two
+            // passes (or before the guard first saw it), more exactly than the pass does.
             None => Seen {
                 slot_name: s.name.clone(),
                 first_seen: snap.now,
-                inactive_since: (!s.active()).then_some(snap.now),
+                inactive_since: (!s.active()).then(|| idle_since(s, snap.now)),
                 dropping: None,
             },
             Some(k) => Seen {
-                inactive_since: if s.active() { None } else { k.inactive_since.or(Some(snap.now)) },
+                inactive_since: if s.active() { None } else { k.inactive_since.or_else(|| Some(idle_since(s, snap.now))) },
                 ..(*k).clone()
             },
         })
         .collect();
     out.extend(snap.seen.iter().filter(|k| k.dropping.is_some() && !present.contains(k.slot_name.as_str())).cloned());
     Some(out)
+}
+
+/// When an inactive slot the guard finds idle became so: core's `inactive_since` where
+/// core has one (17+), never later than now. Core sets it to the server's start time for
+/// every slot at startup, so it only seeds the guard's tracking, which survives restarts
+/// (README, PostgreSQL versions).
+fn idle_since(slot: &SlotInfo, now: i64) -> i64 {
+    slot.core_inactive_since.map_or(now, |t| t.min(now))
 }
 
 /// How long from `snap.now` until a limit that only time moves is reached on a slot the
@@ -566,6 +585,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             frees_bytes: None,
             releases_bytes: None,
             retained_limit: None,
+            invalidation: None,
         });
     }
     // Names are unique (a lease without a slot has no slot of its name).
@@ -628,6 +648,7 @@ fn decide_slot(
             frees_bytes: None,
             releases_bytes: None,
             retained_limit: None,
+            invalidation: slot.invalidation,
         };
     }
     let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
@@ -648,6 +669,7 @@ fn decide_slot(
         frees_bytes: None,
         releases_bytes: None,
         retained_limit: None,
+        invalidation: slot.invalidation,
     };
     if !in_scope {
         return d;
@@ -769,7 +791,15 @@ mod tests {
     const NOW: i64 = 1_000_000 * S;
 
     fn slot(name: &str) -> SlotInfo {
-        SlotInfo { name: name.into(), physical: true, temporary: false, active_pid: None, restart_lsn: Some(0) }
+        SlotInfo {
+            name: name.into(),
+            physical: true,
+            temporary: false,
+            active_pid: None,
+            restart_lsn: Some(0),
+            invalidation: None,
+            core_inactive_since: None,
+        }
     }
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
         Lease {
@@ -1212,6 +1242,19 @@ mod tests {
         let mut again = snap(s.slots.clone(), vec![]);
         again.seen = t.into_iter().filter(|x| x.slot_name != "dropped").collect();
         assert_eq!(track(&again), None);
+    }
+
+    #[test]
+    fn core_inactive_since_seeds_the_tracking_of_a_slot_first_seen_idle() {
+        let mut a = slot("a");
+        a.core_inactive_since = Some(NOW - 300 * S);
+        let mut future = slot("b");
+        future.core_inactive_since = Some(NOW + S);
+        let t = track(&snap(vec![a, future, slot("c")], vec![])).expect("new slots");
+        let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
+        assert_eq!(by["a"].inactive_since, Some(NOW - 300 * S), "idle since core says");
+        assert_eq!(by["b"].inactive_since, Some(NOW), "never later than now");
+        assert_eq!(by["c"].inactive_since, Some(NOW), "15: no core value, idle from now");
     }
 
     #[test]

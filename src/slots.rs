@@ -59,16 +59,51 @@ fn read(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
             pg_sys::SpinLockAcquire(&raw mut (*slot).mutex);
             let active_pid = (*slot).active_pid;
             let data = (*slot).data;
+            let inactive_since = core_inactive_since(&*slot);
             pg_sys::SpinLockRelease(&raw mut (*slot).mutex);
-            out.push(info(&data, active_pid));
+            out.push(info(&data, active_pid, inactive_since));
         }
         pg_sys::LWLockRelease(lock);
     }
     out
 }
 
+/// Core's `inactive_since` (PostgreSQL 17 and later), 0 when unset.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn core_inactive_since(slot: &pg_sys::ReplicationSlot) -> i64 {
+    slot.inactive_since
+}
+
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+fn core_inactive_since(_slot: &pg_sys::ReplicationSlot) -> i64 {
+    0
+}
+
+/// Why core invalidated the slot, in the words of `pg_replication_slots.invalidation_reason`.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static str> {
+    use pg_sys::ReplicationSlotInvalidationCause as Cause;
+    match data.invalidated {
+        Cause::RS_INVAL_NONE => None,
+        Cause::RS_INVAL_WAL_REMOVED => Some("wal_removed"),
+        Cause::RS_INVAL_HORIZON => Some("rows_removed"),
+        Cause::RS_INVAL_WAL_LEVEL => Some("wal_level_insufficient"),
+        #[cfg(feature = "pg18")]
+        Cause::RS_INVAL_IDLE_TIMEOUT => Some("idle_timeout"),
+        _ => Some("unknown"),
+    }
+}
+
+/// PostgreSQL 15 says only that a slot was invalidated (its restart LSN cleared, the LSN of
+/// the invalidation kept), and the one cause it has is WAL removed by
+/// max_slot_wal_keep_size (it shows the slot as `wal_status = 'lost'`).
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static str> {
+    (data.restart_lsn == 0 && data.invalidated_at != 0).then_some("wal_removed")
+}
+
 /// What `pg_replication_slots` shows of a slot, from its copied contents.
-fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t) -> SlotInfo {
+fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t, inactive_since: i64) -> SlotInfo {
     use pg_sys::ReplicationSlotPersistency::{RS_EPHEMERAL, RS_TEMPORARY};
     SlotInfo {
         name: String::from_utf8_lossy(name_bytes(&data.name)).into_owned(),
@@ -80,5 +115,7 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t)
         temporary: data.persistency == RS_TEMPORARY || data.persistency == RS_EPHEMERAL,
         active_pid: (active_pid != 0).then_some(active_pid),
         restart_lsn: (data.restart_lsn != 0).then_some(data.restart_lsn),
+        invalidation: invalidation(data),
+        core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
     }
 }

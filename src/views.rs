@@ -34,6 +34,7 @@ pub mod pgslotguard {
             name!(action_reason, Option<String>),
             name!(frees_bytes, Option<i64>),
             name!(max_retained_bytes, Option<i64>),
+            name!(invalidation_reason, Option<String>),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
@@ -76,6 +77,7 @@ pub mod pgslotguard {
                     reason,
                     d.frees_bytes,
                     d.retained_limit,
+                    d.invalidation.map(str::to_string),
                 )
             })
             .collect();

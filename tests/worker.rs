@@ -244,3 +244,42 @@ fn a_slot_crossing_its_wal_limit_is_dropped_without_waiting_for_naptime() {
     assert_eq!(action, "retained_drop", "{}", c.describe());
     assert!(passes >= 1 && passes < 40, "{passes} passes for ~{written} MB of WAL");
 }
+
+#[test]
+fn a_slot_core_invalidated_for_removed_wal_shows_why() {
+    let c = with_extension("lostslot", &["max_slot_wal_keep_size = '1MB'", "max_wal_size = '32MB'", "min_wal_size = '32MB'"]);
+    c.exec("SELECT pg_create_physical_replication_slot('left_behind', true)");
+    c.make_wal(48);
+    c.exec("CHECKPOINT");
+    c.wait_for("core to invalidate the slot", WAIT, |c| {
+        (c.text("SELECT COALESCE(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'left_behind'") == "lost").then_some(())
+    });
+    assert_eq!(
+        c.text("SELECT COALESCE(invalidation_reason, 'none') FROM pgslotguard.slots WHERE slot_name = 'left_behind'"),
+        "wal_removed",
+        "{}",
+        c.describe()
+    );
+}
+
+/// PostgreSQL 18 invalidates a slot idle for idle_replication_slot_timeout at a checkpoint;
+/// the guard's views say so in core's words.
+#[cfg(feature = "pg18")]
+#[test]
+fn a_slot_core_invalidated_for_idling_shows_idle_timeout() {
+    let c = with_extension("idletimeout", &["idle_replication_slot_timeout = '1s'"]);
+    c.exec("SELECT pg_create_physical_replication_slot('idle_one', true)");
+    c.make_wal(1);
+    // Once the slot has been idle for longer than the timeout, a checkpoint invalidates it.
+    c.wait_for("core to invalidate the idle slot at a checkpoint", WAIT, |c| {
+        c.exec("CHECKPOINT");
+        (c.text("SELECT COALESCE(invalidation_reason, '') FROM pg_replication_slots WHERE slot_name = 'idle_one'") == "idle_timeout")
+            .then_some(())
+    });
+    assert_eq!(
+        c.text("SELECT COALESCE(invalidation_reason, 'none') FROM pgslotguard.slots WHERE slot_name = 'idle_one'"),
+        "idle_timeout",
+        "{}",
+        c.describe()
+    );
+}

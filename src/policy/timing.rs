@@ -302,7 +302,15 @@ mod tests {
     }
 
     fn slot(name: &str, restart: u64) -> SlotInfo {
-        SlotInfo { name: name.into(), physical: true, temporary: false, active_pid: None, restart_lsn: Some(restart) }
+        SlotInfo {
+            name: name.into(),
+            physical: true,
+            temporary: false,
+            active_pid: None,
+            restart_lsn: Some(restart),
+            invalidation: None,
+            core_inactive_since: None,
+        }
     }
 
     fn lease(name: &str, expires_at: i64) -> Lease {

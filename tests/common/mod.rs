@@ -10,7 +10,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The server binaries of the version the suite is built for (Debian's layout; 17 and 18
+/// run inside a Debian root of their own, see scripts/test).
+pub const BIN: &str = if cfg!(feature = "pg18") {
+    "/usr/lib/postgresql/18/bin"
+} else if cfg!(feature = "pg17") {
+    "/usr/lib/postgresql/17/bin"
+} else {
+    "/usr/lib/postgresql/15/bin"
+};
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn running_as_postgres() -> bool {
