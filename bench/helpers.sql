@@ -57,13 +57,23 @@ DECLARE
     tb timestamptz;
     cur bigint;
     w bigint;
+    prev_t timestamptz;
+    prev_w bigint;
 BEGIN
     LOOP
         SELECT COALESCE(sum(size), 0) INTO w FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$';
         IF tb IS NULL THEN
             SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint INTO cur
               FROM pg_replication_slots WHERE slot_name = slot;
-            IF cur > limit_bytes THEN tb := clock_timestamp(); pg_wal_at_breach := w; END IF;
+            IF cur > limit_bytes THEN tb := clock_timestamp(); pg_wal_at_breach := w;
+            ELSIF NOT FOUND AND prev_t IS NOT NULL THEN
+                -- Dropped between two samples, before one saw it over the limit (the guard
+                -- probes the WAL position): the breach came after the last sample that saw
+                -- the slot under it; count from there (over-counting by up to 50 ms).
+                tb := prev_t; pg_wal_at_breach := GREATEST(w, prev_w);
+            ELSE
+                prev_t := clock_timestamp(); prev_w := w;
+            END IF;
         ELSIF w <= pg_wal_at_breach - limit_bytes / 2 THEN
             breach_to_freed_s := extract(epoch FROM clock_timestamp() - tb);
             pg_wal_after := w; how := 'freed'; RETURN;
@@ -92,8 +102,8 @@ END $$;
 
 -- B8: from the moment a slot's inactivity limit is reached (its inactive_since, as core
 -- or the guard tracks it, plus the limit) until core invalidates it or the guard drops it,
--- and until pg_wal shrinks to half what it was at the limit. `tracker`: 'core' or 'guard'.
-CREATE FUNCTION bench_idle_limit(slot text, tracker text, limit_s float8, timeout_s float8,
+-- and until pg_wal has shrunk by half of what the slot pinned. `tracker`: 'core' or 'guard'.
+CREATE FUNCTION bench_idle_limit(slot text, tracker text, limit_s float8, pinned bigint, timeout_s float8,
     OUT acted_s float8, OUT freed_s float8, OUT pg_wal_at_limit bigint, OUT pg_wal_after bigint, OUT how text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -122,7 +132,7 @@ BEGIN
             how := COALESCE('invalidated: ' || reason, 'dropped');
         END IF;
         SELECT sum(size) INTO wal FROM pg_ls_waldir();
-        IF wal <= pg_wal_at_limit / 2 THEN
+        IF wal <= pg_wal_at_limit - pinned / 2 THEN
             freed_s := extract(epoch FROM clock_timestamp() - at_limit);
             pg_wal_after := wal;
             RETURN;
