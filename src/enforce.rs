@@ -205,7 +205,7 @@ fn read_state(policy: &Policy, actor: &str, dry_run: bool, clock: Option<&mut Cl
         verdict = policy::judge(policy, &snap);
     }
     let due = [policy::next_due(policy, &snap, &verdict.decisions), held_due].into_iter().flatten().min();
-    let budget = timing::wal_budget(&snap, &verdict).map(|b| (b, snap.current_lsn));
+    let budget = timing::wal_budget(&verdict).map(|b| (b, snap.current_lsn));
     Ok(Read { verdict, finished, disk_error, due, budget })
 }
 

@@ -407,28 +407,17 @@ fn idle_since(slot: &SlotInfo, now: i64) -> i64 {
 /// above it, so age and inactivity are due one microsecond after the limit.) The worker
 /// sleeps until then rather than a whole naptime.
 pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Option<i64> {
-    let leases: HashMap<&str, &Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
-    let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    let active: HashSet<&str> = snap.slots.iter().filter(|s| s.active()).map(|s| s.name.as_str()).collect();
-    let now = snap.now;
-    let mut due: Vec<i64> = vec![];
-    for d in decisions.iter().filter(|d| d.slot_exists && d.in_scope && d.action == Action::None) {
-        let name = d.slot_name.as_str();
-        let lease = leases.get(name);
-        if let Some(l) = lease {
-            due.push(l.expires_at - now);
-        }
-        let born = lease.map(|l| l.leased_at).or(seen.get(name).map(|s| s.first_seen));
-        if let (Some(limit), Some(born)) = (policy.max_slot_age_us, born) {
-            due.push(born + limit + 1 - now);
-        }
-        if let (Some(limit), Some(since)) = (policy.max_inactive_us, seen.get(name).and_then(|s| s.inactive_since)) {
-            if !active.contains(name) {
-                due.push(since + limit + 1 - now);
-            }
-        }
-    }
-    due.into_iter().filter(|&t| t > 0).min()
+    let waiting: HashSet<&str> = decisions
+        .iter()
+        .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None)
+        .map(|d| d.slot_name.as_str())
+        .collect();
+    timing::time_deadlines(policy, snap)
+        .into_iter()
+        .filter(|(name, _)| waiting.contains(name.as_str()))
+        .map(|(_, deadline)| deadline - snap.now)
+        .filter(|&t| t > 0)
+        .min()
 }
 
 /// What the free-space floor asks of a pass, beside the per-slot decisions.
@@ -683,28 +672,18 @@ fn decide_slot(
     // judges every slot.
     // A slot held by a forward clock jump has its time-driven limits shown but not breached.
     let timely = snap.held.is_empty() || !snap.held.contains(&slot.name);
+    // A limit breached when its value exceeds it; `applies` is false while a clock jump holds it.
+    let exceeds = |breach, applies: bool, (limit, used): (i64, i64)| Limit { breach, over: applies && used > limit, frac: ratio(used, limit), used, limit };
     let limits: [Option<Limit>; 4] = [
-        retained_limit.map(|limit| Limit { breach: Breach::Retained, over: retained > limit, frac: ratio(retained, limit), used: retained, limit }),
-        policy.max_slot_age_us.zip(age).map(|(limit, age)| Limit {
-            breach: Breach::Age,
-            over: timely && age > limit,
-            frac: ratio(age, limit),
-            used: age,
-            limit,
-        }),
+        retained_limit.map(|limit| exceeds(Breach::Retained, true, (limit, retained))),
+        policy.max_slot_age_us.zip(age).map(|v| exceeds(Breach::Age, timely, v)),
         lease.map(|l| {
             let over = timely && now >= l.expires_at;
             let span = (l.expires_at - l.leased_at).max(1);
             let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
             Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 }
         }),
-        policy.max_inactive_us.zip(inactive).map(|(limit, idle)| Limit {
-            breach: Breach::Inactive,
-            over: timely && idle > limit,
-            frac: ratio(idle, limit),
-            used: idle,
-            limit,
-        }),
+        policy.max_inactive_us.zip(inactive).map(|v| exceeds(Breach::Inactive, timely, v)),
     ];
 
     d.nearest = limits.iter().flatten().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));

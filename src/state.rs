@@ -116,20 +116,25 @@ where
 
 /// The tracking table and the leases, each as one row of arrays, in one query (one plan,
 /// one portal): every row, or (`_OF`) the rows of the slot named `$1`.
-const TABLES_QUERY: &str = "SELECT s.*, l.*
-           FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
-                        array_agg(drop_action), array_agg(drop_reason)
-                   FROM pgslotguard.slot_seen) s,
-                (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
-                        array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
-                   FROM pgslotguard.lease_data) l";
-const TABLES_OF_QUERY: &str = "SELECT s.*, l.*
-           FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
-                        array_agg(drop_action), array_agg(drop_reason)
-                   FROM pgslotguard.slot_seen WHERE slot_name OPERATOR(pg_catalog.=) $1::name) s,
-                (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
-                        array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
-                   FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name) l";
+macro_rules! tables_query {
+    ($filter:literal) => {
+        concat!(
+            "SELECT s.*, l.*
+               FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
+                            array_agg(drop_action), array_agg(drop_reason)
+                       FROM pgslotguard.slot_seen ",
+            $filter,
+            ") s,
+                    (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
+                            array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
+                       FROM pgslotguard.lease_data ",
+            $filter,
+            ") l"
+        )
+    };
+}
+const TABLES_QUERY: &str = tables_query!("");
+const TABLES_OF_QUERY: &str = tables_query!("WHERE slot_name OPERATOR(pg_catalog.=) $1::name");
 
 /// Tracking rows from columns 1-5 of the first row.
 fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
@@ -154,20 +159,21 @@ fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
 /// Leases from columns 6-11 of the first row.
 fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
     let names = column::<String>(t, 6)?;
-    let leased = column::<TimestampWithTimeZone>(t, 7)?;
-    let expires = column::<TimestampWithTimeZone>(t, 8)?;
-    let limits = column::<i64>(t, 9)?;
+    let mut leased = column::<TimestampWithTimeZone>(t, 7)?.into_iter().flatten();
+    let mut expires = column::<TimestampWithTimeZone>(t, 8)?.into_iter().flatten();
+    let mut limits = column::<i64>(t, 9)?.into_iter();
     let mut owners = column::<String>(t, 10)?.into_iter();
-    let by_superuser = column::<bool>(t, 11)?;
+    let mut by_superuser = column::<bool>(t, 11)?.into_iter().flatten();
+    // leased_at, expires_at and limit_by_superuser are NOT NULL; max_retained may be NULL.
     let mut out = Vec::with_capacity(names.len());
-    for (i, name) in names.into_iter().enumerate() {
+    for name in names {
         out.push(Lease {
             slot_name: name.unwrap_or_default(),
             owner: owners.next().flatten().unwrap_or_default(),
-            leased_at: leased.get(i).copied().flatten().map(us).unwrap_or(0),
-            expires_at: expires.get(i).copied().flatten().map(us).unwrap_or(0),
-            max_retained: limits.get(i).copied().flatten(),
-            limit_by_superuser: by_superuser.get(i).copied().flatten().unwrap_or(false),
+            leased_at: leased.next().map(us).unwrap_or(0),
+            expires_at: expires.next().map(us).unwrap_or(0),
+            max_retained: limits.next().flatten(),
+            limit_by_superuser: by_superuser.next().unwrap_or(false),
         });
     }
     Ok(out)

@@ -75,20 +75,19 @@ impl WalRate {
 ///
 /// The headroom assumes the slot's restart LSN stands still (an orphaned slot): a slot that
 /// streams keeps its headroom, and the guard only probes more than it needed to.
-pub fn wal_budget(snap: &Snapshot, verdict: &Verdict) -> Option<i64> {
-    let slots: HashMap<&str, &super::SlotInfo> = snap.slots.iter().map(|s| (s.name.as_str(), s)).collect();
+pub fn wal_budget(verdict: &Verdict) -> Option<i64> {
+    // A slot retains WAL (retained_bytes is set) only when it has a restart LSN.
     let retained = verdict
         .decisions
         .iter()
         .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None)
-        .filter(|d| slots.get(d.slot_name.as_str()).is_some_and(|s| s.restart_lsn.is_some()))
-        .filter_map(|d| Some(d.retained_limit? - d.retained_bytes.unwrap_or(0)));
+        .filter_map(|d| Some(d.retained_limit? - d.retained_bytes?));
     // Below the floor, this pass has dropped what it could (or nothing it may drop helps):
     // more WAL changes nothing the next pass could do, so only free space above it counts.
     let floor = verdict
         .disk
         .as_ref()
-        .and_then(|v| snap.disk.as_ref().zip(v.plan.as_ref()).map(|(disk, plan)| disk.free - plan.floor))
+        .and_then(|v| v.plan.as_ref().map(|plan| v.disk.free - plan.floor))
         .filter(|&b| b > 0);
     retained.chain(floor).map(|b| b.max(0)).min()
 }
@@ -346,12 +345,12 @@ mod tests {
             vec![lease("a", 3600 * S), tight, lease("over", 3600 * S)],
         );
         // a: 64 - 50 = 14 MB; b: 40 - 20 = 20 MB; unleased: out of scope; over: dropped now
-        assert_eq!(wal_budget(&s, &judge(&p, &s)), Some(14 * MB));
+        assert_eq!(wal_budget(&judge(&p, &s)), Some(14 * MB));
         // without the global limit, b's own limit still applies
-        assert_eq!(wal_budget(&s, &judge(&Policy::default(), &s)), Some(20 * MB));
+        assert_eq!(wal_budget(&judge(&Policy::default(), &s)), Some(20 * MB));
         // no retained-WAL limit and no floor: time alone brings the next breach
         let s = snap(vec![slot("a", 0)], vec![lease("a", 3600 * S)]);
-        assert_eq!(wal_budget(&s, &judge(&Policy::default(), &s)), None);
+        assert_eq!(wal_budget(&judge(&Policy::default(), &s)), None);
     }
 
     #[test]
@@ -369,10 +368,10 @@ mod tests {
             max_wal: 1024 * MB,
             max_slot_keep: None,
         });
-        assert_eq!(wal_budget(&s, &judge(&p, &s)), Some(30 * MB));
+        assert_eq!(wal_budget(&judge(&p, &s)), Some(30 * MB));
         // below the floor: the pass did what it could; no budget from the floor
         s.disk.as_mut().unwrap().free = 90 * MB;
-        assert_eq!(wal_budget(&s, &judge(&p, &s)), None);
+        assert_eq!(wal_budget(&judge(&p, &s)), None);
     }
 
     #[test]
