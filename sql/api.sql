@@ -167,6 +167,16 @@ COMMENT ON VIEW pgslotguard.status IS
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
+-- Every committed change to the lease and tracking tables tells the backends that keep a
+-- read of them (src/state.rs) to read them again. ENABLE ALWAYS: a change made with
+-- session_replication_role = replica counts too.
+CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.lease_data
+    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
+CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.slot_seen
+    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
+ALTER TABLE pgslotguard.lease_data ENABLE ALWAYS TRIGGER tables_changed;
+ALTER TABLE pgslotguard.slot_seen ENABLE ALWAYS TRIGGER tables_changed;
+
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean),

@@ -16,6 +16,7 @@ use crate::validate::{pretty_duration, pretty_size};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashSet;
+use std::rc::Rc;
 
 /// What one pass did about one slot (a row of `backup_slot_enforce()`).
 #[derive(Debug, Clone)]
@@ -232,11 +233,16 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
     if !stale.is_empty() {
         state::clear_drop_marks(&stale)?;
     }
-    let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).collect();
-    snap.leases.retain(|l| !finished.contains(l.slot_name.as_str()));
-    snap.seen.retain(|s| !finished.contains(s.slot_name.as_str()));
-    for s in snap.seen.iter_mut() {
-        s.dropping = None;
+    // Copied (from the read the backend keeps) only when there is something to change.
+    if !done.is_empty() {
+        let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).collect();
+        Rc::make_mut(&mut snap.leases).retain(|l| !finished.contains(l.slot_name.as_str()));
+        Rc::make_mut(&mut snap.seen).retain(|s| !finished.contains(s.slot_name.as_str()));
+    }
+    if snap.seen.iter().any(|s| s.dropping.is_some()) {
+        for s in Rc::make_mut(&mut snap.seen).iter_mut() {
+            s.dropping = None;
+        }
     }
     Ok(done)
 }

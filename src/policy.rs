@@ -21,6 +21,7 @@ pub mod timing;
 use disk::{Floor, WalDisk};
 use regex::Regex;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::rc::Rc;
 
 /// Which slots the limits cover (`pgslotguard.scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,8 +217,10 @@ pub struct Snapshot {
     /// Current WAL position (on a standby: last replayed).
     pub current_lsn: u64,
     pub slots: Vec<SlotInfo>,
-    pub leases: Vec<Lease>,
-    pub seen: Vec<Seen>,
+    /// Shared with the read a backend keeps of its tables (state.rs), so an unchanged
+    /// read costs no copy.
+    pub leases: Rc<Vec<Lease>>,
+    pub seen: Rc<Vec<Seen>>,
     /// The filesystem that holds `pg_wal`, when measured.
     pub disk: Option<WalDisk>,
     /// Slots whose time-driven limits (expiry, age, inactivity) have come on the wall clock
@@ -414,7 +417,7 @@ pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Opt
         .collect();
     timing::time_deadlines(policy, snap)
         .into_iter()
-        .filter(|(name, _)| waiting.contains(name.as_str()))
+        .filter(|(name, _)| waiting.contains(name))
         .map(|(_, deadline)| deadline - snap.now)
         .filter(|&t| t > 0)
         .min()
@@ -552,7 +555,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
         })
         .collect();
 
-    for lease in &snap.leases {
+    for lease in snap.leases.iter() {
         if slots.contains(lease.slot_name.as_str()) {
             continue;
         }
@@ -791,7 +794,7 @@ mod tests {
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases, seen: vec![], disk: None, held: HashSet::default() }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), disk: None, held: HashSet::default() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -917,7 +920,7 @@ mod tests {
         let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 100 * S, 3600 * S)]));
         assert_eq!(d.action, Action::None, "exactly at the limit");
         let mut s = snap(vec![slot("u")], vec![]);
-        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None, dropping: None }];
+        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None, dropping: None }].into();
         assert_eq!(dropped(&one(&p, &s)), Some(Breach::Age));
         // never seen before: no age yet, so no age breach
         assert_eq!(one(&p, &snap(vec![slot("u")], vec![])).action, Action::None);
@@ -927,14 +930,14 @@ mod tests {
     fn inactivity_limit_uses_tracked_inactive_since() {
         let p = Policy { max_inactive_us: Some(60 * S), ..Policy::default() };
         let mut s = snap(vec![slot("a")], vec![lease("a", 3600 * S, 3600 * S)]);
-        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S), dropping: None }];
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S), dropping: None }].into();
         let d = one(&p, &s);
         assert_eq!(dropped(&d), Some(Breach::Inactive));
         assert_eq!(d.inactive_us, Some(61 * S));
-        s.seen[0].inactive_since = Some(NOW - 60 * S);
+        Rc::make_mut(&mut s.seen)[0].inactive_since = Some(NOW - 60 * S);
         assert_eq!(one(&p, &s).action, Action::None);
         // an active slot is never inactive, whatever the record says
-        s.seen[0].inactive_since = Some(NOW - 600 * S);
+        Rc::make_mut(&mut s.seen)[0].inactive_since = Some(NOW - 600 * S);
         s.slots[0].active_pid = Some(7);
         let d = one(&p, &s);
         assert_eq!(d.action, Action::None);
@@ -945,7 +948,7 @@ mod tests {
     fn scope_leased_never_touches_unleased_slots() {
         let p = Policy { max_retained_wal: Some(MB), max_slot_age_us: Some(S), ..Policy::default() };
         let mut s = snap(vec![slot("standby1")], vec![]);
-        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0), dropping: None }];
+        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0), dropping: None }].into();
         let d = one(&p, &s);
         assert!(!d.in_scope);
         assert_eq!(d.state, "out_of_scope");
@@ -1209,7 +1212,8 @@ mod tests {
                 inactive_since: None,
                 dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into() }),
             },
-        ];
+        ]
+        .into();
         let t = track(&s).expect("changed");
         let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
         assert_eq!((by["a"].first_seen, by["a"].inactive_since), (NOW, None));
@@ -1219,7 +1223,7 @@ mod tests {
         assert!(by.contains_key("dropped"), "a drop intent stays until its drop is recorded");
         // the next pass over the same slots finds nothing to change
         let mut again = snap(s.slots.clone(), vec![]);
-        again.seen = t.into_iter().filter(|x| x.slot_name != "dropped").collect();
+        again.seen = Rc::new(t.into_iter().filter(|x| x.slot_name != "dropped").collect());
         assert_eq!(track(&again), None);
     }
 
@@ -1252,7 +1256,7 @@ mod tests {
     fn next_due_is_the_nearest_expiry_age_or_inactivity_ahead() {
         let p = Policy { max_slot_age_us: Some(100 * S), max_inactive_us: Some(50 * S), ..Policy::default() };
         let mut s = snap(vec![slot("a"), slot("b")], vec![lease("a", 10 * S, 30 * S), lease("b", 95 * S, 3600 * S)]);
-        s.seen = vec![Seen { slot_name: "b".into(), first_seen: NOW - 95 * S, inactive_since: Some(NOW - 40 * S), dropping: None }];
+        s.seen = vec![Seen { slot_name: "b".into(), first_seen: NOW - 95 * S, inactive_since: Some(NOW - 40 * S), dropping: None }].into();
         let d = decide(&p, &s);
         // a: expires in 30 s (age 90 s ahead); b: age limit in 5 s, inactivity in 10 s
         assert_eq!(next_due(&p, &s, &d), Some(5 * S + 1));

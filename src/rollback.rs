@@ -22,6 +22,8 @@ thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// A lease call in this transaction changed a lease: wake the guard at commit.
     static WAKE: Cell<bool> = const { Cell::new(false) };
+    /// This transaction changed the lease or tracking table (`tables_changed`).
+    static TABLES: Cell<bool> = const { Cell::new(false) };
 }
 
 fn register() {
@@ -53,6 +55,31 @@ pub fn created_in_this_transaction(name: &str) {
 pub fn wake_guard_at_commit() {
     register();
     WAKE.set(true);
+}
+
+/// The statement trigger on the lease and tracking tables: this transaction changed them.
+/// When it ends, reads of them kept by any backend are read again (state::Tables).
+pub fn tables_changed() {
+    register();
+    TABLES.set(true);
+}
+
+#[pg_schema]
+mod pgslotguard {
+    use pgrx::prelude::*;
+
+    /// Statement trigger (AFTER, FOR EACH STATEMENT) on the lease and tracking tables: when
+    /// the transaction ends, reads of them that backends keep are read again (state.rs).
+    #[pg_trigger]
+    fn tables_changed<'a>(_trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
+        super::tables_changed();
+        Ok(None)
+    }
+}
+
+/// Has this transaction changed the lease or tracking table?
+pub fn tables_changed_here() -> bool {
+    TABLES.get()
 }
 
 /// Drop this slot when the transaction commits (not before: a rollback keeps it).
@@ -102,6 +129,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => drop_released(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             WAKE.set(false);
+            if TABLES.replace(false) {
+                crate::shmem::tables_changed();
+            }
             RELEASED.with_borrow_mut(|r| r.clear());
             let pending = PENDING.with_borrow_mut(std::mem::take);
             for (name, _) in pending {
@@ -116,9 +146,21 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
                     "cannot PREPARE a transaction that has leased or released a replication slot"
                 );
             }
+            if TABLES.get() {
+                // Its changes would become visible at COMMIT PREPARED, perhaps in another
+                // session, where no trigger of ours runs to tell the kept reads.
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "cannot PREPARE a transaction that has changed pgslotguard's lease or tracking table"
+                );
+            }
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
             PENDING.with_borrow_mut(|p| p.clear());
+            if TABLES.replace(false) {
+                crate::shmem::tables_changed();
+            }
             if WAKE.replace(false) {
                 crate::shmem::wake_worker();
             }

@@ -10,6 +10,7 @@ use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiTupleTable;
+use std::rc::Rc;
 
 pub type Result<T> = std::result::Result<T, GuardError>;
 
@@ -179,6 +180,62 @@ fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
     Ok(out)
 }
 
+/// The tracking rows and the leases as a full read returned them, kept by this backend
+/// while nothing has changed them: reading them costs more than the rest of a pass at a
+/// thousand leases (B2).
+struct Tables {
+    key: TablesKey,
+    seen: Rc<Vec<Seen>>,
+    leases: Rc<Vec<Lease>>,
+}
+
+/// What a kept read is valid for: the count of commits that changed the tables (shared
+/// memory, `shmem::tables_changed`) and the tables themselves (a dropped and re-created
+/// extension has new ones).
+#[derive(Clone, Copy, PartialEq)]
+struct TablesKey {
+    changes: u64,
+    lease_data: pg_sys::Oid,
+    slot_seen: pg_sys::Oid,
+}
+
+thread_local! {
+    static TABLES: std::cell::RefCell<Option<Tables>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The key under which a full read may be kept, taken before the query runs; None when a
+/// kept read cannot be trusted:
+/// - the library is not preloaded (no count of changes in shared memory);
+/// - on a standby, where the tables change by WAL replay and no trigger fires;
+/// - in a repeatable read or serializable transaction, whose snapshot may be older than
+///   the count (the read must be as of that snapshot);
+/// - after this transaction changed the tables itself (its changes are not committed, so
+///   only this transaction may see them).
+///
+/// Every committed change counts: statement triggers on both tables (`tables_changed`,
+/// ENABLE ALWAYS, so replicas by session_replication_role and COPY count too) bump the
+/// count once the changing transaction has committed (or aborted), when the change is
+/// visible to any later snapshot. Read the count, then query: a commit that the query
+/// does not see bumps the count after it was read, and the next read queries again.
+fn tables_key() -> Option<TablesKey> {
+    // SAFETY: plain reads of this backend's transaction state and two syscache lookups.
+    unsafe {
+        if pg_sys::RecoveryInProgress() || pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            return None;
+        }
+    }
+    if crate::rollback::tables_changed_here() {
+        return None;
+    }
+    let changes = crate::shmem::tables_changes()?;
+    // SAFETY: catalog lookups by name, in a transaction (a pass or a view's query).
+    let (lease_data, slot_seen) = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"pgslotguard".as_ptr(), true);
+        (pg_sys::get_relname_relid(c"lease_data".as_ptr(), ns), pg_sys::get_relname_relid(c"slot_seen".as_ptr(), ns))
+    };
+    Some(TablesKey { changes, lease_data, slot_seen })
+}
+
 /// Everything a decision needs, read now: the tracking rows and the leases (those whose
 /// slot is gone too) through SPI, then the slots from shared memory. `only`: one slot's.
 ///
@@ -195,8 +252,19 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
         Ok((seen_rows(&t)?, lease_rows(&t)?))
     };
     let (seen, leases) = match only {
-        None => read(TABLES_QUERY, &[], rows)?,
-        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows)?,
+        None => match tables_key() {
+            Some(key) => match TABLES.with_borrow(|c| c.as_ref().filter(|c| c.key == key).map(|c| (c.seen.clone(), c.leases.clone()))) {
+                Some(kept) => kept,
+                None => {
+                    let (seen, leases) = read(TABLES_QUERY, &[], rows)?;
+                    let (seen, leases) = (Rc::new(seen), Rc::new(leases));
+                    TABLES.set(Some(Tables { key, seen: seen.clone(), leases: leases.clone() }));
+                    (seen, leases)
+                }
+            },
+            None => read(TABLES_QUERY, &[], rows).map(|(s, l)| (Rc::new(s), Rc::new(l)))?,
+        },
+        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows).map(|(s, l)| (Rc::new(s), Rc::new(l)))?,
     };
     let slots = match only {
         None => crate::slots::all(),
@@ -224,7 +292,7 @@ pub fn track(snap: &mut Snapshot, write: bool) -> Result<()> {
     let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
     let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| before.get(n.slot_name.as_str()) == Some(&n));
     if unchanged || !write {
-        snap.seen = now_seen;
+        snap.seen = now_seen.into();
         return Ok(());
     }
     let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
@@ -243,7 +311,7 @@ pub fn track(snap: &mut Snapshot, write: bool) -> Result<()> {
           WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
         &[names.into(), active.into(), ts(snap.now).into()],
     )?;
-    snap.seen = now_seen;
+    snap.seen = now_seen.into();
     Ok(())
 }
 

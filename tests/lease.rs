@@ -153,3 +153,63 @@ fn bytes_that_are_not_utf8_in_a_sql_ascii_database_get_22021_and_a_hint() {
     db.batch_execute("SELECT * FROM backup_slot_lease('ok_name', '1h', holder => 'nightly')").unwrap();
     assert!(c.slot_exists("ok_name"));
 }
+
+/// A backend keeps its read of the lease and tracking tables while nothing changes them
+/// (src/state.rs). Every committed change, however it is made, must be seen by the next
+/// read of a backend that kept one: the worker decides from that read.
+#[test]
+fn a_kept_read_of_the_leases_follows_every_committed_change() {
+    // dry_run: the worker writes nothing (its tracking included), so that no commit but
+    // the test's own changes the tables.
+    let c = with_extension("kept", &["max_prepared_transactions = 2", "pgslotguard.dry_run = on"]);
+    let mut a = c.client();
+    let leased = |a: &mut postgres::Client, slot: &str| -> Option<(bool, String)> {
+        a.query_opt("SELECT leased, state FROM pgslotguard.slots WHERE slot_name = $1", &[&slot])
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1)))
+    };
+    c.exec("SELECT backup_slot_lease('k1', '1h')");
+    assert_eq!(leased(&mut a, "k1"), Some((true, "ok".into())), "{}", c.describe());
+
+    // A superuser changes the table directly: an update, with triggers off for replicas.
+    c.exec("SET session_replication_role = replica; UPDATE pgslotguard.lease_data SET expires_at = now() - interval '1 min'");
+    assert_eq!(leased(&mut a, "k1"), Some((true, "expired".into())), "an UPDATE as a replica went unseen");
+    // A delete: the slot is no longer leased.
+    c.exec("DELETE FROM pgslotguard.lease_data WHERE slot_name = 'k1'");
+    assert_eq!(leased(&mut a, "k1").map(|l| l.0), Some(false), "a DELETE went unseen");
+
+    // A transaction in repeatable read reads as of its snapshot, and what it read is not
+    // kept: once it ends, a lease committed meanwhile is seen.
+    let mut tx = a.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start().unwrap();
+    tx.query("SELECT * FROM pgslotguard.slots", &[]).unwrap();
+    c.exec("SELECT backup_slot_lease('k2', '1h')");
+    let in_tx = tx.query_opt("SELECT leased FROM pgslotguard.slots WHERE slot_name = 'k2'", &[]).unwrap();
+    assert_eq!(in_tx.map(|r| r.get::<_, bool>(0)), Some(false), "the snapshot predates the lease (the slot is not transactional)");
+    tx.commit().unwrap();
+    assert_eq!(leased(&mut a, "k2"), Some((true, "ok".into())), "a read made in repeatable read was kept");
+
+    // TRUNCATE, then the extension dropped and created anew (new tables, no trigger ran).
+    c.exec("TRUNCATE pgslotguard.lease_data");
+    assert_eq!(leased(&mut a, "k2").map(|l| l.0), Some(false), "a TRUNCATE went unseen");
+    c.exec("SELECT backup_slot_lease('k3', '1h')");
+    assert_eq!(leased(&mut a, "k3").map(|l| l.0), Some(true));
+    c.exec("DROP EXTENSION pgslotguard; CREATE EXTENSION pgslotguard");
+    assert_eq!(leased(&mut a, "k3").map(|l| l.0), Some(false), "the old tables' leases were kept");
+
+    // A change inside a transaction is seen by that transaction at once, and by no other
+    // backend if it rolls back.
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("INSERT INTO pgslotguard.lease_data (slot_name, owner, leased_at, expires_at) VALUES ('k3', 'postgres', now(), now() + interval '1h')").unwrap();
+    let own = tx.query_one("SELECT leased FROM pgslotguard.slots WHERE slot_name = 'k3'", &[]).unwrap();
+    assert!(own.get::<_, bool>(0), "a transaction did not see its own change");
+    tx.rollback().unwrap();
+    assert_eq!(leased(&mut a, "k3").map(|l| l.0), Some(false), "a rolled-back change was kept");
+
+    // A prepared transaction would make its change visible where no trigger runs.
+    assert_eq!(
+        c.sqlstate("BEGIN; DELETE FROM pgslotguard.slot_seen; PREPARE TRANSACTION 'p1'"),
+        Some("0A000".into()),
+        "PREPARE of a change to the tables must be refused"
+    );
+    assert_eq!(c.count("SELECT count(*) FROM pg_prepared_xacts"), 0);
+}

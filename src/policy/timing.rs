@@ -125,28 +125,23 @@ pub fn next_probe(budget: i64, written: i64, rate: Option<f64>) -> Probe {
 
 /// The deadline of each slot's nearest time-driven limit (lease expiry, age, inactivity)
 /// on the wall clock, for slots in scope the pass leaves alone or drops for such a limit.
-pub fn time_deadlines(policy: &super::Policy, snap: &Snapshot) -> Vec<(String, i64)> {
+pub fn time_deadlines<'a>(policy: &super::Policy, snap: &'a Snapshot) -> Vec<(&'a str, i64)> {
     let leases: HashMap<&str, &super::Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
     let seen: HashMap<&str, &super::Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    let mut out = vec![];
+    let mut out = Vec::with_capacity(snap.slots.len());
     for slot in &snap.slots {
         let name = slot.name.as_str();
         let lease = leases.get(name).copied();
-        let mut due: Vec<i64> = vec![];
-        if let Some(l) = lease {
-            due.push(l.expires_at);
-        }
-        let born = lease.map(|l| l.leased_at).or(seen.get(name).map(|s| s.first_seen));
-        if let (Some(limit), Some(born)) = (policy.max_slot_age_us, born) {
-            due.push(born + limit + 1);
-        }
-        if let (Some(limit), Some(since)) = (policy.max_inactive_us, seen.get(name).and_then(|s| s.inactive_since)) {
-            if !slot.active() {
-                due.push(since + limit + 1);
-            }
-        }
-        if let Some(d) = due.into_iter().min() {
-            out.push((slot.name.clone(), d));
+        let seen = seen.get(name).copied();
+        let expiry = lease.map(|l| l.expires_at);
+        let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
+        let age = policy.max_slot_age_us.zip(born).map(|(limit, born)| born + limit + 1);
+        let idle = match (policy.max_inactive_us, seen.and_then(|s| s.inactive_since)) {
+            (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
+            _ => None,
+        };
+        if let Some(d) = [expiry, age, idle].into_iter().flatten().min() {
+            out.push((name, d));
         }
     }
     out
@@ -180,21 +175,21 @@ pub struct ClockWatch {
 impl ClockWatch {
     /// Note this pass's deadlines; returns the slots held (see the type's rule) and the
     /// time until the nearest monotonic deadline of a held slot.
-    pub fn hold(&mut self, wall: i64, mono: i64, deadlines: &[(String, i64)]) -> (HashSet<String>, Option<i64>) {
+    pub fn hold(&mut self, wall: i64, mono: i64, deadlines: &[(&str, i64)]) -> (HashSet<String>, Option<i64>) {
         let mut noted = HashMap::default();
         let mut held = HashSet::default();
         let mut next: Option<i64> = None;
         for (name, wall_dl) in deadlines {
-            let mono_dl = match self.noted.get(name) {
+            let mono_dl = match self.noted.get(*name) {
                 Some(&(w, m)) if w == *wall_dl => m,
                 _ => mono + (wall_dl - wall).max(0),
             };
             if *wall_dl <= wall && mono_dl > mono {
-                held.insert(name.clone());
+                held.insert(name.to_string());
                 let left = mono_dl - mono;
                 next = Some(next.map_or(left, |n| n.min(left)));
             }
-            noted.insert(name.clone(), (*wall_dl, mono_dl));
+            noted.insert(name.to_string(), (*wall_dl, mono_dl));
         }
         self.noted = noted;
         (held, next)
@@ -328,8 +323,8 @@ mod tests {
             now: 10 * S,
             current_lsn: 100 * MB as u64,
             slots,
-            leases,
-            seen: vec![],
+            leases: leases.into(),
+            seen: Default::default(),
             disk: None,
             held: HashSet::default(),
         }
@@ -378,13 +373,13 @@ mod tests {
     fn deadlines_are_the_nearest_time_limit_of_each_slot() {
         let p = Policy { max_slot_age_us: Some(100 * S), ..Policy::default() };
         let s = snap(vec![slot("a", 0), slot("b", 0)], vec![lease("a", 500 * S), lease("b", 50 * S)]);
-        assert_eq!(time_deadlines(&p, &s), vec![("a".to_string(), 100 * S + 1), ("b".to_string(), 50 * S)]);
+        assert_eq!(time_deadlines(&p, &s), vec![("a", 100 * S + 1), ("b", 50 * S)]);
     }
 
     #[test]
     fn a_clock_set_forward_holds_a_deadline_until_the_monotonic_clock_reaches_it() {
         let mut w = ClockWatch::default();
-        let dl = vec![("a".to_string(), 1000 * S)];
+        let dl = vec![("a", 1000 * S)];
         // wall 0, mono 5 s: deadline 1000 s ahead on both clocks
         assert_eq!(w.hold(0, 5 * S, &dl), (HashSet::default(), None));
         assert_eq!(w.jump(0, 5 * S), None);
@@ -401,7 +396,7 @@ mod tests {
     #[test]
     fn a_clock_set_back_lengthens_a_lease_and_a_renewal_is_noted_afresh() {
         let mut w = ClockWatch::default();
-        let dl = vec![("a".to_string(), 100 * S)];
+        let dl = vec![("a", 100 * S)];
         w.hold(90 * S, 0, &dl);
         // the clock goes back an hour: the wall deadline is far off, nothing held; the
         // lease ends when the wall clock says so (later in real time)
@@ -411,7 +406,7 @@ mod tests {
         // renewed after a forward jump: the new deadline is noted from now
         let mut w = ClockWatch::default();
         w.hold(0, 0, &dl);
-        let renewed = vec![("a".to_string(), 5000 * S)];
+        let renewed = vec![("a", 5000 * S)];
         let (held, _) = w.hold(4000 * S, S, &renewed);
         assert!(held.is_empty());
         let (held, next) = w.hold(5001 * S, 2 * S, &renewed);
@@ -422,7 +417,7 @@ mod tests {
     #[test]
     fn a_worker_that_starts_after_a_deadline_acts_at_once() {
         let mut w = ClockWatch::default();
-        let (held, _) = w.hold(100 * S, 0, &[("a".to_string(), 50 * S)]);
+        let (held, _) = w.hold(100 * S, 0, &[("a", 50 * S)]);
         assert!(held.is_empty());
     }
 }
