@@ -12,16 +12,18 @@ CREATE FUNCTION @extschema@.backup_slot_lease(
     ttl          interval DEFAULT NULL,
     holder       text     DEFAULT NULL,
     max_retained text     DEFAULT NULL,
-    adopt        boolean  DEFAULT false)
+    adopt        boolean  DEFAULT false,
+    max_inactive interval DEFAULT NULL,
+    max_age      interval DEFAULT NULL)
 RETURNS TABLE (slot_name text, lsn pg_lsn, expires_at timestamptz)
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
-      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5) AS l
+      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7) AS l
 $$;
-COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean) IS
-'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl); returns the slot, the reserved LSN and the expiry';
+COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval) IS
+'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age: a superuser''s replace the global ones, anyone else''s only tighten them); returns the slot, the reserved LSN and the expiry';
 
 CREATE FUNCTION @extschema@.backup_slot_renew(slot_name text, ttl interval DEFAULT NULL)
 RETURNS timestamptz
@@ -71,6 +73,8 @@ SELECT l.slot_name,
        pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
        d.max_retained_bytes,
        pg_catalog.pg_size_pretty(d.max_retained_bytes) AS max_retained,
+       l.max_inactive,
+       l.max_age,
        COALESCE(d.state, 'ok') AS state,
        d.nearest_limit,
        l.adopted
@@ -122,7 +126,8 @@ SELECT e.id,
        pg_catalog.pg_size_pretty(e.freed_bytes) AS freed,
        e.pg_wal_bytes,
        pg_catalog.pg_size_pretty(e.pg_wal_bytes) AS pg_wal_after,
-       e.actor
+       e.actor,
+       e.lease_holder AS holder
   FROM pgslotguard.event_log e
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
     OR e.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
@@ -174,12 +179,15 @@ CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pg
     FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
 CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.slot_seen
     FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
+CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.warned
+    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
 ALTER TABLE pgslotguard.lease_data ENABLE ALWAYS TRIGGER tables_changed;
+ALTER TABLE pgslotguard.warned ENABLE ALWAYS TRIGGER tables_changed;
 ALTER TABLE pgslotguard.slot_seen ENABLE ALWAYS TRIGGER tables_changed;
 
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean),
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval),
                           pgslotguard.renew_slot(bytea, interval),
                           pgslotguard.release_slot(bytea),
                           pgslotguard.keep_slot(bytea),

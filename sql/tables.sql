@@ -10,10 +10,13 @@ CREATE TABLE pgslotguard.lease_data (
     renewed_at   timestamptz,
     expires_at   timestamptz NOT NULL,
     max_retained bigint CHECK (max_retained > 0),
+    -- the lease's own inactivity and age limits (see limit_by_superuser)
+    max_inactive interval CHECK (max_inactive > interval '0'),
+    max_age      interval CHECK (max_age > interval '0'),
     adopted      boolean NOT NULL DEFAULT false,
     reserved_lsn pg_lsn,
-    -- max_retained was set by a superuser: it replaces pgslotguard.max_retained_wal;
-    -- otherwise it only ever tightens it
+    -- the lease's own limits were set by a superuser: they replace the global ones
+    -- (max_retained_wal, max_inactive_time, max_slot_age); otherwise they only ever tighten them
     limit_by_superuser boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE pgslotguard.lease_data IS 'one row per leased replication slot; read it through pgslotguard.leases';
@@ -25,13 +28,15 @@ CREATE TABLE pgslotguard.event_log (
     -- The same words as policy::Outcome::as_str() (a test holds the two together).
     action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
                         'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
-                        'would_drop', 'checkpoint', 'warn', 'error')),
+                        'lost_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,
     lease_owner    name,
     freed_bytes    bigint,
-    pg_wal_bytes   bigint
+    pg_wal_bytes   bigint,
+    -- the holder of the slot's lease when the event was recorded
+    lease_holder   text
 );
 COMMENT ON COLUMN pgslotguard.event_log.freed_bytes IS 'drops: WAL the drop lets the next checkpoint remove (projected); checkpoint: bytes pg_wal shrank by (measured)';
 COMMENT ON COLUMN pgslotguard.event_log.pg_wal_bytes IS 'checkpoint: size of pg_wal measured after the checkpoint the guard requested';
@@ -49,7 +54,17 @@ CREATE TABLE pgslotguard.slot_seen (
 );
 COMMENT ON TABLE pgslotguard.slot_seen IS 'when the guard first saw each slot and since when it has had no walsender (PostgreSQL 15 does not track this)';
 
-REVOKE ALL ON pgslotguard.lease_data, pgslotguard.event_log, pgslotguard.slot_seen FROM PUBLIC;
+-- Warnings the guard has given (pgslotguard.warn_fraction), each until its value falls
+-- back under the threshold: a restarted worker does not warn again.
+CREATE TABLE pgslotguard.warned (
+    slot_name  name NOT NULL,  -- '' for the free-space floor
+    limit_name text NOT NULL CHECK (limit_name IN ('expiry', 'retained', 'age', 'inactivity', 'floor')),
+    at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (slot_name, limit_name)
+);
+COMMENT ON TABLE pgslotguard.warned IS 'warnings given and not re-armed; like the slot tracking, not dumped';
+
+REVOKE ALL ON pgslotguard.lease_data, pgslotguard.event_log, pgslotguard.slot_seen, pgslotguard.warned FROM PUBLIC;
 
 -- Leases and events are the state to keep across pg_dump of this database, with the
 -- sequence behind the event ids (or a restored database would reuse them). Slot tracking

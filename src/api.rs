@@ -117,13 +117,16 @@ pub mod pgslotguard {
         holder: Option<&[u8]>,
         max_retained: Option<&[u8]>,
         adopt: Option<bool>,
+        max_inactive: Option<Interval>,
+        max_age: Option<Interval>,
     ) -> TableIterator<
         'static,
         (name!(slot_name, String), name!(lsn, Option<String>), name!(expires_at, TimestampWithTimeZone)),
     > {
         let row = or_report((|| {
             let (slot_name, holder) = (utf8(slot_name, "slot_name")?, utf8(holder, "holder")?);
-            lease(slot_name, ttl, holder, utf8(max_retained, "max_retained")?, adopt.unwrap_or(false))
+            let limits = Limits { max_retained: utf8(max_retained, "max_retained")?, max_inactive, max_age };
+            lease(slot_name, ttl, holder, limits, adopt.unwrap_or(false))
         })());
         warn_if_unguarded();
         TableIterator::once(row)
@@ -169,16 +172,53 @@ pub mod pgslotguard {
     }
 }
 
+/// A lease's own limits, as passed to backup_slot_lease.
+struct Limits<'a> {
+    max_retained: Option<&'a str>,
+    max_inactive: Option<Interval>,
+    max_age: Option<Interval>,
+}
+
+/// A lease's own time limit in microseconds (a day is 24 h, a month 30 days, as for
+/// interval comparisons); it must be positive.
+fn limit_us(slot: &str, what: &'static str, value: Option<Interval>) -> Result<Option<i64>> {
+    let Some(v) = value else { return Ok(None) };
+    if !validate::ttl_fields_in_range(v.months(), v.days(), v.micros()) {
+        return Err(GuardError::LimitNotPositive { slot: slot.into(), what, value: v.to_string() });
+    }
+    let us = (v.months() as i64 * 30 + v.days() as i64) * 86_400_000_000 + v.micros();
+    if us <= 0 {
+        return Err(GuardError::LimitNotPositive { slot: slot.into(), what, value: v.to_string() });
+    }
+    Ok(Some(us))
+}
+
+/// A role that is not a superuser may only tighten a global limit, never loosen it.
+fn not_above(slot: &str, what: &'static str, asked: Option<i64>, guc: &'static str, global: Option<i64>, fmt: fn(i64) -> String) -> Result<()> {
+    match (asked, global) {
+        (Some(asked), Some(global)) if asked > global => Err(GuardError::LimitRaise {
+            slot: slot.into(),
+            what,
+            asked: fmt(asked),
+            guc,
+            global: fmt(global),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn lease(
     name: Option<&str>,
     ttl: Option<Interval>,
     holder: Option<&str>,
-    max_retained: Option<&str>,
+    limits: Limits,
     adopt: bool,
 ) -> Result<(String, Option<String>, TimestampWithTimeZone)> {
     let name = validate::slot_name(name)?;
     let holder = validate::holder(holder)?;
-    let max_retained = validate::max_retained(max_retained)?;
+    let max_retained = validate::max_retained(limits.max_retained)?;
+    let max_inactive = limit_us(name, "max_inactive", limits.max_inactive)?;
+    let max_age = limit_us(name, "max_age", limits.max_age)?;
     let me = caller();
     if !is_superuser(me) && !unsafe { pg_sys::has_rolreplication(me) } {
         return Err(GuardError::PermissionDenied {
@@ -186,15 +226,13 @@ fn lease(
             hint: "Only superusers and roles with the REPLICATION attribute may lease replication slots.",
         });
     }
-    if let (Some(asked), Some(global)) = (max_retained, crate::guc::max_retained_wal()) {
-        if asked > global && !is_superuser(me) {
-            return Err(GuardError::LimitRaise {
-                slot: name.into(),
-                asked: pretty_size(asked),
-                global: pretty_size(global),
-            });
-        }
+    if !is_superuser(me) {
+        let policy = crate::guc::policy();
+        not_above(name, "max_retained", max_retained, "pgslotguard.max_retained_wal", policy.max_retained_wal, pretty_size)?;
+        not_above(name, "max_inactive", max_inactive, "pgslotguard.max_inactive_time", policy.max_inactive_us, pretty_duration)?;
+        not_above(name, "max_age", max_age, "pgslotguard.max_slot_age", policy.max_slot_age_us, pretty_duration)?;
     }
+    let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some();
     let times = lease_times(name, ttl)?;
     no_recovery("take a lease")?;
 
@@ -233,7 +271,9 @@ fn lease(
             leased_at: times.now,
             expires_at: times.expires_at,
             max_retained,
-            limit_by_superuser: max_retained.is_some() && is_superuser(me),
+            max_inactive,
+            max_age,
+            limit_by_superuser: own_limits && is_superuser(me),
             adopted: adopt,
             lsn: lsn.as_deref(),
         })?;
@@ -243,6 +283,12 @@ fn lease(
         }
         if let Some(m) = max_retained {
             reason.push_str(&format!(", max_retained {}", pretty_size(m)));
+        }
+        if let Some(m) = max_inactive {
+            reason.push_str(&format!(", max_inactive {}", pretty_duration(m)));
+        }
+        if let Some(m) = max_age {
+            reason.push_str(&format!(", max_age {}", pretty_duration(m)));
         }
         state::record(&Event {
             slot_name: Some(name),
@@ -297,15 +343,16 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
             }
         }
         let retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
-        state::delete_lease(name)?;
         let reason = if drop { "backup done: slot dropped" } else { "lease ended, slot kept" };
         let actor = state::role_name(me);
+        // Recorded while the lease row still says who held it (the event's holder).
         state::record(&Event {
             slot_name: Some(name),
             retained_bytes: retained,
             lease_owner: Some(&lease.owner),
             ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor)
         })?;
+        state::delete_lease(name)?;
         if drop {
             // Dropped when this transaction commits: a rolled-back release keeps slot and lease.
             crate::rollback::drop_at_commit(name);

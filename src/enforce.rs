@@ -97,7 +97,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     }
     let name = actor.name;
     let mut clock = actor.clock.as_deref_mut();
-    let Read { verdict, finished, disk_error, due, budget } =
+    let Read { verdict, finished, disk_error, due, budget, warned } =
         in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut())).map_err(GuardError::Pass)?;
     for done in finished {
         summary.drops += 1;
@@ -138,6 +138,8 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
         commit_point(actor);
     }
 
+    warn_near_limits(&policy, actor, &verdict, &warned);
+
     if let Some(v) = &verdict.disk {
         if let Some(why) = &v.stuck {
             stuck_floor(actor, why);
@@ -166,6 +168,8 @@ struct Read {
     due: Option<i64>,
     /// The WAL budget, and the WAL position it was measured at.
     budget: Option<(i64, u64)>,
+    /// Warnings given before this pass and not re-armed.
+    warned: Rc<Vec<(String, String)>>,
 }
 
 /// Read everything the pass decides on, finish drops an interrupted pass made but could
@@ -207,7 +211,7 @@ fn read_state(policy: &Policy, actor: &str, dry_run: bool, clock: Option<&mut Cl
     }
     let due = [policy::next_due(policy, &snap, &verdict.decisions), held_due].into_iter().flatten().min();
     let budget = timing::wal_budget(&verdict).map(|b| (b, snap.current_lsn));
-    Ok(Read { verdict, finished, disk_error, due, budget })
+    Ok(Read { verdict, finished, disk_error, due, budget, warned: snap.warned.clone() })
 }
 
 /// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,
@@ -224,8 +228,8 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         let action = Outcome::parse(&intent.action).unwrap_or(Outcome::ExpireDrop);
         let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
         let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
-        state::delete_lease(&seen.slot_name)?;
         state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
+        state::delete_lease(&seen.slot_name)?;
         state::forget_slot(&seen.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
         done.push(Done { slot_name: seen.slot_name.clone(), action, reason, retained_bytes: None });
@@ -332,6 +336,51 @@ fn warn_once(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> R
     })
 }
 
+/// The warn threshold (`policy::warnings`): one WARNING, one `warn` event (and so one
+/// notification) for each limit newly crossed, remembered in `pgslotguard.warned` so that
+/// a restarted worker does not warn again; a warning re-arms once its value is back
+/// under the threshold. Given in dry run too: a warning touches no slot.
+fn warn_near_limits(policy: &Policy, actor: &Actor, verdict: &policy::Verdict, before: &[(String, String)]) {
+    let now = policy::warnings(policy, verdict, policy.warn_fraction);
+    let crossed: HashSet<(String, &str)> = now.iter().map(|w| w.key()).collect();
+    for w in &now {
+        let (slot, limit) = w.key();
+        if before.iter().any(|(s, l)| *s == slot && l.as_str() == limit) {
+            continue;
+        }
+        let decision = w.slot_name.as_deref().and_then(|n| verdict.decisions.iter().find(|d| d.slot_name == n));
+        let r = in_subtransaction(|| {
+            match decision {
+                Some(d) => {
+                    warning!("pgslotguard: replication slot \"{}\": {}", d.slot_name, w.words);
+                    record(d, Outcome::Warn, &w.words, actor.name)?;
+                }
+                None => {
+                    warning!("pgslotguard: {}", w.words);
+                    state::record(&Event::new(Outcome::Warn, &w.words, actor.name))?;
+                }
+            }
+            state::remember_warning(&slot, limit)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            warning!("pgslotguard: could not record a warning: {e}");
+        }
+        commit_point(actor);
+    }
+    let (slots, limits): (Vec<String>, Vec<String>) = before
+        .iter()
+        .filter(|(s, l)| !crossed.contains(&(s.clone(), l.as_str())))
+        .map(|(s, l)| (s.clone(), l.clone()))
+        .unzip();
+    if !slots.is_empty() {
+        if let Err(e) = in_subtransaction(|| state::forget_warnings(slots, limits)) {
+            warning!("pgslotguard: could not re-arm warnings: {e}");
+        }
+        commit_point(actor);
+    }
+}
+
 /// Free space is below the floor and no slot the guard may drop can give more back.
 fn stuck_floor(actor: &mut Actor, why: &str) {
     if let Some(warned) = actor.warned.as_deref_mut() {
@@ -356,9 +405,9 @@ fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run
         if let Some(stop) = second_look(policy, d)? {
             return Ok(stop);
         }
+        record(d, Outcome::Warn, reason, actor.name)?;
         state::delete_lease(&d.slot_name)?;
         log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
-        record(d, Outcome::Warn, reason, actor.name)?;
         Ok(Step::Did(Outcome::Warn))
     })
 }
@@ -418,10 +467,10 @@ fn drop_slot(
     commit_point(actor);
     in_subtransaction(|| {
         state::drop_slot(&d.slot_name)?;
+        record(d, action, reason, actor.name)?;
         state::delete_lease(&d.slot_name)?;
         state::forget_slot(&d.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
-        record(d, action, reason, actor.name)?;
         Ok(Step::Did(action))
     })
 }

@@ -45,8 +45,10 @@ pub enum GuardError {
     SlotActive { slot: String, pid: i32, action: &'static str },
     #[error("permission denied to {what}")]
     PermissionDenied { what: String, hint: &'static str },
-    #[error("max_retained {asked} for replication slot \"{slot}\" is above pgslotguard.max_retained_wal ({global})")]
-    LimitRaise { slot: String, asked: String, global: String },
+    #[error("{what} {asked} for replication slot \"{slot}\" is above {guc} ({global})")]
+    LimitRaise { slot: String, what: &'static str, asked: String, guc: &'static str, global: String },
+    #[error("{what} for replication slot \"{slot}\" must be positive, got {value}")]
+    LimitNotPositive { slot: String, what: &'static str, value: String },
     #[error("cannot {0} during recovery")]
     InRecovery(&'static str),
     #[error("replication slot \"{slot}\" is busy: another transaction has been changing its lease for {waited_ms} ms")]
@@ -72,7 +74,7 @@ impl GuardError {
             SlotNameTooShort | SlotNameInvalid(_) => ERRCODE_INVALID_NAME,
             SlotNameTooLong(_) => ERRCODE_NAME_TOO_LONG,
             HolderTooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-            BadSize(..) | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
+            BadSize(..) | LimitNotPositive { .. } | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
             SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
@@ -113,7 +115,8 @@ impl GuardError {
             TemporarySlot(_) => "A temporary slot ends with its session; it cannot be leased.".into(),
             SlotActive { action, .. } => format!("Stop the client that streams from it before you {action} the slot, or call backup_slot_keep() to keep the slot and end the lease."),
             PermissionDenied { hint, .. } => (*hint).into(),
-            LimitRaise { .. } => "Only a superuser may give a lease a limit above pgslotguard.max_retained_wal.".into(),
+            LimitRaise { guc, .. } => format!("Only a superuser may give a lease a limit above {guc}; leave it NULL for the global limit."),
+            LimitNotPositive { .. } => "Give an interval such as '30 min', or NULL for the global limit.".into(),
             InRecovery(_) => "Leases are taken on the primary; connect to the primary server.".into(),
             Busy { .. } => "Another session's transaction is leasing, renewing or releasing this slot and has not ended; retry once it commits (pg_locks shows it, objsubid 29543).".into(),
             NotUtf8(_) => "pgslotguard reads its text arguments as UTF-8; in a SQL_ASCII database pass only ASCII or UTF-8 bytes (slot names are [a-z0-9_] anyway).".into(),

@@ -48,6 +48,7 @@ pub static SCOPE: GucSetting<ScopeGuc> = GucSetting::<ScopeGuc>::new(ScopeGuc::L
 pub static EXCLUDE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static TERMINATE_ACTIVE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static WARN_FRACTION: GucSetting<f64> = GucSetting::<f64>::new(0.8);
 /// seconds, -1 = keep forever
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 /// a size ('20GB') or a share of the filesystem ('10%'); -1 = off
@@ -144,6 +145,16 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"pgslotguard.warn_fraction",
+        c"Warn once when a slot in scope comes within this fraction of a limit (0 or 1 disables).",
+        c"Retained WAL, age, inactivity, the share of a lease's term, and the space the free-space floor leaves: one WARNING, one warn event and one notification per crossing, given again only after the value fell back under.",
+        &WARN_FRACTION,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
         c"pgslotguard.scope",
@@ -309,6 +320,7 @@ pub fn policy() -> Policy {
         exclude,
         terminate_active: TERMINATE_ACTIVE.get(),
         dry_run: DRY_RUN.get(),
+        warn_fraction: WARN_FRACTION.get(),
         min_free_wal: min_free_wal_space(),
         checkpoint: match CHECKPOINT_AFTER_DROP.get() {
             CheckpointGuc::Off => CheckpointMode::Off,

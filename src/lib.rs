@@ -13,6 +13,7 @@ pub mod enforce;
 pub mod error;
 pub mod guc;
 pub mod lock;
+pub mod notify;
 pub mod policy;
 pub mod rollback;
 pub mod shmem;

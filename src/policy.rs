@@ -64,6 +64,8 @@ pub struct Policy {
     /// `pgslotguard.min_free_wal_space`.
     pub min_free_wal: Option<Floor>,
     pub checkpoint: CheckpointMode,
+    /// `pgslotguard.warn_fraction` (0 or 1: no warnings).
+    pub warn_fraction: f64,
 }
 
 impl Default for Policy {
@@ -78,6 +80,8 @@ impl Default for Policy {
             dry_run: false,
             min_free_wal: None,
             checkpoint: CheckpointMode::Fast,
+            // Off here, so that each rule is tested alone; the GUC's default is 0.8.
+            warn_fraction: 0.0,
         }
     }
 }
@@ -96,6 +100,7 @@ pub enum Outcome {
     AgeDrop,
     InactiveDrop,
     SpaceDrop,
+    LostDrop,
     Terminate,
     WouldDrop,
     Checkpoint,
@@ -104,7 +109,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Lease,
         Outcome::Renew,
         Outcome::Release,
@@ -114,6 +119,7 @@ impl Outcome {
         Outcome::AgeDrop,
         Outcome::InactiveDrop,
         Outcome::SpaceDrop,
+        Outcome::LostDrop,
         Outcome::Terminate,
         Outcome::WouldDrop,
         Outcome::Checkpoint,
@@ -137,6 +143,7 @@ impl Outcome {
             Outcome::AgeDrop => "age_drop",
             Outcome::InactiveDrop => "inactive_drop",
             Outcome::SpaceDrop => "space_drop",
+            Outcome::LostDrop => "lost_drop",
             Outcome::Terminate => "terminate",
             Outcome::WouldDrop => "would_drop",
             Outcome::Checkpoint => "checkpoint",
@@ -149,7 +156,12 @@ impl Outcome {
     pub fn is_guard_drop(self) -> bool {
         matches!(
             self,
-            Outcome::ExpireDrop | Outcome::RetainedDrop | Outcome::AgeDrop | Outcome::InactiveDrop | Outcome::SpaceDrop
+            Outcome::ExpireDrop
+                | Outcome::RetainedDrop
+                | Outcome::AgeDrop
+                | Outcome::InactiveDrop
+                | Outcome::SpaceDrop
+                | Outcome::LostDrop
         )
     }
 }
@@ -185,10 +197,17 @@ pub struct Lease {
     /// do not), carried into decisions so the events and views can say whose lease it was.
     pub owner: String,
     pub leased_at: i64,
+    /// When the lease was last renewed; its current term runs from then (or from
+    /// `leased_at`) to `expires_at`.
+    pub renewed_at: Option<i64>,
     pub expires_at: i64,
     pub max_retained: Option<i64>,
-    /// A superuser set `max_retained`: it may exceed the global limit. Otherwise the lease's
-    /// own limit only ever tightens `max_retained_wal`, whatever the DBA sets it to later.
+    /// The lease's own inactivity and age limits, in microseconds.
+    pub max_inactive: Option<i64>,
+    pub max_age: Option<i64>,
+    /// A superuser set the lease's own limits: they may exceed the global ones. Otherwise
+    /// a lease's own limit only ever tightens the global one (`max_retained_wal`,
+    /// `max_inactive_time`, `max_slot_age`), whatever the DBA sets it to later.
     pub limit_by_superuser: bool,
 }
 
@@ -221,6 +240,8 @@ pub struct Snapshot {
     /// read costs no copy.
     pub leases: Rc<Vec<Lease>>,
     pub seen: Rc<Vec<Seen>>,
+    /// Warnings given and not re-armed: (slot name, or '' for the floor; limit word).
+    pub warned: Rc<Vec<(String, String)>>,
     /// The filesystem that holds `pg_wal`, when measured.
     pub disk: Option<WalDisk>,
     /// Slots whose time-driven limits (expiry, age, inactivity) have come on the wall clock
@@ -237,12 +258,14 @@ pub enum Breach {
     Inactive,
     /// Free space on the filesystem of `pg_wal` is below `pgslotguard.min_free_wal_space`.
     Space,
+    /// Core invalidated the slot (`wal_status = 'lost'`): it can never be used again.
+    Lost,
 }
 
 impl Breach {
     /// Hard limits may terminate an active walsender (with `terminate_active`).
     pub fn is_hard(self) -> bool {
-        matches!(self, Breach::Retained | Breach::Age | Breach::Space)
+        matches!(self, Breach::Retained | Breach::Age | Breach::Space | Breach::Lost)
     }
     /// The event recorded for a drop for this reason.
     pub fn drop_action(self) -> Outcome {
@@ -252,6 +275,29 @@ impl Breach {
             Breach::Age => Outcome::AgeDrop,
             Breach::Inactive => Outcome::InactiveDrop,
             Breach::Space => Outcome::SpaceDrop,
+            Breach::Lost => Outcome::LostDrop,
+        }
+    }
+    /// The `state` of a slot within the warn fraction of this limit.
+    pub fn near_state(self) -> &'static str {
+        match self {
+            Breach::Expired => "expiring",
+            Breach::Retained => "near_retained",
+            Breach::Age => "near_age",
+            Breach::Inactive => "near_inactive",
+            Breach::Space => "near_floor",
+            Breach::Lost => "lost",
+        }
+    }
+    /// The limit's name in `pgslotguard.warned` and in warnings.
+    pub fn limit_word(self) -> &'static str {
+        match self {
+            Breach::Expired => "expiry",
+            Breach::Retained => "retained",
+            Breach::Age => "age",
+            Breach::Inactive => "inactivity",
+            Breach::Space => "floor",
+            Breach::Lost => "lost",
         }
     }
     /// The `state` shown in `pgslotguard.leases` for an inactive slot with this breach.
@@ -262,6 +308,7 @@ impl Breach {
             Breach::Age => "over_age",
             Breach::Inactive => "over_inactive",
             Breach::Space => "below_floor",
+            Breach::Lost => "lost",
         }
     }
 }
@@ -296,6 +343,9 @@ pub struct Decision {
     pub inactive_us: Option<i64>,
     /// The limit closest to being hit (see [`Decision::nearest_limit`]).
     pub nearest: Option<Limit>,
+    /// Every limit that applies to the slot, as numbers (retained WAL, age, lease expiry,
+    /// inactivity): what the warn threshold looks at.
+    pub limits: [Option<Limit>; 4],
     /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
     /// `below_floor`, `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
@@ -331,6 +381,20 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// The warning for a limit that is near: how far along, and how much is left.
+    pub fn warn_words(&self) -> String {
+        let (used, limit) = (self.used, self.limit);
+        let pct = (self.frac * 100.0).floor();
+        match self.breach {
+            Breach::Retained => format!("retains {} of WAL, {pct}% of its limit of {}", fmt_bytes(used), fmt_bytes(limit)),
+            Breach::Age => format!("age {} is {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
+            Breach::Expired if used >= 0 => "lease has expired".into(),
+            Breach::Expired => format!("lease expires in {} unless renewed ({pct}% of its term used)", fmt_us(-used)),
+            Breach::Inactive => format!("inactive for {}, {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
+            Breach::Space | Breach::Lost => self.words(),
+        }
+    }
+
     pub fn words(&self) -> String {
         let (used, limit) = (self.used, self.limit);
         match (self.breach, self.over) {
@@ -349,6 +413,7 @@ impl Limit {
             ),
             (Breach::Inactive, false) => format!("inactivity limit reached in {}", fmt_us(limit - used)),
             (Breach::Space, _) => format!("free space {} of floor {}", fmt_bytes(used), fmt_bytes(limit)),
+            (Breach::Lost, _) => "invalidated by PostgreSQL".into(),
         }
     }
 }
@@ -415,12 +480,88 @@ pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Opt
         .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None)
         .map(|d| d.slot_name.as_str())
         .collect();
-    timing::time_deadlines(policy, snap)
+    let limits = timing::time_deadlines(policy, snap)
         .into_iter()
         .filter(|(name, _)| waiting.contains(name))
-        .map(|(_, deadline)| deadline - snap.now)
-        .filter(|&t| t > 0)
-        .min()
+        .map(|(_, deadline)| deadline - snap.now);
+    // and when a time limit comes within the warn fraction (pgslotguard.warn_fraction)
+    let warns = decisions
+        .iter()
+        .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None && policy.warn_fraction > 0.0 && policy.warn_fraction < 1.0)
+        .flat_map(|d| d.limits.iter().flatten())
+        .filter(|l| l.breach != Breach::Retained && l.frac < policy.warn_fraction)
+        .map(|l| {
+            // time runs one-for-one: the limit's span times the fraction still to go
+            let span = match l.breach {
+                Breach::Expired if l.frac > 0.0 => -l.used as f64 / (1.0 - l.frac),
+                _ => l.limit as f64,
+            };
+            ((policy.warn_fraction - l.frac) * span).ceil() as i64
+        });
+    limits.chain(warns).filter(|&t| t > 0).min()
+}
+
+/// A limit a slot (or, with no slot, the free-space floor) has come within the warn
+/// fraction of (`pgslotguard.warn_fraction`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning {
+    pub slot_name: Option<String>,
+    pub limit: Breach,
+    /// How far along, 1.0 = at the limit.
+    pub frac: f64,
+    pub words: String,
+}
+
+impl Warning {
+    /// The key a warning is remembered by until it re-arms (`pgslotguard.warned`).
+    pub fn key(&self) -> (String, &'static str) {
+        (self.slot_name.clone().unwrap_or_default(), self.limit.limit_word())
+    }
+}
+
+/// The warn threshold: every limit of a slot in scope at or past `fraction` of the way
+/// (retained WAL, age, inactivity, the share of its lease's term used), and the
+/// free-space floor (the share used of the space the floor leaves usable). `fraction` of
+/// 0 or 1 (or more) turns warnings off. The caller warns for the ones it has not warned
+/// of yet, and forgets (re-arms) those no longer crossed.
+///
+/// A slot the pass drops gets no warning (the drop says it all); a slot that waits with
+/// a breach counts as crossing (its wait is warned of once already).
+pub fn warnings(policy: &Policy, verdict: &Verdict, fraction: f64) -> Vec<Warning> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return vec![];
+    }
+    let mut out = vec![];
+    for d in verdict.decisions.iter().filter(|d| d.slot_exists && d.in_scope) {
+        if matches!(d.action, Action::Drop { .. } | Action::EndLease { .. }) {
+            continue;
+        }
+        for l in d.limits.iter().flatten().filter(|l| l.frac >= fraction) {
+            out.push(Warning { slot_name: Some(d.slot_name.clone()), limit: l.breach, frac: l.frac, words: l.warn_words() });
+        }
+    }
+    if let (Some(v), Some(floor)) = (&verdict.disk, policy.min_free_wal) {
+        let floor = floor.bytes(v.disk.total);
+        let usable = (v.disk.total - floor).max(1);
+        let used = v.disk.total - v.disk.free;
+        let frac = ratio(used, usable);
+        if frac >= fraction {
+            out.push(Warning {
+                slot_name: None,
+                limit: Breach::Space,
+                frac,
+                words: format!(
+                    "free space on the filesystem of pg_wal is {} of {}, {} above pgslotguard.min_free_wal_space ({}): {:.0}% of the space it leaves is used",
+                    fmt_bytes(v.disk.free),
+                    fmt_bytes(v.disk.total),
+                    fmt_bytes((v.disk.free - floor).max(0)),
+                    fmt_bytes(floor),
+                    frac * 100.0
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// What the free-space floor asks of a pass, beside the per-slot decisions.
@@ -570,6 +711,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             age_us: Some(snap.now - lease.leased_at),
             inactive_us: None,
             nearest: None,
+            limits: [None; 4],
             state: "slot_missing",
             action: Action::EndLease {
                 reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
@@ -633,6 +775,7 @@ fn decide_slot(
             age_us: age,
             inactive_us: inactive,
             nearest: None,
+            limits: [None; 4],
             state: "slot_replaced",
             action: Action::EndLease {
                 reason: format!("the slot of this name is not the one the lease created or adopted: {why}; lease ended, slot left alone"),
@@ -656,6 +799,7 @@ fn decide_slot(
         age_us: age,
         inactive_us: inactive,
         nearest: None,
+        limits: [None; 4],
         state: if in_scope { "ok" } else { "out_of_scope" },
         action: Action::None,
         frees_bytes: None,
@@ -670,6 +814,26 @@ fn decide_slot(
     let retained_limit = retained_limit(policy, lease);
     d.retained_limit = retained_limit;
 
+    // A slot core has invalidated can never be used again: it is dropped at once, whatever
+    // its limits, and the event says why core invalidated it.
+    if let Some(why) = slot.invalidation {
+        let words = format!("invalidated by PostgreSQL ({why}): it can never be used again");
+        d.state = Breach::Lost.state();
+        d.action = match slot.active_pid {
+            Some(pid) if !policy.terminate_active => Action::Wait {
+                breach: Breach::Lost,
+                reason: format!("{words}; active for PID {pid}, not dropped: terminate_active is off"),
+            },
+            Some(pid) => Action::Drop {
+                breach: Breach::Lost,
+                terminate: Some(pid),
+                reason: format!("{words}; walsender PID {pid} terminated (terminate_active)"),
+            },
+            None => Action::Drop { breach: Breach::Lost, terminate: None, reason: words },
+        };
+        return d;
+    }
+
     // Every limit that applies, as numbers, in priority order (hard limits, then expiry,
     // then inactivity); words are made only for the ones shown. On the stack: a pass
     // judges every slot.
@@ -679,17 +843,25 @@ fn decide_slot(
     let exceeds = |breach, applies: bool, (limit, used): (i64, i64)| Limit { breach, over: applies && used > limit, frac: ratio(used, limit), used, limit };
     let limits: [Option<Limit>; 4] = [
         retained_limit.map(|limit| exceeds(Breach::Retained, true, (limit, retained))),
-        policy.max_slot_age_us.zip(age).map(|v| exceeds(Breach::Age, timely, v)),
+        age_limit(policy, lease).zip(age).map(|v| exceeds(Breach::Age, timely, v)),
         lease.map(|l| {
             let over = timely && now >= l.expires_at;
-            let span = (l.expires_at - l.leased_at).max(1);
-            let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - l.leased_at, span) };
+            let start = l.renewed_at.unwrap_or(l.leased_at);
+            let span = (l.expires_at - start).max(1);
+            let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - start, span) };
             Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 }
         }),
-        policy.max_inactive_us.zip(inactive).map(|v| exceeds(Breach::Inactive, timely, v)),
+        inactive_limit(policy, lease).zip(inactive).map(|v| exceeds(Breach::Inactive, timely, v)),
     ];
 
+    d.limits = limits;
     d.nearest = limits.iter().flatten().copied().max_by(|a, b| a.frac.partial_cmp(&b.frac).unwrap_or(std::cmp::Ordering::Equal));
+
+    // Within the warn fraction of a limit (not over it): the state says which.
+    let warn = policy.warn_fraction;
+    if let Some(n) = d.nearest.filter(|n| warn > 0.0 && warn < 1.0 && n.frac >= warn && !n.over) {
+        d.state = n.breach.near_state();
+    }
 
     // The first breach in priority order decides.
     let breach = limits.iter().flatten().find(|l| l.over).map(|l| (l.breach, l.words()));
@@ -724,14 +896,29 @@ fn decide_slot(
     d
 }
 
-/// The retained-WAL limit of a slot: the global `max_retained_wal`, tightened by the
-/// lease's own `max_retained`; a lease limit set by a superuser replaces the global one.
-pub fn retained_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
-    match (lease.and_then(|l| l.max_retained), policy.max_retained_wal) {
+/// A limit as it applies to a slot: the global one, tightened by the lease's own; a lease
+/// limit set by a superuser replaces the global one.
+fn lease_limit(lease: Option<&Lease>, own: impl Fn(&Lease) -> Option<i64>, global: Option<i64>) -> Option<i64> {
+    match (lease.and_then(own), global) {
         (Some(own), Some(global)) if !lease.is_some_and(|l| l.limit_by_superuser) => Some(own.min(global)),
         (Some(own), _) => Some(own),
         (None, global) => global,
     }
+}
+
+/// The retained-WAL limit of a slot: `max_retained_wal` and the lease's `max_retained`.
+pub fn retained_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
+    lease_limit(lease, |l| l.max_retained, policy.max_retained_wal)
+}
+
+/// The age limit of a slot: `max_slot_age` and the lease's `max_age`.
+pub fn age_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
+    lease_limit(lease, |l| l.max_age, policy.max_slot_age_us)
+}
+
+/// The inactivity limit of a slot: `max_inactive_time` and the lease's `max_inactive`.
+pub fn inactive_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
+    lease_limit(lease, |l| l.max_inactive, policy.max_inactive_us)
 }
 
 /// Why the slot named like a lease is not the lease's slot, if it is not: a lease only
@@ -790,11 +977,14 @@ mod tests {
             leased_at: NOW - leased_ago,
             expires_at: NOW + expires_in,
             max_retained: None,
+            max_inactive: None,
+            max_age: None,
+            renewed_at: None,
             limit_by_superuser: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), disk: None, held: HashSet::default() }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), disk: None, held: HashSet::default() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -871,6 +1061,119 @@ mod tests {
         let d = one(&p, &snap(vec![slot("a")], vec![l]));
         assert_eq!(d.action, Action::None);
         assert_eq!(d.retained_limit, Some(100 * MB));
+    }
+
+    #[test]
+    fn per_lease_time_limits_tighten_the_global_ones_and_set_the_deadlines() {
+        let mut l = lease("a", 100 * S, 3600 * S);
+        l.max_inactive = Some(30 * S);
+        l.max_age = Some(90 * S);
+        let mut s = snap(vec![slot("a")], vec![l.clone()]);
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 100 * S, inactive_since: Some(NOW - 20 * S), dropping: None }].into();
+        // global limits off: the lease's own age limit (90 s) is passed at 100 s
+        assert_eq!(dropped(&one(&Policy::default(), &s)), Some(Breach::Age));
+        // inactivity alone: 20 s idle under 30 s is fine; the deadline is the lease's
+        Rc::make_mut(&mut s.leases)[0].max_age = None;
+        let d = one(&Policy::default(), &s);
+        assert_eq!(d.action, Action::None);
+        assert_eq!(timing::time_deadlines(&Policy::default(), &s), vec![("a", NOW + 10 * S + 1)]);
+        // a looser global limit does not loosen the lease's; a tighter one wins
+        let p = Policy { max_inactive_us: Some(3600 * S), ..Policy::default() };
+        assert_eq!(one(&p, &s).nearest.map(|n| n.limit), Some(30 * S));
+        let p = Policy { max_inactive_us: Some(10 * S), ..Policy::default() };
+        assert_eq!(dropped(&one(&p, &s)), Some(Breach::Inactive));
+        // a superuser's own limit replaces the global one, both ways
+        Rc::make_mut(&mut s.leases)[0].limit_by_superuser = true;
+        assert_eq!(one(&p, &s).action, Action::None);
+        assert_eq!(inactive_limit(&p, Some(&s.leases[0])), Some(30 * S));
+        assert_eq!(age_limit(&Policy { max_slot_age_us: Some(S), ..Policy::default() }, Some(&s.leases[0])), Some(S));
+    }
+
+    #[test]
+    fn a_slot_core_invalidated_is_dropped_as_lost_whatever_its_limits() {
+        let mut lost = slot("gone_wal");
+        lost.restart_lsn = None;
+        lost.invalidation = Some("wal_removed");
+        let d = one(&Policy::default(), &snap(vec![lost.clone()], vec![lease("gone_wal", S, 3600 * S)]));
+        assert_eq!(d.state, "lost");
+        match &d.action {
+            Action::Drop { breach: Breach::Lost, terminate: None, reason } => {
+                assert!(reason.contains("wal_removed") && reason.contains("never be used again"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Breach::Lost.drop_action(), Outcome::LostDrop);
+        assert!(Outcome::LostDrop.is_guard_drop());
+        // out of scope (not leased, scope = leased): left alone
+        let d = one(&Policy::default(), &snap(vec![lost.clone()], vec![]));
+        assert_eq!(d.action, Action::None);
+        assert!(!d.in_scope);
+        // in scope by scope = physical, unleased: dropped too
+        let p = Policy { scope: Scope::Physical, ..Policy::default() };
+        assert_eq!(dropped(&one(&p, &snap(vec![lost.clone()], vec![]))), Some(Breach::Lost));
+        // excluded by name: never touched
+        let p = Policy { scope: Scope::Physical, exclude: Some(regex::Regex::new("^gone").unwrap()), ..Policy::default() };
+        assert_eq!(one(&p, &snap(vec![lost], vec![])).action, Action::None);
+    }
+
+    #[test]
+    fn warnings_come_at_the_fraction_of_each_limit_and_not_for_a_drop() {
+        let p = Policy { max_retained_wal: Some(10 * MB), warn_fraction: 0.8, ..Policy::default() };
+        // slot a: 8 MB of 10 (0.8); its lease 50 min into 60 (0.83); slot b: fresh
+        let mut a = slot("a");
+        a.restart_lsn = Some(2 * MB as u64);
+        let mut l = lease("a", 50 * 60 * S, 10 * 60 * S);
+        l.renewed_at = None;
+        let b = SlotInfo { restart_lsn: Some(10 * MB as u64), ..slot("b") };
+        let s = snap(vec![a.clone(), b], vec![l.clone(), lease("b", S, 3600 * S)]);
+        let v = judge(&p, &s);
+        let w = warnings(&p, &v, p.warn_fraction);
+        let got: Vec<(Option<&str>, Breach)> = w.iter().map(|w| (w.slot_name.as_deref(), w.limit)).collect();
+        assert_eq!(got, vec![(Some("a"), Breach::Retained), (Some("a"), Breach::Expired)]);
+        assert!(w[1].words.contains("expires in 10m") && w[1].words.contains("unless renewed"), "{}", w[1].words);
+        assert_eq!(w[0].key(), ("a".to_string(), "retained"));
+        assert_eq!(v.decisions[0].state, "expiring", "the nearest limit names the state");
+        // renewed 5 min ago for 10 more minutes: a third of the term, no expiry warning
+        let mut renewed = l.clone();
+        renewed.renewed_at = Some(NOW - 5 * 60 * S);
+        let s2 = snap(vec![a.clone()], vec![renewed]);
+        let w = warnings(&p, &judge(&p, &s2), 0.8);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].limit, Breach::Retained);
+        // 0 and 1 turn warnings off
+        assert!(warnings(&p, &v, 0.0).is_empty() && warnings(&p, &v, 1.0).is_empty());
+        // dropped (its lease expired): no warning besides
+        let v = judge(&p, &snap(vec![a.clone()], vec![lease("a", 3600 * S, -S)]));
+        assert!(matches!(v.decisions[0].action, Action::Drop { .. }));
+        assert!(warnings(&p, &v, 0.8).is_empty());
+    }
+
+    #[test]
+    fn the_floor_warns_when_most_of_the_space_it_leaves_is_used() {
+        let p = Policy { min_free_wal: Some(Floor::Bytes(100 * MB)), warn_fraction: 0.8, ..Policy::default() };
+        // 1024 MB filesystem, floor 100 MB: 924 MB usable; 874 MB used is 94 %
+        let mut s = disk_snap(150 * MB, vec![slot("a")], vec![lease("a", S, 3600 * S)]);
+        let w = warnings(&p, &judge(&p, &s), 0.8);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].slot_name, None);
+        assert_eq!(w[0].key(), (String::new(), "floor"));
+        assert!(w[0].words.contains("50 MB above"), "{}", w[0].words);
+        // 524 MB used: 56 %
+        s.disk.as_mut().unwrap().free = 500 * MB;
+        assert!(warnings(&p, &judge(&p, &s), 0.8).is_empty());
+    }
+
+    #[test]
+    fn the_worker_wakes_when_a_time_limit_comes_within_the_warn_fraction() {
+        let p = Policy { max_inactive_us: Some(100 * S), warn_fraction: 0.5, ..Policy::default() };
+        let mut s = snap(vec![slot("a")], vec![lease("a", 10 * S, 90 * S)]);
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 10 * S, inactive_since: Some(NOW - 10 * S), dropping: None }].into();
+        let d = decide(&p, &s);
+        // lease term 100 s, 10 s used: half at +40 s; inactivity 10 of 100 s: half at +40 s
+        assert_eq!(next_due(&p, &s, &d), Some(40 * S));
+        Rc::make_mut(&mut s.leases)[0].expires_at = NOW + 30 * S;
+        // term 40 s, 10 s used: half at +10 s
+        assert_eq!(next_due(&p, &s, &decide(&p, &s)), Some(10 * S));
     }
 
     #[test]

@@ -127,10 +127,15 @@ macro_rules! tables_query {
             $filter,
             ") s,
                     (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
-                            array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser)
+                            array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser),
+                            array_agg((extract(epoch FROM max_inactive) * 1000000)::int8),
+                            array_agg((extract(epoch FROM max_age) * 1000000)::int8), array_agg(renewed_at)
                        FROM pgslotguard.lease_data ",
             $filter,
-            ") l"
+            ") l,
+                    (SELECT array_agg(slot_name::text), array_agg(limit_name) FROM pgslotguard.warned ",
+            $filter,
+            ") w"
         )
     };
 }
@@ -157,7 +162,14 @@ fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
     Ok(out)
 }
 
-/// Leases from columns 6-11 of the first row.
+/// Warnings given (slot, limit) from columns 15-16 of the first row.
+fn warned_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<(String, String)>> {
+    let slots = column::<String>(t, 15)?;
+    let limits = column::<String>(t, 16)?;
+    Ok(slots.into_iter().zip(limits).map(|(s, l)| (s.unwrap_or_default(), l.unwrap_or_default())).collect())
+}
+
+/// Leases from columns 6-14 of the first row.
 fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
     let names = column::<String>(t, 6)?;
     let mut leased = column::<TimestampWithTimeZone>(t, 7)?.into_iter().flatten();
@@ -165,6 +177,9 @@ fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
     let mut limits = column::<i64>(t, 9)?.into_iter();
     let mut owners = column::<String>(t, 10)?.into_iter();
     let mut by_superuser = column::<bool>(t, 11)?.into_iter().flatten();
+    let mut max_inactive = column::<i64>(t, 12)?.into_iter();
+    let mut max_age = column::<i64>(t, 13)?.into_iter();
+    let mut renewed = column::<TimestampWithTimeZone>(t, 14)?.into_iter();
     // leased_at, expires_at and limit_by_superuser are NOT NULL; max_retained may be NULL.
     let mut out = Vec::with_capacity(names.len());
     for name in names {
@@ -175,6 +190,9 @@ fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
             expires_at: expires.next().map(us).unwrap_or(0),
             max_retained: limits.next().flatten(),
             limit_by_superuser: by_superuser.next().unwrap_or(false),
+            max_inactive: max_inactive.next().flatten(),
+            max_age: max_age.next().flatten(),
+            renewed_at: renewed.next().flatten().map(us),
         });
     }
     Ok(out)
@@ -185,8 +203,15 @@ fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
 /// thousand leases (B2).
 struct Tables {
     key: TablesKey,
+    read: TablesRead,
+}
+
+/// One read of the tables (shared, not copied, by the snapshots made from it).
+#[derive(Clone)]
+struct TablesRead {
     seen: Rc<Vec<Seen>>,
     leases: Rc<Vec<Lease>>,
+    warned: Rc<Vec<(String, String)>>,
 }
 
 /// What a kept read is valid for: the count of commits that changed the tables (shared
@@ -249,28 +274,28 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
     let current_lsn = current_lsn();
     let rows = |t: SpiTupleTable| {
         let t = t.first();
-        Ok((seen_rows(&t)?, lease_rows(&t)?))
+        Ok(TablesRead { seen: Rc::new(seen_rows(&t)?), leases: Rc::new(lease_rows(&t)?), warned: Rc::new(warned_rows(&t)?) })
     };
-    let (seen, leases) = match only {
+    let tables = match only {
         None => match tables_key() {
-            Some(key) => match TABLES.with_borrow(|c| c.as_ref().filter(|c| c.key == key).map(|c| (c.seen.clone(), c.leases.clone()))) {
+            Some(key) => match TABLES.with_borrow(|c| c.as_ref().filter(|c| c.key == key).map(|c| c.read.clone())) {
                 Some(kept) => kept,
                 None => {
-                    let (seen, leases) = read(TABLES_QUERY, &[], rows)?;
-                    let (seen, leases) = (Rc::new(seen), Rc::new(leases));
-                    TABLES.set(Some(Tables { key, seen: seen.clone(), leases: leases.clone() }));
-                    (seen, leases)
+                    let read = read(TABLES_QUERY, &[], rows)?;
+                    TABLES.set(Some(Tables { key, read: read.clone() }));
+                    read
                 }
             },
-            None => read(TABLES_QUERY, &[], rows).map(|(s, l)| (Rc::new(s), Rc::new(l)))?,
+            None => read(TABLES_QUERY, &[], rows)?,
         },
-        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows).map(|(s, l)| (Rc::new(s), Rc::new(l)))?,
+        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows)?,
     };
     let slots = match only {
         None => crate::slots::all(),
         Some(name) => crate::slots::one(name).into_iter().collect(),
     };
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, disk: None, held: Default::default() })
+    let TablesRead { seen, leases, warned } = tables;
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, disk: None, held: Default::default() })
 }
 
 /// Every slot, lease and tracking row.
@@ -370,6 +395,9 @@ pub struct NewLease<'a> {
     pub leased_at: TimestampWithTimeZone,
     pub expires_at: TimestampWithTimeZone,
     pub max_retained: Option<i64>,
+    /// Microseconds.
+    pub max_inactive: Option<i64>,
+    pub max_age: Option<i64>,
     pub limit_by_superuser: bool,
     pub adopted: bool,
     pub lsn: Option<&'a str>,
@@ -380,8 +408,9 @@ pub fn insert_lease(l: &NewLease) -> Result<TimestampWithTimeZone> {
     write(
         "INSERT INTO pgslotguard.lease_data
                 (slot_name, holder, owner, leased_at, expires_at, max_retained, adopted, reserved_lsn,
-                 limit_by_superuser)
-         VALUES ($1::name, $2, $3::name, $4, $8, $5, $6, $7::pg_catalog.pg_lsn, $9)
+                 limit_by_superuser, max_inactive, max_age)
+         VALUES ($1::name, $2, $3::name, $4, $8, $5, $6, $7::pg_catalog.pg_lsn, $9,
+                 pg_catalog.make_interval(secs => $10 / 1e6), pg_catalog.make_interval(secs => $11 / 1e6))
          RETURNING expires_at",
         &[
             l.slot_name.into(),
@@ -393,6 +422,8 @@ pub fn insert_lease(l: &NewLease) -> Result<TimestampWithTimeZone> {
             l.lsn.into(),
             l.expires_at.into(),
             l.limit_by_superuser.into(),
+            l.max_inactive.into(),
+            l.max_age.into(),
         ],
         |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
     )
@@ -492,11 +523,38 @@ impl<'a> Event<'a> {
     }
 }
 
-pub fn record(e: &Event) -> Result<()> {
+/// Remember a warning given (the floor's with slot name ''), until it re-arms.
+pub fn remember_warning(slot: &str, limit: &str) -> Result<()> {
     update(
+        "INSERT INTO pgslotguard.warned (slot_name, limit_name) VALUES ($1::name, $2) ON CONFLICT DO NOTHING",
+        &[slot.into(), limit.into()],
+    )
+    .map(|_| ())
+}
+
+/// Forget warnings whose value fell back under the threshold (or whose slot is gone).
+pub fn forget_warnings(slots: Vec<String>, limits: Vec<String>) -> Result<()> {
+    update(
+        "DELETE FROM pgslotguard.warned w USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS f(s, l)
+          WHERE w.slot_name::text OPERATOR(pg_catalog.=) f.s AND w.limit_name OPERATOR(pg_catalog.=) f.l",
+        &[slots.into(), limits.into()],
+    )
+    .map(|_| ())
+}
+
+/// The channel every event is also sent on, at commit (`pg_notify`).
+pub const CHANNEL: &str = "pgslotguard";
+
+/// Record an event, with the holder of the slot's lease (if it has one now), and send it
+/// to listeners on [`CHANNEL`] as JSON. NOTIFY is transactional: listeners get it when the
+/// transaction that recorded the event commits, in commit order, and never if it rolls back.
+pub fn record(e: &Event) -> Result<()> {
+    let (id, at, holder) = write(
         "INSERT INTO pgslotguard.event_log
-                (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes)
-         VALUES ($1::name, $2, $3, $4, $5, $6::name, $7, $8)",
+                (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes, lease_holder)
+         VALUES ($1::name, $2, $3, $4, $5, $6::name, $7, $8,
+                 (SELECT holder FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name))
+         RETURNING id, pg_catalog.to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), lease_holder",
         &[
             e.slot_name.into(),
             e.action.as_str().into(),
@@ -507,8 +565,13 @@ pub fn record(e: &Event) -> Result<()> {
             e.freed_bytes.into(),
             e.pg_wal_bytes.into(),
         ],
-    )
-    .map(|_| ())
+        |t| {
+            let t = t.first();
+            Ok((t.get::<i64>(1)?.unwrap_or(0), t.get::<String>(2)?.unwrap_or_default(), t.get::<String>(3)?))
+        },
+    )?;
+    let payload = crate::notify::payload(e, id, &at, holder.as_deref());
+    write("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), payload.into()], |_| Ok(()))
 }
 
 /// Delete events older than the retention; returns how many went. Looks first, so a

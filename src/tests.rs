@@ -315,6 +315,17 @@ mod tests {
     }
 
     #[pg_test]
+    fn per_lease_time_limits_must_be_positive_and_show_in_leases() {
+        helpers();
+        expect_error("SELECT * FROM backup_slot_lease('np1', '1h', max_inactive => '-1 s')", "22023");
+        expect_error("SELECT * FROM backup_slot_lease('np2', '1h', max_age => '0')", "22023");
+        expect_error("SELECT * FROM backup_slot_lease('np3', '1h', max_age => '1 day -24 hours')", "22023");
+        run("SELECT * FROM backup_slot_lease('own', '1h', max_inactive => '90 s', max_age => '1 day')");
+        assert_eq!(text("SELECT max_inactive::text || ' ' || max_age::text FROM pgslotguard.leases WHERE slot_name = 'own'"), "00:01:30 24:00:00");
+        assert!(text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'own'").contains("max_inactive 1m 30s"));
+    }
+
+    #[pg_test]
     fn malicious_search_path_objects_cannot_hijack() {
         helpers();
         run("CREATE ROLE sg_evil LOGIN REPLICATION");

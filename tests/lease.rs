@@ -213,3 +213,23 @@ fn a_kept_read_of_the_leases_follows_every_committed_change() {
     );
     assert_eq!(c.count("SELECT count(*) FROM pg_prepared_xacts"), 0);
 }
+
+/// Per-lease limits: a role that is not a superuser may only tighten the global ones; a
+/// superuser's replace them.
+#[test]
+fn only_a_superuser_may_give_a_lease_limits_above_the_global_ones() {
+    let c = with_extension("ownlimits", &["pgslotguard.max_inactive_time = '1min'", "pgslotguard.max_slot_age = '1h'"]);
+    c.exec("CREATE ROLE backup LOGIN REPLICATION");
+    let mut b = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=backup dbname=postgres", c.port), postgres::NoTls).unwrap();
+    let code = |b: &mut postgres::Client, q: &str| b.batch_execute(q).err().and_then(|e| e.code().map(|c| c.code().to_string()));
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '2 min')").as_deref(), Some("42501"));
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_age => '2 hours')").as_deref(), Some("42501"));
+    assert!(!c.slot_exists("b1"), "a refused lease left its slot");
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '30 s', max_age => '30 min')"), None);
+    // a superuser may loosen them
+    c.exec("SELECT backup_slot_lease('s1', '1h', max_inactive => '1 day', max_age => '1 day')");
+    let rows = c.sql("SELECT slot_name::text, max_inactive::text, max_age::text FROM pgslotguard.leases ORDER BY 1");
+    let got: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(got, [("b1".into(), "00:00:30".into(), "00:30:00".into()), ("s1".into(), "24:00:00".into(), "24:00:00".into())]);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data WHERE limit_by_superuser"), 1, "s1's limits replace the global ones");
+}

@@ -246,9 +246,13 @@ fn a_slot_crossing_its_wal_limit_is_dropped_without_waiting_for_naptime() {
 }
 
 #[test]
-fn a_slot_core_invalidated_for_removed_wal_shows_why() {
-    let c = with_extension("lostslot", &["max_slot_wal_keep_size = '1MB'", "max_wal_size = '32MB'", "min_wal_size = '32MB'"]);
+fn a_slot_core_invalidated_for_removed_wal_shows_why_and_is_dropped_when_in_scope() {
+    let c = with_extension(
+        "lostslot",
+        &["max_slot_wal_keep_size = '1MB'", "max_wal_size = '32MB'", "min_wal_size = '32MB'", "pgslotguard.naptime = '1s'"],
+    );
     c.exec("SELECT pg_create_physical_replication_slot('left_behind', true)");
+    c.exec("SELECT backup_slot_lease('leased_lost', '1h', max_age => '1 day')");
     c.make_wal(48);
     c.exec("CHECKPOINT");
     c.wait_for("core to invalidate the slot", WAIT, |c| {
@@ -260,6 +264,27 @@ fn a_slot_core_invalidated_for_removed_wal_shows_why() {
         "{}",
         c.describe()
     );
+    // The leased one, in scope, is dropped at the next pass as lost, saying why; the
+    // unleased one is out of scope (scope = leased) and stays, shown as lost.
+    c.wait_for("the guard to drop the lost leased slot", WAIT, |c| (!c.slot_exists("leased_lost")).then_some(()));
+    let reason = c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'leased_lost' AND action = 'lost_drop'");
+    assert!(reason.contains("wal_removed") && reason.contains("never be used again"), "{reason}\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+    assert!(c.slot_exists("left_behind"));
+    assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'left_behind'"), "out_of_scope");
+}
+
+/// A lease's own inactivity limit, with the global one off: its slot, never used, is
+/// dropped once it has been idle that long.
+#[test]
+fn a_lease_with_its_own_inactivity_limit_is_dropped_when_it_passes() {
+    let c = with_extension("ownidle", &[]);
+    c.exec("SELECT backup_slot_lease('own_idle', '1h', max_inactive => '2s')");
+    assert_eq!(c.text("SELECT max_inactive::text FROM pgslotguard.leases WHERE slot_name = 'own_idle'"), "00:00:02");
+    let t0 = std::time::Instant::now();
+    c.wait_for("the idle leased slot to be dropped", WAIT, |c| (!c.slot_exists("own_idle")).then_some(()));
+    assert!(t0.elapsed() >= Duration::from_secs(1), "dropped after {:?}, before its limit", t0.elapsed());
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'own_idle' ORDER BY id DESC LIMIT 1"), "inactive_drop");
 }
 
 /// PostgreSQL 18 invalidates a slot idle for idle_replication_slot_timeout at a checkpoint;

@@ -135,8 +135,8 @@ pub fn time_deadlines<'a>(policy: &super::Policy, snap: &'a Snapshot) -> Vec<(&'
         let seen = seen.get(name).copied();
         let expiry = lease.map(|l| l.expires_at);
         let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
-        let age = policy.max_slot_age_us.zip(born).map(|(limit, born)| born + limit + 1);
-        let idle = match (policy.max_inactive_us, seen.and_then(|s| s.inactive_since)) {
+        let age = super::age_limit(policy, lease).zip(born).map(|(limit, born)| born + limit + 1);
+        let idle = match (super::inactive_limit(policy, lease), seen.and_then(|s| s.inactive_since)) {
             (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
             _ => None,
         };
@@ -314,6 +314,9 @@ mod tests {
             leased_at: 0,
             expires_at,
             max_retained: None,
+            max_inactive: None,
+            max_age: None,
+            renewed_at: None,
             limit_by_superuser: false,
         }
     }
@@ -325,6 +328,7 @@ mod tests {
             slots,
             leases: leases.into(),
             seen: Default::default(),
+            warned: Default::default(),
             disk: None,
             held: HashSet::default(),
         }

@@ -1,0 +1,95 @@
+//! Warnings before a limit and every event as a notification: a real LISTEN client gets
+//! the JSON of a lease, its warning and its drop, in order; a warning is given once per
+//! crossing, even across a restart of the worker.
+
+mod common;
+use common::*;
+use fallible_iterator::FallibleIterator;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// Notifications on channel pgslotguard until `last` arrives (or the wait runs out).
+fn listen_until(l: &mut postgres::Client, last: &str, within: Duration) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + within;
+    let mut got = vec![];
+    while Instant::now() < deadline {
+        let mut n = l.notifications();
+        let mut it = n.timeout_iter(Duration::from_millis(200));
+        while let Some(note) = it.next().unwrap() {
+            assert_eq!(note.channel(), "pgslotguard");
+            let v: Value = serde_json::from_str(note.payload()).unwrap_or_else(|e| panic!("{e}: {}", note.payload()));
+            let action = v["action"].as_str().unwrap_or_default().to_string();
+            got.push((note.payload().to_string(), v));
+            if action == last {
+                return got;
+            }
+        }
+    }
+    panic!("no {last} notification within {within:?}; got {:?}", got.iter().map(|g| &g.1["action"]).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_listener_gets_the_lease_its_warning_and_its_drop_as_json_in_order() {
+    let c = with_extension("notify", &["pgslotguard.warn_fraction = 0.5"]);
+    let mut l = c.client();
+    l.batch_execute("LISTEN pgslotguard").unwrap();
+
+    // A lease rolled back notifies nothing.
+    let mut b = c.client();
+    let mut tx = b.transaction().unwrap();
+    tx.batch_execute("SELECT backup_slot_lease('rolled_back', '1h')").unwrap();
+    tx.rollback().unwrap();
+
+    // The longest holder there may be: the payload still fits.
+    let holder = "h".repeat(1024);
+    b.execute("SELECT backup_slot_lease('n1', '4s', holder => $1)", &[&holder]).unwrap();
+    let got = listen_until(&mut l, "expire_drop", Duration::from_secs(30));
+    let actions: Vec<&str> = got.iter().map(|(_, v)| v["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["lease", "warn", "expire_drop"], "{got:#?}");
+
+    let ids: Vec<i64> = got.iter().map(|(_, v)| v["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    for (payload, v) in &got {
+        assert!(payload.len() < 8000, "{} bytes", payload.len());
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["slot"], "n1");
+        assert_eq!(v["holder"].as_str(), Some(holder.as_str()), "{payload}");
+        assert_eq!(v["owner"], "postgres");
+        assert!(v["at"].as_str().unwrap().ends_with('Z'));
+        // the same event as pgslotguard.events shows
+        let row = c.sql(&format!("SELECT action, reason, actor FROM pgslotguard.events WHERE id = {}", v["id"]));
+        assert_eq!(row[0].get::<_, String>(0), v["action"].as_str().unwrap());
+        assert_eq!(row[0].get::<_, String>(1), v["reason"].as_str().unwrap());
+        assert_eq!(row[0].get::<_, String>(2), v["actor"].as_str().unwrap());
+    }
+    let warn = &got[1].1;
+    assert!(warn["reason"].as_str().unwrap().contains("unless renewed"), "{warn}");
+    assert_eq!(got[2].1["actor"], "worker");
+    assert!(got[2].1["retained_bytes"].is_i64());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'rolled_back'"), 0);
+}
+
+#[test]
+fn a_warning_is_given_once_per_crossing_even_across_a_worker_restart() {
+    let c = with_extension("warnonce", &["pgslotguard.warn_fraction = 0.2"]);
+    c.exec("SELECT backup_slot_lease('w1', '20s')");
+    let warns = |c: &Cluster| c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'w1' AND action = 'warn'");
+    c.wait_for("the warning at a fifth of the term", WAIT, |c| (warns(c) == 1).then_some(()));
+    assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'w1'"), "expiring");
+    assert!(c.log().contains("replication slot \"w1\": lease expires in"), "{}", c.log_tail(20));
+
+    // The worker restarts (a stray SIGTERM; the postmaster starts it again): no second warning.
+    let old = c.worker_pid().expect("worker");
+    c.exec(&format!("SELECT pg_terminate_backend({old})"));
+    let passes = c.wait_for("the worker to come back", WAIT, |c| {
+        c.worker_pid().filter(|&p| p != old).map(|_| c.count("SELECT passes FROM pgslotguard.status"))
+    });
+    c.wait_for("two passes of the new worker", WAIT, |c| (c.count("SELECT passes FROM pgslotguard.status") >= passes + 2).then_some(()));
+    assert_eq!(warns(&c), 1, "a restarted worker warned again");
+
+    // Renewed: the term starts again, the warning re-arms, and comes again at a fifth.
+    c.exec("SELECT backup_slot_renew('w1', '20s')");
+    c.wait_for("the warning to re-arm", WAIT, |c| (c.count("SELECT count(*) FROM pgslotguard.warned") == 0).then_some(()));
+    c.wait_for("the second warning", WAIT, |c| (warns(c) == 2).then_some(()));
+    c.exec("SELECT backup_slot_release('w1')");
+}
