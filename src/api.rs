@@ -374,7 +374,7 @@ fn enforce(dry_run: bool) -> Result<Vec<crate::enforce::Done>> {
     no_recovery("run an enforcement pass")?;
     let name = state::role_name(me);
     state::as_owner(|| {
-        let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, warned: None, clock: None };
+        let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, warned: None, clock: None, restarts: None };
         Ok(crate::enforce::run_pass(&mut actor, dry_run)?.done)
     })
 }

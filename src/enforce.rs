@@ -61,6 +61,9 @@ pub struct Actor<'a> {
     /// The worker's wall-clock jump rule (`policy::timing::ClockWatch`); a SQL caller has
     /// none and acts on the database clock alone.
     pub clock: Option<&'a mut ClockWatch>,
+    /// Each slot's restart_lsn at the worker's previous pass, for stalls
+    /// (`Snapshot::restart_before`); a SQL caller has none.
+    pub restarts: Option<&'a mut rustc_hash::FxHashMap<String, u64>>,
 }
 
 /// What happened to one decision.
@@ -97,8 +100,10 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     }
     let name = actor.name;
     let mut clock = actor.clock.as_deref_mut();
+    let mut restarts = actor.restarts.as_deref_mut();
     let Read { verdict, finished, disk_error, due, budget, warned } =
-        in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut())).map_err(GuardError::Pass)?;
+        in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut(), restarts.as_deref_mut()))
+            .map_err(GuardError::Pass)?;
     for done in finished {
         summary.drops += 1;
         summary.done.push(done);
@@ -175,10 +180,20 @@ struct Read {
 /// Read everything the pass decides on, finish drops an interrupted pass made but could
 /// not record, update the tracking, apply the wall-clock jump rule, measure the disk, and
 /// decide.
-fn read_state(policy: &Policy, actor: &str, dry_run: bool, clock: Option<&mut ClockWatch>) -> Result<Read, GuardError> {
+fn read_state(
+    policy: &Policy,
+    actor: &str,
+    dry_run: bool,
+    clock: Option<&mut ClockWatch>,
+    restarts: Option<&mut rustc_hash::FxHashMap<String, u64>>,
+) -> Result<Read, GuardError> {
     let mut snap = state::snapshot()?;
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
-    state::track(&mut snap, !dry_run)?;
+    if let Some(r) = restarts {
+        snap.restart_before = std::mem::take(r);
+        *r = snap.slots.iter().filter_map(|s| Some((s.name.clone(), s.restart_lsn?))).collect();
+    }
+    state::track(&mut snap, policy, !dry_run)?;
     let mut held_due = None;
     if let Some(watch) = clock {
         let (held, due) = watch.hold(snap.now, state::mono_us(), &timing::time_deadlines(policy, &snap));

@@ -49,6 +49,7 @@ pub static EXCLUDE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>:
 pub static TERMINATE_ACTIVE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static WARN_FRACTION: GucSetting<f64> = GucSetting::<f64>::new(0.8);
+pub static MAX_STALLED_TIME: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// seconds, -1 = keep forever
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 /// a size ('20GB') or a share of the filesystem ('10%'); -1 = off
@@ -155,6 +156,16 @@ pub fn init() {
         1.0,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_stalled_time",
+        c"Treat an active slot whose restart_lsn has not advanced for this long while WAL was written as a hard breach (-1 disables).",
+        c"With terminate_active the guard terminates its walsender and drops the slot; without, it warns.",
+        &MAX_STALLED_TIME,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_enum_guc(
         c"pgslotguard.scope",
@@ -321,6 +332,7 @@ pub fn policy() -> Policy {
         terminate_active: TERMINATE_ACTIVE.get(),
         dry_run: DRY_RUN.get(),
         warn_fraction: WARN_FRACTION.get(),
+        max_stalled_us: opt_limit(MAX_STALLED_TIME.get(), US_PER_S),
         min_free_wal: min_free_wal_space(),
         checkpoint: match CHECKPOINT_AFTER_DROP.get() {
             CheckpointGuc::Off => CheckpointMode::Off,

@@ -66,6 +66,8 @@ pub struct Policy {
     pub checkpoint: CheckpointMode,
     /// `pgslotguard.warn_fraction` (0 or 1: no warnings).
     pub warn_fraction: f64,
+    /// `pgslotguard.max_stalled_time`.
+    pub max_stalled_us: Option<i64>,
 }
 
 impl Default for Policy {
@@ -82,6 +84,7 @@ impl Default for Policy {
             checkpoint: CheckpointMode::Fast,
             // Off here, so that each rule is tested alone; the GUC's default is 0.8.
             warn_fraction: 0.0,
+            max_stalled_us: None,
         }
     }
 }
@@ -101,6 +104,7 @@ pub enum Outcome {
     InactiveDrop,
     SpaceDrop,
     LostDrop,
+    StalledDrop,
     Terminate,
     WouldDrop,
     Checkpoint,
@@ -109,7 +113,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Lease,
         Outcome::Renew,
         Outcome::Release,
@@ -120,6 +124,7 @@ impl Outcome {
         Outcome::InactiveDrop,
         Outcome::SpaceDrop,
         Outcome::LostDrop,
+        Outcome::StalledDrop,
         Outcome::Terminate,
         Outcome::WouldDrop,
         Outcome::Checkpoint,
@@ -144,6 +149,7 @@ impl Outcome {
             Outcome::InactiveDrop => "inactive_drop",
             Outcome::SpaceDrop => "space_drop",
             Outcome::LostDrop => "lost_drop",
+            Outcome::StalledDrop => "stalled_drop",
             Outcome::Terminate => "terminate",
             Outcome::WouldDrop => "would_drop",
             Outcome::Checkpoint => "checkpoint",
@@ -162,6 +168,7 @@ impl Outcome {
                 | Outcome::InactiveDrop
                 | Outcome::SpaceDrop
                 | Outcome::LostDrop
+                | Outcome::StalledDrop
         )
     }
 }
@@ -220,6 +227,9 @@ pub struct Seen {
     /// The guard committed its intent to drop this slot (the event it will record and
     /// why) and may have died before it recorded the drop: see `enforce::drop_slot`.
     pub dropping: Option<DropIntent>,
+    /// An active slot whose `restart_lsn` stopped while WAL was written: that LSN, and
+    /// since when (`pgslotguard.max_stalled_time`).
+    pub stalled: Option<(u64, i64)>,
 }
 
 /// A drop the guard has decided and made durable before doing it.
@@ -242,6 +252,9 @@ pub struct Snapshot {
     pub seen: Rc<Vec<Seen>>,
     /// Warnings given and not re-armed: (slot name, or '' for the floor; limit word).
     pub warned: Rc<Vec<(String, String)>>,
+    /// Each slot's `restart_lsn` at the worker's previous pass (empty for a pass run by
+    /// hand): a stall is noted when two passes see the same one.
+    pub restart_before: HashMap<String, u64>,
     /// The filesystem that holds `pg_wal`, when measured.
     pub disk: Option<WalDisk>,
     /// Slots whose time-driven limits (expiry, age, inactivity) have come on the wall clock
@@ -260,12 +273,15 @@ pub enum Breach {
     Space,
     /// Core invalidated the slot (`wal_status = 'lost'`): it can never be used again.
     Lost,
+    /// An active slot's `restart_lsn` has not moved for `max_stalled_time` while WAL was
+    /// written: its consumer is stuck.
+    Stalled,
 }
 
 impl Breach {
     /// Hard limits may terminate an active walsender (with `terminate_active`).
     pub fn is_hard(self) -> bool {
-        matches!(self, Breach::Retained | Breach::Age | Breach::Space | Breach::Lost)
+        matches!(self, Breach::Retained | Breach::Age | Breach::Space | Breach::Lost | Breach::Stalled)
     }
     /// The event recorded for a drop for this reason.
     pub fn drop_action(self) -> Outcome {
@@ -276,6 +292,7 @@ impl Breach {
             Breach::Inactive => Outcome::InactiveDrop,
             Breach::Space => Outcome::SpaceDrop,
             Breach::Lost => Outcome::LostDrop,
+            Breach::Stalled => Outcome::StalledDrop,
         }
     }
     /// The `state` of a slot within the warn fraction of this limit.
@@ -287,6 +304,7 @@ impl Breach {
             Breach::Inactive => "near_inactive",
             Breach::Space => "near_floor",
             Breach::Lost => "lost",
+            Breach::Stalled => "near_stalled",
         }
     }
     /// The limit's name in `pgslotguard.warned` and in warnings.
@@ -298,6 +316,7 @@ impl Breach {
             Breach::Inactive => "inactivity",
             Breach::Space => "floor",
             Breach::Lost => "lost",
+            Breach::Stalled => "stalled",
         }
     }
     /// The `state` shown in `pgslotguard.leases` for an inactive slot with this breach.
@@ -309,6 +328,7 @@ impl Breach {
             Breach::Inactive => "over_inactive",
             Breach::Space => "below_floor",
             Breach::Lost => "lost",
+            Breach::Stalled => "stalled",
         }
     }
 }
@@ -345,7 +365,7 @@ pub struct Decision {
     pub nearest: Option<Limit>,
     /// Every limit that applies to the slot, as numbers (retained WAL, age, lease expiry,
     /// inactivity): what the warn threshold looks at.
-    pub limits: [Option<Limit>; 4],
+    pub limits: [Option<Limit>; 5],
     /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
     /// `below_floor`, `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
@@ -391,6 +411,7 @@ impl Limit {
             Breach::Expired if used >= 0 => "lease has expired".into(),
             Breach::Expired => format!("lease expires in {} unless renewed ({pct}% of its term used)", fmt_us(-used)),
             Breach::Inactive => format!("inactive for {}, {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
+            Breach::Stalled => format!("restart_lsn has not advanced for {}, {pct}% of pgslotguard.max_stalled_time ({})", fmt_us(used), fmt_us(limit)),
             Breach::Space | Breach::Lost => self.words(),
         }
     }
@@ -414,6 +435,12 @@ impl Limit {
             (Breach::Inactive, false) => format!("inactivity limit reached in {}", fmt_us(limit - used)),
             (Breach::Space, _) => format!("free space {} of floor {}", fmt_bytes(used), fmt_bytes(limit)),
             (Breach::Lost, _) => "invalidated by PostgreSQL".into(),
+            (Breach::Stalled, true) => format!(
+                "active, and its restart_lsn has not advanced for {} while WAL was written, above pgslotguard.max_stalled_time ({})",
+                fmt_us(used),
+                fmt_us(limit)
+            ),
+            (Breach::Stalled, false) => format!("stall limit reached in {}", fmt_us(limit - used)),
         }
     }
 }
@@ -430,11 +457,16 @@ fn fmt_us(us: i64) -> String {
 /// seen so, and vanished slots are forgotten — unless a drop intent on them is still to
 /// be recorded. PostgreSQL 15 tracks none of this itself. `None`: the tracking is the
 /// snapshot's own, unchanged (the usual pass).
-pub fn track(snap: &Snapshot) -> Option<Vec<Seen>> {
+pub fn track(policy: &Policy, snap: &Snapshot) -> Option<Vec<Seen>> {
     let known: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    // The usual pass: every slot known, none turned active or idle, none gone.
+    // The usual pass: every slot known, none turned active or idle, none stalled or
+    // moving again, none gone.
     let same = snap.seen.len() == snap.slots.len()
-        && snap.slots.iter().all(|s| known.get(s.name.as_str()).is_some_and(|k| k.inactive_since.is_none() == s.active()));
+        && snap.slots.iter().all(|s| {
+            known.get(s.name.as_str()).is_some_and(|k| {
+                k.inactive_since.is_none() == s.active() && k.stalled == stall(policy, snap, s, Some(k))
+            })
+        });
     if same {
         return None;
     }
@@ -450,15 +482,38 @@ pub fn track(snap: &Snapshot) -> Option<Vec<Seen>> {
                 first_seen: snap.now,
                 inactive_since: (!s.active()).then(|| idle_since(s, snap.now)),
                 dropping: None,
+                stalled: stall(policy, snap, s, None),
             },
             Some(k) => Seen {
                 inactive_since: if s.active() { None } else { k.inactive_since.or_else(|| Some(idle_since(s, snap.now))) },
+                stalled: stall(policy, snap, s, Some(k)),
                 ..(*k).clone()
             },
         })
         .collect();
     out.extend(snap.seen.iter().filter(|k| k.dropping.is_some() && !present.contains(k.slot_name.as_str())).cloned());
     Some(out)
+}
+
+/// How long an active slot has been stalled: its tracking notes a stall at the LSN it
+/// still has.
+fn stalled_for(snap: &Snapshot, slot: &SlotInfo, seen: Option<&Seen>) -> Option<i64> {
+    let (lsn, since) = seen?.stalled?;
+    (slot.active() && slot.restart_lsn == Some(lsn)).then(|| snap.now - since)
+}
+
+/// The stall of a slot as this pass sees it (`pgslotguard.max_stalled_time` on): an
+/// active slot behind the current WAL position whose `restart_lsn` is the one the
+/// previous pass saw is stalled since the tracking says, or from now; any other slot is
+/// not stalled. Noted from the second pass that sees it (a stream reports its position
+/// every few seconds), so a healthy stream writes no tracking.
+fn stall(policy: &Policy, snap: &Snapshot, s: &SlotInfo, known: Option<&Seen>) -> Option<(u64, i64)> {
+    policy.max_stalled_us?;
+    let r = s.restart_lsn.filter(|&r| s.active() && r < snap.current_lsn)?;
+    match known.and_then(|k| k.stalled) {
+        Some((lsn, since)) if lsn == r => Some((lsn, since)),
+        _ => (snap.restart_before.get(&s.name) == Some(&r)).then_some((r, snap.now)),
+    }
 }
 
 /// When an inactive slot the guard finds idle became so: core's `inactive_since` where
@@ -711,7 +766,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             age_us: Some(snap.now - lease.leased_at),
             inactive_us: None,
             nearest: None,
-            limits: [None; 4],
+            limits: [None; 5],
             state: "slot_missing",
             action: Action::EndLease {
                 reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
@@ -775,7 +830,7 @@ fn decide_slot(
             age_us: age,
             inactive_us: inactive,
             nearest: None,
-            limits: [None; 4],
+            limits: [None; 5],
             state: "slot_replaced",
             action: Action::EndLease {
                 reason: format!("the slot of this name is not the one the lease created or adopted: {why}; lease ended, slot left alone"),
@@ -799,7 +854,7 @@ fn decide_slot(
         age_us: age,
         inactive_us: inactive,
         nearest: None,
-        limits: [None; 4],
+        limits: [None; 5],
         state: if in_scope { "ok" } else { "out_of_scope" },
         action: Action::None,
         frees_bytes: None,
@@ -841,9 +896,10 @@ fn decide_slot(
     let timely = snap.held.is_empty() || !snap.held.contains(&slot.name);
     // A limit breached when its value exceeds it; `applies` is false while a clock jump holds it.
     let exceeds = |breach, applies: bool, (limit, used): (i64, i64)| Limit { breach, over: applies && used > limit, frac: ratio(used, limit), used, limit };
-    let limits: [Option<Limit>; 4] = [
+    let limits: [Option<Limit>; 5] = [
         retained_limit.map(|limit| exceeds(Breach::Retained, true, (limit, retained))),
         age_limit(policy, lease).zip(age).map(|v| exceeds(Breach::Age, timely, v)),
+        policy.max_stalled_us.zip(stalled_for(snap, slot, seen)).map(|v| exceeds(Breach::Stalled, timely, v)),
         lease.map(|l| {
             let over = timely && now >= l.expires_at;
             let start = l.renewed_at.unwrap_or(l.leased_at);
@@ -984,7 +1040,7 @@ mod tests {
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), disk: None, held: HashSet::default() }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), restart_before: HashMap::default(), disk: None, held: HashSet::default() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -1069,7 +1125,7 @@ mod tests {
         l.max_inactive = Some(30 * S);
         l.max_age = Some(90 * S);
         let mut s = snap(vec![slot("a")], vec![l.clone()]);
-        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 100 * S, inactive_since: Some(NOW - 20 * S), dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 100 * S, inactive_since: Some(NOW - 20 * S), dropping: None, stalled: None }].into();
         // global limits off: the lease's own age limit (90 s) is passed at 100 s
         assert_eq!(dropped(&one(&Policy::default(), &s)), Some(Breach::Age));
         // inactivity alone: 20 s idle under 30 s is fine; the deadline is the lease's
@@ -1167,13 +1223,57 @@ mod tests {
     fn the_worker_wakes_when_a_time_limit_comes_within_the_warn_fraction() {
         let p = Policy { max_inactive_us: Some(100 * S), warn_fraction: 0.5, ..Policy::default() };
         let mut s = snap(vec![slot("a")], vec![lease("a", 10 * S, 90 * S)]);
-        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 10 * S, inactive_since: Some(NOW - 10 * S), dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 10 * S, inactive_since: Some(NOW - 10 * S), dropping: None, stalled: None }].into();
         let d = decide(&p, &s);
         // lease term 100 s, 10 s used: half at +40 s; inactivity 10 of 100 s: half at +40 s
         assert_eq!(next_due(&p, &s, &d), Some(40 * S));
         Rc::make_mut(&mut s.leases)[0].expires_at = NOW + 30 * S;
         // term 40 s, 10 s used: half at +10 s
         assert_eq!(next_due(&p, &s, &decide(&p, &s)), Some(10 * S));
+    }
+
+    #[test]
+    fn a_stall_is_noted_at_the_second_pass_and_breaches_after_max_stalled_time() {
+        let p = Policy { max_stalled_us: Some(10 * S), ..Policy::default() };
+        let mut a = slot("a");
+        a.active_pid = Some(7);
+        a.restart_lsn = Some(5 * MB as u64);
+        let mut s = snap(vec![a.clone()], vec![lease("a", S, 3600 * S)]);
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - S, inactive_since: None, dropping: None, stalled: None }].into();
+        // first pass that sees this LSN: nothing noted (a stream reports every few seconds)
+        assert_eq!(track(&p, &s), None);
+        // the previous pass saw the same LSN, behind the current position: noted from now
+        s.restart_before.insert("a".into(), 5 * MB as u64);
+        assert_eq!(track(&p, &s).unwrap()[0].stalled, Some((5 * MB as u64, NOW)));
+        // the limit off: nothing noted
+        assert_eq!(track(&Policy::default(), &s), None);
+        // stalled for 20 s: a hard breach; waits without terminate_active, dropped with it
+        Rc::make_mut(&mut s.seen)[0].stalled = Some((5 * MB as u64, NOW - 20 * S));
+        assert_eq!(track(&p, &s), None, "still stalled: nothing to write");
+        let d = one(&p, &s);
+        assert_eq!(d.state, "stalled");
+        match &d.action {
+            Action::Wait { breach: Breach::Stalled, reason } => assert!(reason.contains("has not advanced for 20s"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let p2 = Policy { terminate_active: true, ..p.clone() };
+        assert!(matches!(one(&p2, &s).action, Action::Drop { breach: Breach::Stalled, terminate: Some(7), .. }));
+        // its deadline: 10 s after it was noted
+        Rc::make_mut(&mut s.seen)[0].stalled = Some((5 * MB as u64, NOW - 4 * S));
+        assert_eq!(next_due(&p, &s, &decide(&p, &s)), Some(6 * S + 1));
+        // it moved on, caught up, or lost its walsender: no longer stalled
+        let mut moved = a.clone();
+        moved.restart_lsn = Some(6 * MB as u64);
+        let mut caught_up = a.clone();
+        caught_up.restart_lsn = Some(10 * MB as u64);
+        let mut idle = a.clone();
+        idle.active_pid = None;
+        for slot in [moved, caught_up, idle] {
+            let mut t = s.clone();
+            t.slots = vec![slot];
+            assert_eq!(track(&p, &t).unwrap()[0].stalled, None);
+            assert!(!matches!(one(&p, &t).action, Action::Wait { breach: Breach::Stalled, .. } | Action::Drop { breach: Breach::Stalled, .. }));
+        }
     }
 
     #[test]
@@ -1223,7 +1323,7 @@ mod tests {
         let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 100 * S, 3600 * S)]));
         assert_eq!(d.action, Action::None, "exactly at the limit");
         let mut s = snap(vec![slot("u")], vec![]);
-        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None, dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "u".into(), first_seen: NOW - 200 * S, inactive_since: None, dropping: None, stalled: None }].into();
         assert_eq!(dropped(&one(&p, &s)), Some(Breach::Age));
         // never seen before: no age yet, so no age breach
         assert_eq!(one(&p, &snap(vec![slot("u")], vec![])).action, Action::None);
@@ -1233,7 +1333,7 @@ mod tests {
     fn inactivity_limit_uses_tracked_inactive_since() {
         let p = Policy { max_inactive_us: Some(60 * S), ..Policy::default() };
         let mut s = snap(vec![slot("a")], vec![lease("a", 3600 * S, 3600 * S)]);
-        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S), dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 3600 * S, inactive_since: Some(NOW - 61 * S), dropping: None, stalled: None }].into();
         let d = one(&p, &s);
         assert_eq!(dropped(&d), Some(Breach::Inactive));
         assert_eq!(d.inactive_us, Some(61 * S));
@@ -1251,7 +1351,7 @@ mod tests {
     fn scope_leased_never_touches_unleased_slots() {
         let p = Policy { max_retained_wal: Some(MB), max_slot_age_us: Some(S), ..Policy::default() };
         let mut s = snap(vec![slot("standby1")], vec![]);
-        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0), dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "standby1".into(), first_seen: 0, inactive_since: Some(0), dropping: None, stalled: None }].into();
         let d = one(&p, &s);
         assert!(!d.in_scope);
         assert_eq!(d.state, "out_of_scope");
@@ -1506,18 +1606,19 @@ mod tests {
         a.active_pid = Some(1);
         let mut s = snap(vec![a, slot("b"), slot("c")], vec![]);
         s.seen = vec![
-            Seen { slot_name: "b".into(), first_seen: 5, inactive_since: Some(7), dropping: None },
-            Seen { slot_name: "c".into(), first_seen: 5, inactive_since: None, dropping: None },
-            Seen { slot_name: "gone".into(), first_seen: 5, inactive_since: None, dropping: None },
+            Seen { slot_name: "b".into(), first_seen: 5, inactive_since: Some(7), dropping: None, stalled: None },
+            Seen { slot_name: "c".into(), first_seen: 5, inactive_since: None, dropping: None, stalled: None },
+            Seen { slot_name: "gone".into(), first_seen: 5, inactive_since: None, dropping: None, stalled: None },
             Seen {
                 slot_name: "dropped".into(),
                 first_seen: 5,
                 inactive_since: None,
                 dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into() }),
+                stalled: None,
             },
         ]
         .into();
-        let t = track(&s).expect("changed");
+        let t = track(&Policy::default(), &s).expect("changed");
         let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
         assert_eq!((by["a"].first_seen, by["a"].inactive_since), (NOW, None));
         assert_eq!((by["b"].first_seen, by["b"].inactive_since), (5, Some(7)));
@@ -1527,7 +1628,7 @@ mod tests {
         // the next pass over the same slots finds nothing to change
         let mut again = snap(s.slots.clone(), vec![]);
         again.seen = Rc::new(t.into_iter().filter(|x| x.slot_name != "dropped").collect());
-        assert_eq!(track(&again), None);
+        assert_eq!(track(&Policy::default(), &again), None);
     }
 
     #[test]
@@ -1536,7 +1637,7 @@ mod tests {
         a.core_inactive_since = Some(NOW - 300 * S);
         let mut future = slot("b");
         future.core_inactive_since = Some(NOW + S);
-        let t = track(&snap(vec![a, future, slot("c")], vec![])).expect("new slots");
+        let t = track(&Policy::default(), &snap(vec![a, future, slot("c")], vec![])).expect("new slots");
         let by: HashMap<&str, &Seen> = t.iter().map(|x| (x.slot_name.as_str(), x)).collect();
         assert_eq!(by["a"].inactive_since, Some(NOW - 300 * S), "idle since core says");
         assert_eq!(by["b"].inactive_since, Some(NOW), "never later than now");
@@ -1559,7 +1660,7 @@ mod tests {
     fn next_due_is_the_nearest_expiry_age_or_inactivity_ahead() {
         let p = Policy { max_slot_age_us: Some(100 * S), max_inactive_us: Some(50 * S), ..Policy::default() };
         let mut s = snap(vec![slot("a"), slot("b")], vec![lease("a", 10 * S, 30 * S), lease("b", 95 * S, 3600 * S)]);
-        s.seen = vec![Seen { slot_name: "b".into(), first_seen: NOW - 95 * S, inactive_since: Some(NOW - 40 * S), dropping: None }].into();
+        s.seen = vec![Seen { slot_name: "b".into(), first_seen: NOW - 95 * S, inactive_since: Some(NOW - 40 * S), dropping: None, stalled: None }].into();
         let d = decide(&p, &s);
         // a: expires in 30 s (age 90 s ahead); b: age limit in 5 s, inactivity in 10 s
         assert_eq!(next_due(&p, &s, &d), Some(5 * S + 1));

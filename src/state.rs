@@ -120,9 +120,11 @@ where
 macro_rules! tables_query {
     ($filter:literal) => {
         concat!(
-            "SELECT s.*, l.*
-               FROM (SELECT array_agg(slot_name::text), array_agg(first_seen), array_agg(inactive_since),
-                            array_agg(drop_action), array_agg(drop_reason)
+            "SELECT s.n, s.f, s.i, s.a, s.r, l.*, w.*, s.sl, s.ss
+               FROM (SELECT array_agg(slot_name::text) n, array_agg(first_seen) f, array_agg(inactive_since) i,
+                            array_agg(drop_action) a, array_agg(drop_reason) r,
+                            array_agg((stalled_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8) sl,
+                            array_agg(stalled_since) ss
                        FROM pgslotguard.slot_seen ",
             $filter,
             ") s,
@@ -142,21 +144,25 @@ macro_rules! tables_query {
 const TABLES_QUERY: &str = tables_query!("");
 const TABLES_OF_QUERY: &str = tables_query!("WHERE slot_name OPERATOR(pg_catalog.=) $1::name");
 
-/// Tracking rows from columns 1-5 of the first row.
+/// Tracking rows from columns 1-5 and 17-18 of the first row.
 fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
     let names = column::<String>(t, 1)?;
     let first = column::<TimestampWithTimeZone>(t, 2)?;
     let inactive = column::<TimestampWithTimeZone>(t, 3)?;
     let actions = column::<String>(t, 4)?;
     let mut reasons = column::<String>(t, 5)?.into_iter();
+    let mut stalled_lsn = column::<i64>(t, 17)?.into_iter();
+    let mut stalled_since = column::<TimestampWithTimeZone>(t, 18)?.into_iter();
     let mut out = Vec::with_capacity(names.len());
     for (((name, first), inactive), action) in names.into_iter().zip(first).zip(inactive).zip(actions) {
         let reason = reasons.next().flatten();
+        let stall = stalled_lsn.next().flatten().zip(stalled_since.next().flatten());
         out.push(Seen {
             slot_name: name.unwrap_or_default(),
             first_seen: first.map(us).unwrap_or(0),
             inactive_since: inactive.map(us),
             dropping: action.map(|action| DropIntent { action, reason: reason.unwrap_or_default() }),
+            stalled: stall.map(|(lsn, since)| (lsn as u64, us(since))),
         });
     }
     Ok(out)
@@ -295,7 +301,7 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
         Some(name) => crate::slots::one(name).into_iter().collect(),
     };
     let TablesRead { seen, leases, warned } = tables;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, disk: None, held: Default::default() })
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, restart_before: Default::default(), disk: None, held: Default::default() })
 }
 
 /// Every slot, lease and tracking row.
@@ -312,8 +318,8 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
 /// `policy::track`), and forget slots that are gone. Rows are written only when something
 /// changed, so an idle pass writes no WAL; `write = false` (dry run) writes nothing.
 /// Leaves the tracking as it now stands in `snap.seen`.
-pub fn track(snap: &mut Snapshot, write: bool) -> Result<()> {
-    let Some(now_seen) = crate::policy::track(snap) else { return Ok(()) };
+pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -> Result<()> {
+    let Some(now_seen) = crate::policy::track(policy, snap) else { return Ok(()) };
     let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
     let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| before.get(n.slot_name.as_str()) == Some(&n));
     if unchanged || !write {
@@ -321,20 +327,28 @@ pub fn track(snap: &mut Snapshot, write: bool) -> Result<()> {
         return Ok(());
     }
     let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
-    let active: Vec<bool> = snap.slots.iter().map(|s| s.active()).collect();
     update(
         "DELETE FROM pgslotguard.slot_seen WHERE slot_name::text <> ALL ($1::text[]) AND drop_action IS NULL",
-        &[names.clone().into()],
+        &[names.into()],
     )?;
+    // The rows of the slots there are, as policy::track has them; only changed ones are written.
+    let present: rustc_hash::FxHashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
+    let rows: Vec<&Seen> = now_seen.iter().filter(|n| present.contains(n.slot_name.as_str())).collect();
+    let names: Vec<String> = rows.iter().map(|n| n.slot_name.clone()).collect();
+    let first: Vec<TimestampWithTimeZone> = rows.iter().map(|n| ts(n.first_seen)).collect();
+    let inactive: Vec<Option<TimestampWithTimeZone>> = rows.iter().map(|n| n.inactive_since.map(ts)).collect();
+    let stalled_lsn: Vec<Option<i64>> = rows.iter().map(|n| n.stalled.map(|(lsn, _)| lsn as i64)).collect();
+    let stalled_since: Vec<Option<TimestampWithTimeZone>> = rows.iter().map(|n| n.stalled.map(|(_, t)| ts(t))).collect();
     update(
-        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, inactive_since)
-         SELECT n, $3, CASE WHEN a THEN NULL ELSE $3 END
-           FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bool[])) AS u(n, a)
+        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, inactive_since, stalled_lsn, stalled_since)
+         SELECT n, f, i, '0/0'::pg_catalog.pg_lsn OPERATOR(pg_catalog.+) sl::numeric, ss
+           FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::timestamptz[]), pg_catalog.unnest($3::timestamptz[]),
+                           pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) AS u(n, f, i, sl, ss)
          ON CONFLICT (slot_name) DO UPDATE
-            SET inactive_since = CASE WHEN excluded.inactive_since IS NULL THEN NULL
-                                      ELSE COALESCE(t.inactive_since, excluded.inactive_since) END
-          WHERE (t.inactive_since IS NULL) <> (excluded.inactive_since IS NULL)",
-        &[names.into(), active.into(), ts(snap.now).into()],
+            SET inactive_since = excluded.inactive_since, stalled_lsn = excluded.stalled_lsn, stalled_since = excluded.stalled_since
+          WHERE (t.inactive_since, t.stalled_lsn, t.stalled_since)
+                IS DISTINCT FROM (excluded.inactive_since, excluded.stalled_lsn, excluded.stalled_since)",
+        &[names.into(), first.into(), inactive.into(), stalled_lsn.into(), stalled_since.into()],
     )?;
     snap.seen = now_seen.into();
     Ok(())

@@ -308,3 +308,48 @@ fn a_slot_core_invalidated_for_idling_shows_idle_timeout() {
         c.describe()
     );
 }
+
+/// A walsender whose client is stuck (SIGSTOPped pg_receivewal) while WAL is written: its
+/// restart_lsn stops. After max_stalled_time the guard warns (terminate_active off), and
+/// with terminate_active it terminates the walsender and drops the slot.
+#[test]
+fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_active() {
+    // pg_receivewal reports its position every second (Cluster::receivewal), so a healthy
+    // stream moves restart_lsn well within the 3 s limit.
+    let c = with_extension("stalled", &["pgslotguard.max_stalled_time = '3s'"]);
+    c.exec("SELECT backup_slot_lease('stuck', '1h')");
+    let (mut recv, _dir) = c.receivewal("stuck");
+    let active = |c: &Cluster| c.text("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'stuck'") == "true";
+    c.wait_for("pg_receivewal to stream", WAIT, |c| active(c).then_some(()));
+    c.make_wal(1);
+    c.wait_for("the stream to catch up", WAIT, |c| {
+        (c.count("SELECT (pg_current_wal_insert_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'stuck'") < 1 << 20)
+            .then_some(())
+    });
+
+    // Stop the client (and whatever it forked); its walsender stays, the slot active.
+    let pids: Vec<u32> = std::iter::once(recv.0.id()).chain(descendants(recv.0.id())).collect();
+    let signal = |sig: &str| {
+        for p in &pids {
+            let _ = std::process::Command::new("kill").arg(sig).arg(p.to_string()).status();
+        }
+    };
+    signal("-STOP");
+    c.make_wal(2);
+    // First the warning at warn_fraction of the limit, then the breach itself.
+    let warns = c.wait_for("a warning that the slot is stalled", WAIT, |c| {
+        let r = c.text("SELECT COALESCE(string_agg(reason, ' | ' ORDER BY id), '') FROM pgslotguard.events WHERE slot_name = 'stuck' AND action = 'warn'");
+        r.contains("terminate_active is off").then_some(r)
+    });
+    assert!(warns.starts_with("restart_lsn has not advanced for") && warns.contains("% of pgslotguard.max_stalled_time"), "{warns}");
+    assert!(active(&c), "the slot stayed active without terminate_active");
+    assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'stuck'"), "stalled");
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.slot_seen WHERE slot_name = 'stuck' AND stalled_since IS NOT NULL"), 1);
+
+    c.set_policy(&[("pgslotguard.terminate_active", "on")]);
+    c.wait_for("the stalled slot to be dropped", WAIT, |c| (!c.slot_exists("stuck")).then_some(()));
+    let actions = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'stuck'");
+    assert!(actions.ends_with("terminate,stalled_drop"), "{actions}");
+    signal("-CONT");
+    recv.stop();
+}

@@ -140,7 +140,11 @@ pub fn time_deadlines<'a>(policy: &super::Policy, snap: &'a Snapshot) -> Vec<(&'
             (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
             _ => None,
         };
-        if let Some(d) = [expiry, age, idle].into_iter().flatten().min() {
+        let stalled = match (policy.max_stalled_us, seen.and_then(|s| s.stalled)) {
+            (Some(limit), Some((lsn, since))) if slot.active() && slot.restart_lsn == Some(lsn) => Some(since + limit + 1),
+            _ => None,
+        };
+        if let Some(d) = [expiry, age, idle, stalled].into_iter().flatten().min() {
             out.push((name, d));
         }
     }
@@ -329,6 +333,7 @@ mod tests {
             leases: leases.into(),
             seen: Default::default(),
             warned: Default::default(),
+            restart_before: Default::default(),
             disk: None,
             held: HashSet::default(),
         }

@@ -318,7 +318,7 @@ impl Cluster {
         let dir = temp_dir("recv");
         let child = self
             .tool("pg_receivewal")
-            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-S", slot, "-D"])
+            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-S", slot, "--status-interval=1", "-D"])
             .arg(&dir)
             .spawn()
             .unwrap();
