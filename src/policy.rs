@@ -409,7 +409,11 @@ impl Limit {
             Breach::Retained => format!("retains {} of WAL, {pct}% of its limit of {}", fmt_bytes(used), fmt_bytes(limit)),
             Breach::Age => format!("age {} is {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
             Breach::Expired if used >= 0 => "lease has expired".into(),
-            Breach::Expired => format!("lease expires in {} unless renewed ({pct}% of its term used)", fmt_us(-used)),
+            // whole seconds left, rounded up: "in 0s" would read as expired
+            Breach::Expired => format!(
+                "lease expires in {} unless renewed ({pct}% of its term used)",
+                fmt_us((-used + 999_999) / 1_000_000 * 1_000_000)
+            ),
             Breach::Inactive => format!("inactive for {}, {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
             Breach::Stalled => format!("restart_lsn has not advanced for {}, {pct}% of pgslotguard.max_stalled_time ({})", fmt_us(used), fmt_us(limit)),
             Breach::Space | Breach::Lost => self.words(),

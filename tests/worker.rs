@@ -316,7 +316,7 @@ fn a_slot_core_invalidated_for_idling_shows_idle_timeout() {
 fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_active() {
     // pg_receivewal reports its position every second (Cluster::receivewal), so a healthy
     // stream moves restart_lsn well within the 3 s limit.
-    let c = with_extension("stalled", &["pgslotguard.max_stalled_time = '3s'"]);
+    let c = with_extension("stalled", &["pgslotguard.max_stalled_time = '3s'", "pgslotguard.warn_fraction = 0.5"]);
     c.exec("SELECT backup_slot_lease('stuck', '1h')");
     let (mut recv, _dir) = c.receivewal("stuck");
     let active = |c: &Cluster| c.text("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'stuck'") == "true";

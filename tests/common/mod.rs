@@ -110,6 +110,9 @@ impl Cluster {
             "shared_preload_libraries = 'pgslotguard'".into(),
             "pgslotguard.database = 'postgres'".into(),
             "pgslotguard.naptime = '1s'".into(),
+            // Warnings off unless a test is about them (tests/notify.rs sets it): the other
+            // tests assert exact event sequences of the rule they test.
+            "pgslotguard.warn_fraction = 0".into(),
             "max_replication_slots = 20".into(),
             "max_wal_senders = 20".into(),
             "wal_level = logical".into(),

@@ -1,0 +1,121 @@
+//! Monitoring with the real tools: Debian's prometheus-postgres-exporter runs
+//! contrib/prometheus/pgslotguard-queries.yaml against a cluster with leases in known
+//! states, and a scrape of /metrics (curl) shows the series with their values. The alert
+//! rules are tested by promtool in scripts/test (they need no cluster).
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The tools scripts/monitoring-tools unpacked (scripts/test runs it first).
+fn tool(name: &str) -> String {
+    let p = format!("{}/target/tools/usr/bin/{name}", env!("CARGO_MANIFEST_DIR"));
+    assert!(std::path::Path::new(&p).exists(), "{p} is missing: run scripts/monitoring-tools (scripts/test does)");
+    p
+}
+
+/// One series' value from a scrape, by metric name and the labels it must carry.
+fn value(scrape: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, v) = l.rsplit_once(' ')?;
+        let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+        (name == metric && labels.iter().all(|(k, val)| rest.contains(&format!("{k}=\"{val}\"")))).then(|| v.parse().ok())?
+    })
+}
+
+struct Exporter {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Exporter {
+    fn start(c: &Cluster) -> Exporter {
+        let port = free_port();
+        let child = Command::new(tool("prometheus-postgres-exporter"))
+            .env("DATA_SOURCE_NAME", format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", c.port))
+            .args([
+                &format!("--web.listen-address=127.0.0.1:{port}"),
+                &format!("--extend.query-path={}/contrib/prometheus/pgslotguard-queries.yaml", env!("CARGO_MANIFEST_DIR")),
+                "--disable-default-metrics",
+                "--disable-settings-metrics",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus-postgres-exporter");
+        Exporter { child, port }
+    }
+
+    fn scrape(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "10", &format!("http://127.0.0.1:{}/metrics", self.port)])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_exporter_shows_each_slot_and_the_worker_with_their_values() {
+    // dry_run: an expired lease stays (would_drop), to be seen; then the guard acts.
+    let c = with_extension("exporter", &["pgslotguard.dry_run = on", "pgslotguard.warn_fraction = 0.5", "pgslotguard.max_retained_wal = '1GB'"]);
+    c.exec("SELECT backup_slot_lease('live', '1h')");
+    c.exec("SELECT backup_slot_lease('lapsed', '1s')");
+    c.exec("SELECT pg_create_physical_replication_slot('unleased', true)");
+    c.make_wal(2);
+    c.wait_for("the lapsed lease to be seen as a would-be drop", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'would_drop'") == 1).then_some(())
+    });
+    let e = Exporter::start(&c);
+    let scrape = c.wait_for("the exporter to serve pgslotguard's series", WAIT, |_| {
+        let s = e.scrape();
+        s.contains("pgslotguard_worker_up").then_some(s)
+    });
+    let slot = |metric: &str, name: &str| value(&scrape, metric, &[("slot_name", name)]).unwrap_or_else(|| panic!("no {metric} for {name}:\n{scrape}"));
+
+    // the live lease: an hour to go, nothing to do
+    let left = slot("pgslotguard_slot_lease_expires_in_seconds", "live");
+    assert!((3500.0..=3600.0).contains(&left), "{left}");
+    assert_eq!(value(&scrape, "pgslotguard_slot_leased", &[("slot_name", "live"), ("next_action", "none")]), Some(1.0), "{scrape}");
+    assert_eq!(slot("pgslotguard_slot_in_scope", "live"), 1.0);
+    assert_eq!(slot("pgslotguard_slot_active", "live"), 0.0);
+    assert_eq!(slot("pgslotguard_slot_over_limit", "live"), 0.0);
+    let retained = slot("pgslotguard_slot_retained_bytes", "live");
+    let sql_retained = c.count("SELECT retained_bytes FROM pgslotguard.slots WHERE slot_name = 'live'") as f64;
+    assert!(retained >= 2e6 && (retained - sql_retained).abs() < 1e6, "{retained} vs {sql_retained}");
+    // the lapsed one: expired (zero or negative time left), over its limit, to be dropped
+    // (would_drop: the guard runs in dry run so far)
+    assert!(slot("pgslotguard_slot_lease_expires_in_seconds", "lapsed") <= 0.0);
+    assert_eq!(value(&scrape, "pgslotguard_slot_over_limit", &[("slot_name", "lapsed"), ("next_action", "would_drop")]), Some(1.0), "{scrape}");
+    // the unleased one: out of scope, no lease expiry series
+    assert_eq!(slot("pgslotguard_slot_in_scope", "unleased"), 0.0);
+    assert_eq!(slot("pgslotguard_slot_leased", "unleased"), 0.0);
+    assert_eq!(value(&scrape, "pgslotguard_slot_lease_expires_in_seconds", &[("slot_name", "unleased")]).map(|v| v.is_nan()), Some(true));
+    // the worker
+    assert_eq!(value(&scrape, "pgslotguard_worker_up", &[]), Some(1.0));
+    assert_eq!(value(&scrape, "pgslotguard_worker_naptime_seconds", &[]), Some(1.0));
+    assert!(value(&scrape, "pgslotguard_worker_passes_total", &[]).unwrap() >= 1.0);
+    assert_eq!(value(&scrape, "pgslotguard_worker_errors_total", &[]), Some(0.0));
+    assert_eq!(value(&scrape, "pgslotguard_worker_drops_total", &[]), Some(0.0));
+    assert!(value(&scrape, "pgslotguard_worker_seconds_since_last_pass", &[]).unwrap() < 5.0);
+    assert!(value(&scrape, "pgslotguard_worker_wal_fs_total_bytes", &[]).unwrap() > 0.0);
+    assert!(scrape.contains("# TYPE pgslotguard_worker_passes_total counter"), "{scrape}");
+
+    // The guard acts: the lapsed slot is dropped and disappears from the metrics.
+    c.set_policy(&[("pgslotguard.dry_run", "off")]);
+    c.wait_for("the lapsed slot to be dropped", WAIT, |c| (!c.slot_exists("lapsed")).then_some(()));
+    let after = c.wait_for("a scrape without the dropped slot", Duration::from_secs(30), |_| {
+        let s = e.scrape();
+        (s.contains("pgslotguard_worker_up") && !s.contains("slot_name=\"lapsed\"")).then_some(s)
+    });
+    assert_eq!(value(&after, "pgslotguard_worker_drops_total", &[]), Some(1.0), "{after}");
+    assert!(value(&after, "pgslotguard_slot_leased", &[("slot_name", "live")]).is_some());
+}
