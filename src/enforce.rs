@@ -480,11 +480,14 @@ fn drop_slot(
         return Ok(step);
     }
     commit_point(actor);
+    // The slot goes last: its drop is visible at once (not transactional), so the record,
+    // the lease's end and the tracking are all written before it and commit right after.
+    // If the drop fails, they are rolled back with it (the intent stays, as above).
     in_subtransaction(|| {
-        state::drop_slot(&d.slot_name)?;
         record(d, action, reason, actor.name)?;
         state::delete_lease(&d.slot_name)?;
         state::forget_slot(&d.slot_name)?;
+        state::drop_slot(&d.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         Ok(Step::Did(action))
     })
