@@ -11,7 +11,7 @@ DECLARE
 BEGIN
     CREATE TEMP TABLE IF NOT EXISTS pending AS
         SELECT slot_name::text AS slot, expires_at, NULL::timestamptz AS gone_at
-          FROM pgslotguard.lease_data WHERE slot_name LIKE 'bench_r_%';
+          FROM pgslotguard.leases WHERE slot_name LIKE 'bench_r_%';
     LOOP
         UPDATE pending p SET gone_at = clock_timestamp()
          WHERE p.gone_at IS NULL
@@ -117,7 +117,7 @@ BEGIN
         IF tracker = 'core' THEN
             SELECT inactive_since INTO since FROM pg_replication_slots WHERE slot_name = slot;
         ELSE
-            SELECT inactive_since INTO since FROM pgslotguard.slot_seen WHERE slot_name = slot;
+            SELECT inactive_since INTO since FROM pgslotguard.tracking WHERE slot_name = slot;
         END IF;
         EXIT WHEN since IS NOT NULL OR clock_timestamp() > t0 + make_interval(secs => timeout_s);
         PERFORM pg_sleep(0.02);

@@ -58,9 +58,9 @@ COMMENT ON FUNCTION @extschema@.backup_slot_enforce(boolean) IS
 'run one enforcement pass now, in this session, with the current policy (the worker runs the same code); dry_run records would_drop and touches nothing';
 
 CREATE VIEW pgslotguard.leases WITH (security_barrier) AS
-SELECT l.slot_name,
+SELECT l.slot_name::pg_catalog.name AS slot_name,
        l.holder,
-       l.owner,
+       l.owner::pg_catalog.name AS owner,
        l.leased_at,
        l.renewed_at,
        l.expires_at,
@@ -77,14 +77,14 @@ SELECT l.slot_name,
        l.max_age,
        COALESCE(d.state, 'ok') AS state,
        d.nearest_limit,
-       l.adopted
-  FROM pgslotguard.lease_data l
+       l.adopted,
+       l.reserved_lsn::pg_catalog.pg_lsn AS reserved_lsn,
+       l.limit_by_superuser
+  FROM pgslotguard.lease_rows() l
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
-  LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text
- WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
-    OR l.owner OPERATOR(pg_catalog.=) CURRENT_USER;
+  LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text;
 COMMENT ON VIEW pgslotguard.leases IS
-'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one); state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
+'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one), read from this server''s lease store; state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
 
 CREATE VIEW pgslotguard.slots AS
 SELECT d.slot_name,
@@ -127,13 +127,20 @@ SELECT e.id,
        e.pg_wal_bytes,
        pg_catalog.pg_size_pretty(e.pg_wal_bytes) AS pg_wal_after,
        e.actor,
-       e.lease_holder AS holder
-  FROM pgslotguard.event_log e
- WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
-    OR e.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
- ORDER BY e.id;
+       e.holder,
+       e.kept_in
+  FROM (SELECT t.id, t.at, t.slot_name, t.action, t.reason, t.retained_bytes, t.freed_bytes, t.pg_wal_bytes,
+               t.actor, t.lease_holder AS holder, 'table'::text AS kept_in
+          FROM pgslotguard.event_log t
+         WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+            OR t.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
+        UNION ALL
+        SELECT r.id, r.at, r.slot_name::pg_catalog.name, r.action, r.reason, r.retained_bytes, r.freed_bytes, r.pg_wal_bytes,
+               r.actor, r.lease_holder, 'ring'::text
+          FROM pgslotguard.ring_events() r) e
+ ORDER BY e.at, e.kept_in DESC, e.id;
 COMMENT ON VIEW pgslotguard.events IS
-'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
+'audit trail (kept_in: table, the event_log table of a primary; ring, the per-node ring of pg_slotguard/events where a standby keeps its events, also in its server log): lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
 
 CREATE VIEW pgslotguard.status AS
 SELECT w.preloaded,
@@ -165,25 +172,28 @@ SELECT w.preloaded,
        s.floor_bytes,
        pg_catalog.pg_size_pretty(s.floor_bytes) AS floor,
        s.headroom_bytes,
-       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom
+       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom,
+       w.in_recovery
   FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s;
 COMMENT ON VIEW pgslotguard.status IS
-'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it';
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it; in_recovery: this server is a hot standby (its guard guards its own slots, events go to its log and ring, and a drop frees WAL at the next restartpoint)';
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
--- Every committed change to the lease and tracking tables tells the backends that keep a
--- read of them (src/state.rs) to read them again. ENABLE ALWAYS: a change made with
--- session_replication_role = replica counts too.
-CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.lease_data
-    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
-CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.slot_seen
-    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
-CREATE TRIGGER tables_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgslotguard.warned
-    FOR EACH STATEMENT EXECUTE FUNCTION pgslotguard.tables_changed();
-ALTER TABLE pgslotguard.lease_data ENABLE ALWAYS TRIGGER tables_changed;
-ALTER TABLE pgslotguard.warned ENABLE ALWAYS TRIGGER tables_changed;
-ALTER TABLE pgslotguard.slot_seen ENABLE ALWAYS TRIGGER tables_changed;
+CREATE VIEW pgslotguard.tracking AS
+SELECT t.slot_name::pg_catalog.name AS slot_name,
+       t.leased,
+       t.first_seen,
+       t.inactive_since,
+       t.stalled_lsn::pg_catalog.pg_lsn AS stalled_lsn,
+       t.stalled_since,
+       t.drop_action,
+       t.drop_reason,
+       t.warned
+  FROM pgslotguard.tracking_rows() t
+ ORDER BY t.slot_name;
+COMMENT ON VIEW pgslotguard.tracking IS
+'what this server''s guard remembers of each slot, from its store (pg_slotguard/ in the data directory): when it first saw it, since when it has had no walsender, a stall, a drop it has decided and not yet recorded, and the limits it has warned of (warned, until they re-arm; the row with an empty slot_name is the server''s own, for the free-space floor)';
 
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
@@ -192,8 +202,10 @@ GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, 
                           pgslotguard.release_slot(bytea),
                           pgslotguard.keep_slot(bytea),
                           pgslotguard.enforce_now(boolean),
-                          pgslotguard.slot_decisions() TO PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.worker_status(), pgslotguard.wal_space() TO pg_monitor;
-REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status FROM PUBLIC;
+                          pgslotguard.slot_decisions(),
+                          pgslotguard.lease_rows(),
+                          pgslotguard.ring_events() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgslotguard.worker_status(), pgslotguard.wal_space(), pgslotguard.tracking_rows() TO pg_monitor;
+REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status, pgslotguard.tracking FROM PUBLIC;
 GRANT SELECT ON pgslotguard.leases, pgslotguard.events TO PUBLIC;
-GRANT SELECT ON pgslotguard.slots, pgslotguard.status TO pg_monitor;
+GRANT SELECT ON pgslotguard.slots, pgslotguard.status, pgslotguard.tracking TO pg_monitor;

@@ -1,25 +1,6 @@
--- pgslotguard state: WAL-logged tables, read and written only through the extension's
--- functions (which check the caller's rights) and the guard worker.
-
-CREATE TABLE pgslotguard.lease_data (
-    slot_name    name PRIMARY KEY,
-    holder       text,
-    -- role names, not OIDs: they survive pg_dump and restore into another cluster
-    owner        name NOT NULL,
-    leased_at    timestamptz NOT NULL,
-    renewed_at   timestamptz,
-    expires_at   timestamptz NOT NULL,
-    max_retained bigint CHECK (max_retained > 0),
-    -- the lease's own inactivity and age limits (see limit_by_superuser)
-    max_inactive interval CHECK (max_inactive > interval '0'),
-    max_age      interval CHECK (max_age > interval '0'),
-    adopted      boolean NOT NULL DEFAULT false,
-    reserved_lsn pg_lsn,
-    -- the lease's own limits were set by a superuser: they replace the global ones
-    -- (max_retained_wal, max_inactive_time, max_slot_age); otherwise they only ever tighten them
-    limit_by_superuser boolean NOT NULL DEFAULT false
-);
-COMMENT ON TABLE pgslotguard.lease_data IS 'one row per leased replication slot; read it through pgslotguard.leases';
+-- pgslotguard's one table: the audit trail, written by the extension's functions and the
+-- guard worker on a primary. Leases, the guard's tracking of slots and the warnings it
+-- has given are per server, in its data directory (src/store/), not in tables.
 
 CREATE TABLE pgslotguard.event_log (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -43,36 +24,10 @@ COMMENT ON COLUMN pgslotguard.event_log.pg_wal_bytes IS 'checkpoint: size of pg_
 CREATE INDEX event_log_at_idx ON pgslotguard.event_log (at);
 COMMENT ON TABLE pgslotguard.event_log IS 'audit trail of every lease operation and guard action; read it through pgslotguard.events; purged after pgslotguard.event_retention';
 
-CREATE TABLE pgslotguard.slot_seen (
-    slot_name      name PRIMARY KEY,
-    first_seen     timestamptz NOT NULL,
-    inactive_since timestamptz,
-    -- set (and committed) by the guard just before it drops the slot, so that a drop whose
-    -- event the guard could not commit (it was killed) is recorded at its next pass
-    drop_action    text,
-    drop_reason    text,
-    -- an active slot whose restart_lsn stopped at stalled_lsn while WAL was written, since
-    -- stalled_since (pgslotguard.max_stalled_time)
-    stalled_lsn    pg_lsn,
-    stalled_since  timestamptz
-);
-COMMENT ON TABLE pgslotguard.slot_seen IS 'when the guard first saw each slot and since when it has had no walsender (PostgreSQL 15 does not track this)';
+REVOKE ALL ON pgslotguard.event_log FROM PUBLIC;
 
--- Warnings the guard has given (pgslotguard.warn_fraction), each until its value falls
--- back under the threshold: a restarted worker does not warn again.
-CREATE TABLE pgslotguard.warned (
-    slot_name  name NOT NULL,  -- '' for the free-space floor
-    limit_name text NOT NULL CHECK (limit_name IN ('expiry', 'retained', 'age', 'inactivity', 'floor', 'stalled')),
-    at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    PRIMARY KEY (slot_name, limit_name)
-);
-COMMENT ON TABLE pgslotguard.warned IS 'warnings given and not re-armed; like the slot tracking, not dumped';
-
-REVOKE ALL ON pgslotguard.lease_data, pgslotguard.event_log, pgslotguard.slot_seen, pgslotguard.warned FROM PUBLIC;
-
--- Leases and events are the state to keep across pg_dump of this database, with the
--- sequence behind the event ids (or a restored database would reuse them). Slot tracking
--- is not: slots belong to a server, and a restored cluster has none of the old ones.
-SELECT pg_catalog.pg_extension_config_dump('pgslotguard.lease_data', '');
+-- Events are SQL history: kept across pg_dump of this database, with the sequence behind
+-- their ids (or a restored database would reuse them). Leases are not here: like slots,
+-- they belong to a server and live in its data directory (pg_slotguard/), not in a dump.
 SELECT pg_catalog.pg_extension_config_dump('pgslotguard.event_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pgslotguard.event_log_id_seq', '');

@@ -6,7 +6,9 @@
 
 use crate::error::{or_report, GuardError};
 use crate::policy::Outcome;
-use crate::state::{self, Event, NewLease};
+use crate::state::{self, Event};
+use crate::store::LeaseRec;
+use crate::xact::{self, Op};
 use crate::validate::{self, pretty_duration, pretty_size};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
@@ -27,14 +29,6 @@ fn is_superuser(role: pg_sys::Oid) -> bool {
 /// get a proper error here instead of failing inside the argument conversion.
 fn utf8<'a>(arg: Option<&'a [u8]>, what: &'static str) -> Result<Option<&'a str>> {
     arg.map(|b| std::str::from_utf8(b).map_err(|_| GuardError::NotUtf8(what))).transpose()
-}
-
-fn no_recovery(what: &'static str) -> Result<()> {
-    if state::in_recovery() {
-        Err(GuardError::InRecovery(what))
-    } else {
-        Ok(())
-    }
 }
 
 /// A lease's times: `leased_at` is the clock time of the call (not the start of its
@@ -87,14 +81,14 @@ fn check_owner(me: pg_sys::Oid, slot: &str, owner: &str, verb: &str) -> Result<(
 
 /// Between the two steps of a guard's drop (src/enforce.rs) the slot is the guard's.
 fn not_being_dropped(name: &str) -> Result<()> {
-    if state::drop_pending(name)? {
+    if crate::store::dropping(name)? {
         return Err(GuardError::BeingDropped(name.into()));
     }
     Ok(())
 }
 
 fn warn_if_unguarded() {
-    if crate::shmem::worker_running().is_none() {
+    if crate::store::attached() && crate::shmem::worker_running().is_none() {
         ereport!(
             PgLogLevel::WARNING,
             PgSqlErrorCode::ERRCODE_WARNING,
@@ -234,13 +228,12 @@ fn lease(
     }
     let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some();
     let times = lease_times(name, ttl)?;
-    no_recovery("take a lease")?;
 
     let actor = state::role_name(me);
     state::as_owner(|| {
-        crate::lock::lock_bounded(name)?;
-        if let Some(existing) = state::lease_for_update(name)? {
-            return Err(GuardError::AlreadyLeased { slot: name.into(), until: existing.expires_at.to_string() });
+        let (existing, base) = xact::lease_and_base(name)?;
+        if let Some(existing) = existing {
+            return Err(GuardError::AlreadyLeased { slot: name.into(), until: state::ts(existing.expires_at).to_string() });
         }
         let lsn = match (state::slot(name)?, adopt) {
             (Some(_), false) => return Err(GuardError::SlotExists(name.into())),
@@ -260,23 +253,29 @@ fn lease(
             }
             (None, false) => {
                 let lsn = state::create_slot(name)?;
-                crate::rollback::created_in_this_transaction(name);
+                xact::created_in_this_transaction(name);
                 Some(lsn)
             }
         };
-        let expires_at = state::insert_lease(&NewLease {
-            slot_name: name,
-            holder,
-            owner: &actor,
-            leased_at: times.now,
-            expires_at: times.expires_at,
-            max_retained,
-            max_inactive,
-            max_age,
-            limit_by_superuser: own_limits && is_superuser(me),
-            adopted: adopt,
-            lsn: lsn.as_deref(),
-        })?;
+        xact::stage(
+            name,
+            base,
+            Op::Put(LeaseRec {
+                owner: actor.clone(),
+                holder: holder.map(str::to_string),
+                leased_at: state::us(times.now),
+                renewed_at: None,
+                expires_at: state::us(times.expires_at),
+                max_retained,
+                max_inactive,
+                max_age,
+                max_xmin_age: None,
+                limit_by_superuser: own_limits && is_superuser(me),
+                adopted: adopt,
+                reserved_lsn: lsn.as_deref().and_then(crate::validate::parse_lsn),
+                slot_ino: crate::store::file::slot_dir_ino(name),
+            }),
+        );
         let mut reason = format!("{} for {}", if adopt { "adopted existing slot" } else { "created slot" }, times.ttl);
         if let Some(h) = holder {
             reason.push_str(&format!(", holder {h}"));
@@ -295,45 +294,43 @@ fn lease(
             lease_owner: Some(&actor),
             ..Event::new(Outcome::Lease, &reason, &actor)
         })?;
-        crate::rollback::wake_guard_at_commit();
-        Ok((name.to_string(), lsn, expires_at))
+        Ok((name.to_string(), lsn, times.expires_at))
     })
 }
 
 fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZone> {
     let name = validate::slot_name(name)?;
     let times = lease_times(name, ttl)?;
-    no_recovery("renew a lease")?;
     let me = caller();
     state::as_owner(|| {
-        crate::lock::lock_bounded(name)?;
-        let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
+        let (lease, base) = xact::lease_and_base(name)?;
+        let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
         check_owner(me, name, &lease.owner, "renew")?;
         not_being_dropped(name)?;
         if state::slot(name)?.is_none() {
             return Err(GuardError::LeasedSlotGone { slot: name.into() });
         }
-        let expires_at = state::renew_lease(name, times.now, times.expires_at)?;
-        let (reason, actor) = (format!("renewed for {}, until {expires_at}", times.ttl), state::role_name(me));
+        let renewed = LeaseRec { renewed_at: Some(state::us(times.now)), expires_at: state::us(times.expires_at), ..lease.clone() };
+        xact::stage(name, base, Op::Put(renewed));
+        let (reason, actor) = (format!("renewed for {}, until {}", times.ttl, times.expires_at), state::role_name(me));
         state::record(&Event {
             slot_name: Some(name),
             lease_owner: Some(&lease.owner),
             ..Event::new(Outcome::Renew, &reason, &actor)
         })?;
-        crate::rollback::wake_guard_at_commit();
-        Ok(expires_at)
+        Ok(times.expires_at)
     })
 }
 
 /// End a lease: drop its slot (`backup_slot_release`) or keep it (`backup_slot_keep`).
+/// Both happen when the transaction commits: a rolled-back release keeps slot and lease.
 fn release(name: Option<&str>, drop: bool) -> Result<bool> {
     let name = validate::slot_name(name)?;
     let verb = if drop { "release" } else { "keep" };
-    no_recovery(if drop { "release a lease" } else { "keep a leased slot" })?;
     let me = caller();
     state::as_owner(|| {
-        crate::lock::lock_bounded(name)?;
-        let lease = state::lease_for_update(name)?.ok_or_else(|| GuardError::NoLease(name.into()))?;
+        let (lease, base) = xact::lease_and_base(name)?;
+        let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
         check_owner(me, name, &lease.owner, verb)?;
         not_being_dropped(name)?;
         let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
@@ -345,19 +342,14 @@ fn release(name: Option<&str>, drop: bool) -> Result<bool> {
         let retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
         let reason = if drop { "backup done: slot dropped" } else { "lease ended, slot kept" };
         let actor = state::role_name(me);
-        // Recorded while the lease row still says who held it (the event's holder).
+        // Recorded while the lease still says who held it (the event's holder).
         state::record(&Event {
             slot_name: Some(name),
             retained_bytes: retained,
             lease_owner: Some(&lease.owner),
             ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor)
         })?;
-        state::delete_lease(name)?;
-        if drop {
-            // Dropped when this transaction commits: a rolled-back release keeps slot and lease.
-            crate::rollback::drop_at_commit(name);
-        }
-        crate::rollback::wake_guard_at_commit();
+        xact::stage(name, base, Op::End { drop_slot: drop });
         Ok(true)
     })
 }
@@ -371,7 +363,6 @@ fn enforce(dry_run: bool) -> Result<Vec<crate::enforce::Done>> {
             hint: "Only a superuser may run backup_slot_enforce(); members of pg_monitor may run it with dry_run => true.",
         });
     }
-    no_recovery("run an enforcement pass")?;
     let name = state::role_name(me);
     state::as_owner(|| {
         let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, warned: None, clock: None, restarts: None };

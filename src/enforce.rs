@@ -3,9 +3,9 @@
 //!
 //! Each action runs in its own subtransaction, so a failure on one slot (dropped
 //! concurrently, became active, ...) is logged, recorded as an `error` event, and the pass
-//! goes on with the next slot. Before acting on a slot the pass takes the slot's lock
-//! (src/lock.rs) without waiting: a slot whose lease another transaction is changing is
-//! skipped this pass, counted as busy in `pgslotguard.status`, and retried at the next.
+//! goes on with the next slot. Before acting on a slot the pass looks at it again under
+//! the store's writers' lock, which lease calls take only while they commit: no user's
+//! transaction can hold up the guard.
 //! After drops, the pass asks the checkpointer for a checkpoint so `pg_wal` shrinks now.
 
 use crate::error::{caught_message, GuardError};
@@ -34,9 +34,6 @@ pub struct PassSummary {
     pub drops: i64,
     pub errors: i64,
     pub last_error: Option<String>,
-    /// Slots skipped because another transaction held their lock.
-    pub busy: i64,
-    pub last_busy: Option<String>,
     /// Microseconds from the pass's snapshot until the next time-driven limit is due
     /// (`policy::next_due`), when one is.
     pub next_due_us: Option<i64>,
@@ -71,8 +68,6 @@ enum Step {
     Did(Outcome),
     /// The second look found that the decision no longer applies.
     Skipped,
-    /// Another transaction holds the slot's lock.
-    Busy,
 }
 
 /// The policy and the verdict for the current state, without acting: what the views show.
@@ -244,8 +239,7 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
         let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
         state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
-        state::delete_lease(&seen.slot_name)?;
-        state::forget_slot(&seen.slot_name)?;
+        state::forget_dropped(&seen.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
         done.push(Done { slot_name: seen.slot_name.clone(), action, reason, retained_bytes: None });
     }
@@ -294,12 +288,6 @@ impl PassSummary {
         };
         match step {
             Ok(Step::Skipped) => {}
-            Ok(Step::Busy) => {
-                self.busy += 1;
-                self.last_busy = Some(d.slot_name.clone());
-                // Not an error and not news: the lease is being changed right now.
-                debug1!("pgslotguard: replication slot \"{}\" is busy (its lease is being changed); retrying at the next pass", d.slot_name);
-            }
             Ok(Step::Did(action)) => {
                 if action.is_guard_drop() {
                     self.drops += 1;
@@ -417,11 +405,17 @@ fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run
             log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
             return Ok(Step::Skipped);
         }
-        if let Some(stop) = second_look(policy, d)? {
+        let stop = crate::store::change(|w| {
+            if let Some(stop) = second_look(policy, d)? {
+                return Ok(Some(stop));
+            }
+            state::end_lease(w, &d.slot_name)?;
+            Ok(None)
+        })?;
+        if let Some(stop) = stop {
             return Ok(stop);
         }
         record(d, Outcome::Warn, reason, actor.name)?;
-        state::delete_lease(&d.slot_name)?;
         log!("pgslotguard: ended lease of replication slot \"{}\": {}", d.slot_name, reason);
         Ok(Step::Did(Outcome::Warn))
     })
@@ -454,8 +448,27 @@ fn drop_slot(
     reason: &str,
 ) -> Result<Step, String> {
     let action = breach.drop_action();
+    // On a standby the WAL a slot held goes only at a restartpoint, and a standby makes one
+    // only at a checkpoint record it replays from the primary: the record says so.
+    let standby_words;
+    let reason = if state::in_recovery() {
+        standby_words = format!("{reason}; {STANDBY_WAL_NOTE}");
+        standby_words.as_str()
+    } else {
+        reason
+    };
     let first = in_subtransaction(|| {
-        if let Some(stop) = second_look(policy, d)? {
+        // The second look and the intent under the store's writers' lock: a lease change
+        // committing meanwhile is either seen by the second look or refused at its commit
+        // (the slot is being dropped).
+        let stop = crate::store::change(|w| {
+            if let Some(stop) = second_look(policy, d)? {
+                return Ok(Some(stop));
+            }
+            state::mark_dropping(w, &d.slot_name, action, reason)?;
+            Ok(None)
+        })?;
+        if let Some(stop) = stop {
             return Ok(Some(stop));
         }
         if let Some(pid) = terminate {
@@ -469,44 +482,45 @@ fn drop_slot(
             record(d, Outcome::Terminate, &format!("walsender PID {pid}: {reason}"), actor.name)?;
             if !gone {
                 // A walsender blocked on a stalled client can take a while to exit;
-                // dropping now would only fail. The next pass drops it.
+                // dropping now would only fail. The next pass finds the intent on a slot
+                // that is still there, clears it and decides again.
                 return Ok(Some(Step::Did(Outcome::Terminate)));
             }
         }
-        state::mark_dropping(&d.slot_name, action, reason)?;
         Ok(None)
     })?;
     if let Some(step) = first {
         return Ok(step);
     }
     commit_point(actor);
-    // The slot goes last: its drop is visible at once (not transactional), so the record,
-    // the lease's end and the tracking are all written before it and commit right after.
-    // If the drop fails, they are rolled back with it (the intent stays, as above).
+    // The event is written first and commits right after the drop; if the drop fails, it
+    // is rolled back with it (the intent stays, and the next pass decides afresh). The
+    // record of the slot goes last: a guard killed between the drop and the commit leaves
+    // the intent, and its next pass records the drop (`finish_interrupted_drops`).
     in_subtransaction(|| {
         record(d, action, reason, actor.name)?;
-        state::delete_lease(&d.slot_name)?;
-        state::forget_slot(&d.slot_name)?;
         state::drop_slot(&d.slot_name)?;
+        state::forget_dropped(&d.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         Ok(Step::Did(action))
     })
 }
 
+/// What a drop on a standby frees, and when.
+pub const STANDBY_WAL_NOTE: &str =
+    "on this standby the WAL it held is removed at the next restartpoint, which waits for a checkpoint record from the primary";
+
 fn retained_words(d: &Decision) -> String {
     d.retained_bytes.map(|b| format!(" (retained {})", pretty_size(b))).unwrap_or_default()
 }
 
-/// Before acting on a slot: take its lock without waiting (busy → skip this pass), read
-/// this slot and its lease again, and decide again. A lease renewed or released, or a
-/// slot that became active, since the pass's snapshot is left alone (the lock makes the
-/// second look final). A drop for the floor depends on every slot, not one: for it the
+/// Before acting on a slot, under the store's writers' lock (which the caller holds, and
+/// which a lease change takes only for the moment of its commit): read this slot and its
+/// lease again, and decide again. A lease renewed or released, or a slot that became
+/// active, since the pass's snapshot is left alone (the lock makes the second look final). A drop for the floor depends on every slot, not one: for it the
 /// second look checks that the slot is still there, in scope, and as active as it was.
 /// `None`: go ahead; otherwise the step to report instead.
 fn second_look(policy: &Policy, d: &Decision) -> Result<Option<Step>, GuardError> {
-    if !crate::lock::try_lock(&d.slot_name) {
-        return Ok(Some(Step::Busy));
-    }
     let fresh = state::snapshot_of(&d.slot_name)?;
     let again = policy::decide(policy, &fresh).into_iter().find(|f| f.slot_name == d.slot_name);
     let same = match (again, &d.action) {
@@ -564,11 +578,13 @@ fn request_checkpoint(policy: &Policy, v: &DiskVerdict, summary: &PassSummary) {
         format!("dropping {} slot(s)", dropped.len())
     };
     log!(
-        "pgslotguard: requested a {} checkpoint after {}; it frees about {} of pg_wal ({} now)",
+        "pgslotguard: requested a {} {} after {}; it frees about {} of pg_wal ({} now){}",
         mode.as_str(),
+        if state::in_recovery() { "restartpoint" } else { "checkpoint" },
         why,
         pretty_size(v.freed),
-        pretty_size(v.disk.pg_wal)
+        pretty_size(v.disk.pg_wal),
+        if state::in_recovery() { " once the standby replays the primary's next checkpoint record" } else { "" }
     );
     crate::shmem::update(|s| {
         if !s.ckpt_pending {

@@ -49,16 +49,20 @@ pub enum GuardError {
     LimitRaise { slot: String, what: &'static str, asked: String, guc: &'static str, global: String },
     #[error("{what} for replication slot \"{slot}\" must be positive, got {value}")]
     LimitNotPositive { slot: String, what: &'static str, value: String },
-    #[error("cannot {0} during recovery")]
-    InRecovery(&'static str),
-    #[error("replication slot \"{slot}\" is busy: another transaction has been changing its lease for {waited_ms} ms")]
-    Busy { slot: String, waited_ms: u64 },
     #[error("could not measure the filesystem of pg_wal: {0}")]
     Disk(String),
     #[error("{0} is not valid UTF-8")]
     NotUtf8(&'static str),
     #[error("replication slot \"{0}\" is being dropped by the guard")]
     BeingDropped(String),
+    #[error("pgslotguard is not loaded through shared_preload_libraries")]
+    NotPreloaded,
+    #[error("pgslotguard's store is full: it has room for {capacity} slot names (twice max_replication_slots)")]
+    StoreFull { capacity: usize },
+    #[error("pgslotguard's store: {0}")]
+    StoreIo(String),
+    #[error("the lease of replication slot \"{slot}\" changed before this transaction committed: {why}")]
+    LeaseChanged { slot: String, why: String },
     #[error("enforcement pass failed: {0}")]
     Pass(String),
     #[error("{0}")]
@@ -82,12 +86,14 @@ impl GuardError {
             LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
             PermissionDenied { .. } | LimitRaise { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
-            InRecovery(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            Busy { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
             Disk(_) => ERRCODE_IO_ERROR,
             BeingDropped(_) => ERRCODE_OBJECT_IN_USE,
             NotUtf8(_) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             Pass(_) => ERRCODE_INTERNAL_ERROR,
+            NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            StoreFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            StoreIo(_) => ERRCODE_IO_ERROR,
+            LeaseChanged { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -117,10 +123,12 @@ impl GuardError {
             PermissionDenied { hint, .. } => (*hint).into(),
             LimitRaise { guc, .. } => format!("Only a superuser may give a lease a limit above {guc}; leave it NULL for the global limit."),
             LimitNotPositive { .. } => "Give an interval such as '30 min', or NULL for the global limit.".into(),
-            InRecovery(_) => "Leases are taken on the primary; connect to the primary server.".into(),
-            Busy { .. } => "Another session's transaction is leasing, renewing or releasing this slot and has not ended; retry once it commits (pg_locks shows it, objsubid 29543).".into(),
             NotUtf8(_) => "pgslotguard reads its text arguments as UTF-8; in a SQL_ASCII database pass only ASCII or UTF-8 bytes (slot names are [a-z0-9_] anyway).".into(),
             BeingDropped(_) => "Its lease has ended; take a new lease once the slot is gone (pgslotguard.events records the drop).".into(),
+            NotPreloaded => "Add pgslotguard to shared_preload_libraries and restart the server: leases are kept in shared memory and in pg_slotguard/ of the data directory.".into(),
+            StoreFull { .. } => "Raise max_replication_slots (and restart), or release leases you no longer need.".into(),
+            StoreIo(_) => "Check that the data directory's pg_slotguard/ is writable by the server and that its filesystem has space.".into(),
+            LeaseChanged { .. } => "Nothing of this transaction's change to the lease was kept; SELECT * FROM pgslotguard.leases and pgslotguard.events show what happened, then try again.".into(),
             Pass(_) => "The server log has the details; the guard worker retries at its next pass.".into(),
             Disk(_) => "Check that the data directory's pg_wal (or the directory its symlink points to) is readable by the server.".into(),
             Spi(_) => "This is a bug in pgslotguard; please report it with the server log.".into(),

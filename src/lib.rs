@@ -1,9 +1,12 @@
 //! pgslotguard: replication slots for backups as leases, enforced by a background worker.
 //!
-//! Module map: `guc` (every setting, the `Policy` snapshot), `validate` and `policy` (pure
-//! logic, unit-tested without PostgreSQL), `error` (SQLSTATE + HINT mapping), `state` (SPI), `slots` (core's slot array),
-//! `rollback` (no slot survives a rolled-back lease), `api` (the SQL functions), `enforce`
-//! (one pass, shared by the worker and backup_slot_enforce), `views`, `shmem`, `worker`.
+//! Module map, from the bottom up: `validate` and `policy` (pure logic, unit-tested
+//! without PostgreSQL), `error` (SQLSTATE + HINT mapping), `guc` (every setting, the
+//! `Policy` snapshot), `store` (the per-node lease store: files under the data directory,
+//! shared memory), `slots` (core's slot array), `notify` (event payloads), `state` (SPI:
+//! events, slot create/drop, server facts), `xact` (lease changes follow their
+//! transaction), `api` (the SQL functions), `enforce` (one pass, shared by the worker and
+//! backup_slot_enforce), `views`, `shmem` (the worker's status block), `worker`.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -12,16 +15,17 @@ pub mod api;
 pub mod enforce;
 pub mod error;
 pub mod guc;
-pub mod lock;
 pub mod notify;
 pub mod policy;
-pub mod rollback;
 pub mod shmem;
 pub mod slots;
 pub mod state;
+pub mod store;
+pub mod upgrade;
 pub mod validate;
 pub mod views;
 pub mod worker;
+pub mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -47,6 +51,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
+        store::shmem::init();
         worker::register();
     }
 }

@@ -188,6 +188,9 @@ pub struct SlotInfo {
     /// Core's `inactive_since` (17+): when the slot last lost its walsender, or when the
     /// server started. `None` on 15 and while the slot is active.
     pub core_inactive_since: Option<i64>,
+    /// A standby's copy of a primary's slot, kept in step by slot synchronisation
+    /// (`sync_replication_slots`, 17+): the primary's, never the guard's to touch.
+    pub synced: bool,
 }
 
 impl SlotInfo {
@@ -795,6 +798,9 @@ fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static s
     if slot.temporary {
         return (false, "temporary slot (ends with its session)");
     }
+    if slot.synced {
+        return (false, "synchronized from the primary (synced)");
+    }
     if leased {
         return (true, "leased");
     }
@@ -1021,6 +1027,7 @@ mod tests {
 
     fn slot(name: &str) -> SlotInfo {
         SlotInfo {
+            synced: false,
             name: name.into(),
             physical: true,
             temporary: false,
@@ -1408,6 +1415,20 @@ mod tests {
         let d = one(&p, &snap(vec![t], vec![]));
         assert!(!d.in_scope);
         assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn a_slot_synchronized_from_the_primary_is_never_in_scope_whatever_the_scope_or_lease() {
+        let mut t = slot("failover_sub");
+        t.synced = true;
+        t.physical = false;
+        for scope in [Scope::Leased, Scope::Physical, Scope::All] {
+            let p = Policy { max_retained_wal: Some(0), max_slot_age_us: Some(1), max_inactive_us: Some(1), scope, ..Policy::default() };
+            let d = one(&p, &snap(vec![t.clone()], vec![]));
+            assert!(!d.in_scope, "{scope:?}");
+            assert_eq!(d.scope_reason, "synchronized from the primary (synced)");
+            assert_eq!(d.action, Action::None);
+        }
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub struct WorkerStatus {
     /// the connection dies (the database does not exist), the next start waits for the
     /// database quietly instead of failing every few seconds.
     pub database_missing: bool,
-    /// Slots skipped because another transaction held their lock (src/lock.rs).
+    /// Slots skipped because another transaction held their lock: none since 0.2.0 (lease
+    /// changes apply at commit, and the guard never waits for a user's transaction); kept
+    /// so that the status view keeps its columns.
     pub busy_skips: i64,
     pub last_busy_at: i64,
     last_busy_len: usize,
@@ -44,8 +46,6 @@ pub struct WorkerStatus {
     pub wake_requested: bool,
     /// Probes of the WAL position between passes (policy::timing).
     pub probes: i64,
-    /// Commits that changed pgslotguard's lease or tracking table (`tables_changed`).
-    tables_changes: u64,
     last_error_len: usize,
     last_error: [u8; ERR_LEN],
 }
@@ -76,7 +76,6 @@ impl Default for WorkerStatus {
             ckpt_requested_at: 0,
             wake_requested: false,
             probes: 0,
-            tables_changes: 0,
             last_error_len: 0,
             last_error: [0; ERR_LEN],
         }
@@ -167,17 +166,6 @@ pub fn wake_worker() {
             pg_sys::SetLatch(&mut (*proc).procLatch);
         }
     }
-}
-
-/// A transaction that changed the lease or tracking table ended: reads kept by any
-/// backend (state::Tables) are read again.
-pub fn tables_changed() {
-    update(|s| s.tables_changes = s.tables_changes.wrapping_add(1));
-}
-
-/// How many transactions have changed those tables; None when not preloaded.
-pub fn tables_changes() -> Option<u64> {
-    ATTACHED.load(Ordering::Relaxed).then(|| STATUS.share().tables_changes)
 }
 
 /// Was the worker woken by a lease call since it last asked? Clears the request.

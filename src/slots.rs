@@ -79,6 +79,17 @@ fn core_inactive_since(_slot: &pg_sys::ReplicationSlot) -> i64 {
     0
 }
 
+/// Is the slot a standby's copy of a primary's slot (slot synchronisation, 17+)?
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn synced(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    data.synced
+}
+
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+fn synced(_data: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    false
+}
+
 /// Why core invalidated the slot, in the words of `pg_replication_slots.invalidation_reason`.
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static str> {
@@ -117,5 +128,6 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         restart_lsn: (data.restart_lsn != 0).then_some(data.restart_lsn),
         invalidation: invalidation(data),
         core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
+        synced: synced(data),
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::error::GuardError;
 use crate::policy::disk::{self, WalDisk};
-use crate::policy::{CheckpointMode, DropIntent, Lease, Outcome, Seen, SlotInfo, Snapshot};
+use crate::policy::{CheckpointMode, Outcome, Seen, SlotInfo, Snapshot};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -19,7 +19,7 @@ pub fn ts(us: i64) -> TimestampWithTimeZone {
     TimestampWithTimeZone::try_from(us as pg_sys::TimestampTz).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
 }
 
-fn us(t: TimestampWithTimeZone) -> i64 {
+pub fn us(t: TimestampWithTimeZone) -> i64 {
     pg_sys::TimestampTz::from(t)
 }
 
@@ -88,11 +88,16 @@ pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
     Ok(crate::slots::one(name))
 }
 
-/// Current WAL position: the insert position on a primary, the last replayed one on a standby.
+/// Current WAL position: the insert position on a primary; on a standby the further of
+/// the last replayed and the last received (flushed by the WAL receiver) position, since
+/// WAL received and not yet replayed sits in the standby's pg_wal too.
 pub fn current_lsn() -> u64 {
+    // SAFETY: plain reads of shared-memory positions, each under core's own spinlock.
     unsafe {
         if pg_sys::RecoveryInProgress() {
-            pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut())
+            let replayed = pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut());
+            let received = pg_sys::GetWalRcvFlushRecPtr(std::ptr::null_mut(), std::ptr::null_mut());
+            replayed.max(received)
         } else {
             pg_sys::GetXLogInsertRecPtr()
         }
@@ -103,208 +108,46 @@ pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
-// The pass reads whole tables (a thousand leases are a thousand rows): each query returns
-// one row of arrays, one per column, which SPI hands over in one tuple instead of a
-// thousand. Reading them row by row cost more than the rest of the pass together.
-
-/// Column `n` of the first row, as a vector of nullable values (empty for no rows).
-fn column<T>(t: &SpiTupleTable, n: usize) -> pgrx::spi::Result<Vec<Option<T>>>
-where
-    Vec<Option<T>>: FromDatum + IntoDatum,
-{
-    Ok(t.get::<Vec<Option<T>>>(n)?.unwrap_or_default())
-}
-
-/// The tracking table and the leases, each as one row of arrays, in one query (one plan,
-/// one portal): every row, or (`_OF`) the rows of the slot named `$1`.
-macro_rules! tables_query {
-    ($filter:literal) => {
-        concat!(
-            "SELECT s.n, s.f, s.i, s.a, s.r, l.*, w.*, s.sl, s.ss
-               FROM (SELECT array_agg(slot_name::text) n, array_agg(first_seen) f, array_agg(inactive_since) i,
-                            array_agg(drop_action) a, array_agg(drop_reason) r,
-                            array_agg((stalled_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8) sl,
-                            array_agg(stalled_since) ss
-                       FROM pgslotguard.slot_seen ",
-            $filter,
-            ") s,
-                    (SELECT array_agg(slot_name::text), array_agg(leased_at), array_agg(expires_at),
-                            array_agg(max_retained), array_agg(owner::text), array_agg(limit_by_superuser),
-                            array_agg((extract(epoch FROM max_inactive) * 1000000)::int8),
-                            array_agg((extract(epoch FROM max_age) * 1000000)::int8), array_agg(renewed_at)
-                       FROM pgslotguard.lease_data ",
-            $filter,
-            ") l,
-                    (SELECT array_agg(slot_name::text), array_agg(limit_name) FROM pgslotguard.warned ",
-            $filter,
-            ") w"
-        )
-    };
-}
-const TABLES_QUERY: &str = tables_query!("");
-const TABLES_OF_QUERY: &str = tables_query!("WHERE slot_name OPERATOR(pg_catalog.=) $1::name");
-
-/// Tracking rows from columns 1-5 and 17-18 of the first row.
-fn seen_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Seen>> {
-    let names = column::<String>(t, 1)?;
-    let first = column::<TimestampWithTimeZone>(t, 2)?;
-    let inactive = column::<TimestampWithTimeZone>(t, 3)?;
-    let actions = column::<String>(t, 4)?;
-    let mut reasons = column::<String>(t, 5)?.into_iter();
-    let mut stalled_lsn = column::<i64>(t, 17)?.into_iter();
-    let mut stalled_since = column::<TimestampWithTimeZone>(t, 18)?.into_iter();
-    let mut out = Vec::with_capacity(names.len());
-    for (((name, first), inactive), action) in names.into_iter().zip(first).zip(inactive).zip(actions) {
-        let reason = reasons.next().flatten();
-        let stall = stalled_lsn.next().flatten().zip(stalled_since.next().flatten());
-        out.push(Seen {
-            slot_name: name.unwrap_or_default(),
-            first_seen: first.map(us).unwrap_or(0),
-            inactive_since: inactive.map(us),
-            dropping: action.map(|action| DropIntent { action, reason: reason.unwrap_or_default() }),
-            stalled: stall.map(|(lsn, since)| (lsn as u64, us(since))),
-        });
-    }
-    Ok(out)
-}
-
-/// Warnings given (slot, limit) from columns 15-16 of the first row.
-fn warned_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<(String, String)>> {
-    let slots = column::<String>(t, 15)?;
-    let limits = column::<String>(t, 16)?;
-    Ok(slots.into_iter().zip(limits).map(|(s, l)| (s.unwrap_or_default(), l.unwrap_or_default())).collect())
-}
-
-/// Leases from columns 6-14 of the first row.
-fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
-    let names = column::<String>(t, 6)?;
-    let mut leased = column::<TimestampWithTimeZone>(t, 7)?.into_iter().flatten();
-    let mut expires = column::<TimestampWithTimeZone>(t, 8)?.into_iter().flatten();
-    let mut limits = column::<i64>(t, 9)?.into_iter();
-    let mut owners = column::<String>(t, 10)?.into_iter();
-    let mut by_superuser = column::<bool>(t, 11)?.into_iter().flatten();
-    let mut max_inactive = column::<i64>(t, 12)?.into_iter();
-    let mut max_age = column::<i64>(t, 13)?.into_iter();
-    let mut renewed = column::<TimestampWithTimeZone>(t, 14)?.into_iter();
-    // leased_at, expires_at and limit_by_superuser are NOT NULL; max_retained may be NULL.
-    let mut out = Vec::with_capacity(names.len());
-    for name in names {
-        out.push(Lease {
-            slot_name: name.unwrap_or_default(),
-            owner: owners.next().flatten().unwrap_or_default(),
-            leased_at: leased.next().map(us).unwrap_or(0),
-            expires_at: expires.next().map(us).unwrap_or(0),
-            max_retained: limits.next().flatten(),
-            limit_by_superuser: by_superuser.next().unwrap_or(false),
-            max_inactive: max_inactive.next().flatten(),
-            max_age: max_age.next().flatten(),
-            renewed_at: renewed.next().flatten().map(us),
-        });
-    }
-    Ok(out)
-}
-
-/// The tracking rows and the leases as a full read returned them, kept by this backend
-/// while nothing has changed them: reading them costs more than the rest of a pass at a
-/// thousand leases (B2).
-struct Tables {
-    key: TablesKey,
-    read: TablesRead,
-}
-
-/// One read of the tables (shared, not copied, by the snapshots made from it).
-#[derive(Clone)]
-struct TablesRead {
-    seen: Rc<Vec<Seen>>,
-    leases: Rc<Vec<Lease>>,
-    warned: Rc<Vec<(String, String)>>,
-}
-
-/// What a kept read is valid for: the count of commits that changed the tables (shared
-/// memory, `shmem::tables_changed`) and the tables themselves (a dropped and re-created
-/// extension has new ones).
-#[derive(Clone, Copy, PartialEq)]
-struct TablesKey {
-    changes: u64,
-    lease_data: pg_sys::Oid,
-    slot_seen: pg_sys::Oid,
-}
-
-thread_local! {
-    static TABLES: std::cell::RefCell<Option<Tables>> = const { std::cell::RefCell::new(None) };
-}
-
-/// The key under which a full read may be kept, taken before the query runs; None when a
-/// kept read cannot be trusted:
-/// - the library is not preloaded (no count of changes in shared memory);
-/// - on a standby, where the tables change by WAL replay and no trigger fires;
-/// - in a repeatable read or serializable transaction, whose snapshot may be older than
-///   the count (the read must be as of that snapshot);
-/// - after this transaction changed the tables itself (its changes are not committed, so
-///   only this transaction may see them).
+/// Everything a decision needs, read now: the store (leases, tracking, warnings given,
+/// from shared memory), then the slots (from shared memory too). `only`: one slot's.
 ///
-/// Every committed change counts: statement triggers on both tables (`tables_changed`,
-/// ENABLE ALWAYS, so replicas by session_replication_role and COPY count too) bump the
-/// count once the changing transaction has committed (or aborted), when the change is
-/// visible to any later snapshot. Read the count, then query: a commit that the query
-/// does not see bumps the count after it was read, and the next read queries again.
-fn tables_key() -> Option<TablesKey> {
-    // SAFETY: plain reads of this backend's transaction state and two syscache lookups.
-    unsafe {
-        if pg_sys::RecoveryInProgress() || pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
-            return None;
-        }
-    }
-    if crate::rollback::tables_changed_here() {
-        return None;
-    }
-    let changes = crate::shmem::tables_changes()?;
-    // SAFETY: catalog lookups by name, in a transaction (a pass or a view's query).
-    let (lease_data, slot_seen) = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"pgslotguard".as_ptr(), true);
-        (pg_sys::get_relname_relid(c"lease_data".as_ptr(), ns), pg_sys::get_relname_relid(c"slot_seen".as_ptr(), ns))
-    };
-    Some(TablesKey { changes, lease_data, slot_seen })
-}
-
-/// Everything a decision needs, read now: the tracking rows and the leases (those whose
-/// slot is gone too) through SPI, then the slots from shared memory. `only`: one slot's.
-///
-/// The leases are read first, and the order matters: a lease's slot is created before the
-/// lease commits, so every lease the query sees has a slot the later read sees unless it
-/// was really dropped. Read the other way round, a lease committing between the two reads
-/// would look like a lease whose slot is missing. (A slot created after the tracking rows
-/// were read is simply new to the tracking.)
+/// The store is read first, and the order matters: a lease's slot is created before the
+/// lease is applied at commit, so every lease the read sees has a slot the later read
+/// sees unless it was really dropped. Read the other way round, a lease committing between
+/// the two reads would look like a lease whose slot is missing. (A slot created after the
+/// store was read is simply new to the tracking.)
 fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
     let now = now_us();
     let current_lsn = current_lsn();
-    let rows = |t: SpiTupleTable| {
-        let t = t.first();
-        Ok(TablesRead { seen: Rc::new(seen_rows(&t)?), leases: Rc::new(lease_rows(&t)?), warned: Rc::new(warned_rows(&t)?) })
-    };
-    let tables = match only {
-        None => match tables_key() {
-            Some(key) => match TABLES.with_borrow(|c| c.as_ref().filter(|c| c.key == key).map(|c| c.read.clone())) {
-                Some(kept) => kept,
-                None => {
-                    let read = read(TABLES_QUERY, &[], rows)?;
-                    TABLES.set(Some(Tables { key, read: read.clone() }));
-                    read
-                }
-            },
-            None => read(TABLES_QUERY, &[], rows)?,
-        },
-        Some(name) => read(TABLES_OF_QUERY, &[name.into()], rows)?,
-    };
+    let mut store = crate::store::read(only)?;
+    // This transaction's own lease calls, not yet committed, as it sees them.
+    for (name, lease) in crate::xact::staged() {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        store.leases.retain(|l| l.slot_name != name);
+        if let Some(l) = lease {
+            store.leases.push(crate::store::policy_lease(&name, &l));
+        }
+    }
     let slots = match only {
         None => crate::slots::all(),
         Some(name) => crate::slots::one(name).into_iter().collect(),
     };
-    let TablesRead { seen, leases, warned } = tables;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, restart_before: Default::default(), disk: None, held: Default::default() })
+    Ok(Snapshot {
+        now,
+        current_lsn,
+        slots,
+        leases: Rc::new(store.leases),
+        seen: Rc::new(store.seen),
+        warned: Rc::new(store.warned),
+        restart_before: Default::default(),
+        disk: None,
+        held: Default::default(),
+    })
 }
 
-/// Every slot, lease and tracking row.
+/// Every slot, lease and tracking record.
 pub fn snapshot() -> Result<Snapshot> {
     read_snapshot(None)
 }
@@ -315,72 +158,114 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
 }
 
 /// Record first-seen and inactive-since times for the slots of `snap` (see
-/// `policy::track`), and forget slots that are gone. Rows are written only when something
-/// changed, so an idle pass writes no WAL; `write = false` (dry run) writes nothing.
-/// Leaves the tracking as it now stands in `snap.seen`.
+/// `policy::track`), and forget slots that are gone. Records are written only when
+/// something changed, so an idle pass writes nothing; `write = false` (dry run) writes
+/// nothing. Leaves the tracking as it now stands in `snap.seen`.
 pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -> Result<()> {
     let Some(now_seen) = crate::policy::track(policy, snap) else { return Ok(()) };
-    let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    let unchanged = now_seen.len() == snap.seen.len() && now_seen.iter().all(|n| before.get(n.slot_name.as_str()) == Some(&n));
-    if unchanged || !write {
-        snap.seen = now_seen.into();
-        return Ok(());
+    if write {
+        let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+        let after: rustc_hash::FxHashSet<&str> = now_seen.iter().map(|s| s.slot_name.as_str()).collect();
+        let changed: Vec<&Seen> = now_seen.iter().filter(|n| before.get(n.slot_name.as_str()) != Some(n)).collect();
+        let gone: Vec<&str> = snap.seen.iter().map(|s| s.slot_name.as_str()).filter(|n| !after.contains(n)).collect();
+        if !changed.is_empty() || !gone.is_empty() {
+            crate::store::change(|w| {
+                for n in &changed {
+                    let mut rec = w.get(&n.slot_name);
+                    let dropping = rec.seen.as_ref().and_then(|s| s.dropping.clone());
+                    rec.seen = Some(crate::store::SeenRec {
+                        first_seen: n.first_seen,
+                        inactive_since: n.inactive_since,
+                        stalled: n.stalled,
+                        dropping,
+                    });
+                    w.put(&rec)?;
+                }
+                for name in &gone {
+                    let mut rec = w.get(name);
+                    if rec.seen.as_ref().is_some_and(|s| s.dropping.is_some()) {
+                        continue;
+                    }
+                    rec.seen = None;
+                    rec.warned.clear();
+                    w.put(&rec)?;
+                }
+                Ok(())
+            })?;
+        }
     }
-    let names: Vec<String> = snap.slots.iter().map(|s| s.name.clone()).collect();
-    update(
-        "DELETE FROM pgslotguard.slot_seen WHERE slot_name::text <> ALL ($1::text[]) AND drop_action IS NULL",
-        &[names.into()],
-    )?;
-    // The rows of the slots there are, as policy::track has them; only changed ones are written.
-    let present: rustc_hash::FxHashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
-    let rows: Vec<&Seen> = now_seen.iter().filter(|n| present.contains(n.slot_name.as_str())).collect();
-    let names: Vec<String> = rows.iter().map(|n| n.slot_name.clone()).collect();
-    let first: Vec<TimestampWithTimeZone> = rows.iter().map(|n| ts(n.first_seen)).collect();
-    let inactive: Vec<Option<TimestampWithTimeZone>> = rows.iter().map(|n| n.inactive_since.map(ts)).collect();
-    let stalled_lsn: Vec<Option<i64>> = rows.iter().map(|n| n.stalled.map(|(lsn, _)| lsn as i64)).collect();
-    let stalled_since: Vec<Option<TimestampWithTimeZone>> = rows.iter().map(|n| n.stalled.map(|(_, t)| ts(t))).collect();
-    update(
-        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, inactive_since, stalled_lsn, stalled_since)
-         SELECT n, f, i, '0/0'::pg_catalog.pg_lsn OPERATOR(pg_catalog.+) sl::numeric, ss
-           FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::timestamptz[]), pg_catalog.unnest($3::timestamptz[]),
-                           pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) AS u(n, f, i, sl, ss)
-         ON CONFLICT (slot_name) DO UPDATE
-            SET inactive_since = excluded.inactive_since, stalled_lsn = excluded.stalled_lsn, stalled_since = excluded.stalled_since
-          WHERE (t.inactive_since, t.stalled_lsn, t.stalled_since)
-                IS DISTINCT FROM (excluded.inactive_since, excluded.stalled_lsn, excluded.stalled_since)",
-        &[names.into(), first.into(), inactive.into(), stalled_lsn.into(), stalled_since.into()],
-    )?;
     snap.seen = now_seen.into();
     Ok(())
 }
 
-/// A lease row with what the API needs to check rights and state.
-pub struct LeaseRow {
-    pub owner: String,
-    pub expires_at: TimestampWithTimeZone,
+/// Make the guard's intent to drop a slot durable before it drops it (the drop itself is
+/// not undone by anything): in the store, under the writers' lock the caller holds.
+pub fn mark_dropping(w: &mut crate::store::Writer, name: &str, action: Outcome, reason: &str) -> Result<()> {
+    let mut rec = w.get(name);
+    let seen = rec.seen.get_or_insert_with(|| crate::store::SeenRec { first_seen: now_us(), ..Default::default() });
+    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string() });
+    w.put(&rec)
 }
 
-/// The lease of `name`, locked against concurrent change until the end of the transaction.
-pub fn lease_for_update(name: &str) -> Result<Option<LeaseRow>> {
-    write(
-        "SELECT owner::text, expires_at FROM pgslotguard.lease_data WHERE slot_name = $1::name FOR UPDATE",
-        &[name.into()],
-        |mut t| {
-            if t.is_empty() {
-                return Ok(None);
+/// A slot the guard dropped: its lease ends and its record goes (its tracking, warnings
+/// and drop intent with it).
+pub fn forget_dropped(name: &str) -> Result<()> {
+    crate::xact::discard(name);
+    crate::store::update(name, |r| *r = crate::store::SlotRecord::new(name))
+}
+
+/// End the lease of a slot (the slot stays, or is already gone).
+pub fn end_lease(w: &mut crate::store::Writer, name: &str) -> Result<()> {
+    crate::xact::discard(name);
+    let mut rec = w.get(name);
+    rec.lease = None;
+    w.put(&rec)
+}
+
+/// Clear drop intents on slots that still exist (a drop that failed or was cut short
+/// before it happened): the slot is decided afresh.
+pub fn clear_drop_marks(names: &[String]) -> Result<()> {
+    crate::store::change(|w| {
+        for name in names {
+            let mut rec = w.get(name);
+            if let Some(s) = rec.seen.as_mut() {
+                s.dropping = None;
             }
-            t = t.first();
-            Ok(Some(LeaseRow {
-                owner: t.get::<String>(1)?.unwrap_or_default(),
-                expires_at: t.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
-            }))
-        },
-    )
+            w.put(&rec)?;
+        }
+        Ok(())
+    })
+}
+
+/// Remember a warning given (the floor's with slot name ''), until it re-arms.
+pub fn remember_warning(slot: &str, limit: &str) -> Result<()> {
+    crate::store::change(|w| {
+        let mut rec = if slot.is_empty() { w.node() } else { w.get(slot) };
+        if !rec.warned.iter().any(|l| l == limit) {
+            rec.warned.push(limit.to_string());
+            w.put(&rec)?;
+        }
+        Ok(())
+    })
+}
+
+/// Forget warnings whose value fell back under the threshold (or whose slot is gone).
+pub fn forget_warnings(slots: Vec<String>, limits: Vec<String>) -> Result<()> {
+    crate::store::change(|w| {
+        for (slot, limit) in slots.iter().zip(&limits) {
+            let mut rec = if slot.is_empty() { w.node() } else { w.get(slot) };
+            if rec.warned.iter().any(|l| l == limit) {
+                rec.warned.retain(|l| l != limit);
+                w.put(&rec)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Create a physical slot that reserves WAL now; returns its restart LSN as text.
 pub fn create_slot(name: &str) -> Result<String> {
-    write(
+    read(
         "SELECT lsn::text FROM pg_catalog.pg_create_physical_replication_slot($1::name, true, false)",
         &[name.into()],
         |t| Ok(t.first().get::<String>(1)?.unwrap_or_default()),
@@ -388,7 +273,7 @@ pub fn create_slot(name: &str) -> Result<String> {
 }
 
 pub fn drop_slot(name: &str) -> Result<()> {
-    write("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
+    read("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
 }
 
 /// How long the guard waits for a walsender it terminated to exit; a longer wait would hold
@@ -397,51 +282,9 @@ const TERMINATE_WAIT_MS: i64 = 1000;
 
 /// Terminate a walsender and wait up to [`TERMINATE_WAIT_MS`] for it to go.
 pub fn terminate(pid: i32) -> Result<bool> {
-    write("SELECT pg_catalog.pg_terminate_backend($1, $2)", &[pid.into(), TERMINATE_WAIT_MS.into()], |t| {
+    read("SELECT pg_catalog.pg_terminate_backend($1, $2)", &[pid.into(), TERMINATE_WAIT_MS.into()], |t| {
         Ok(t.first().get::<bool>(1)?.unwrap_or(false))
     })
-}
-
-pub struct NewLease<'a> {
-    pub slot_name: &'a str,
-    pub holder: Option<&'a str>,
-    pub owner: &'a str,
-    pub leased_at: TimestampWithTimeZone,
-    pub expires_at: TimestampWithTimeZone,
-    pub max_retained: Option<i64>,
-    /// Microseconds.
-    pub max_inactive: Option<i64>,
-    pub max_age: Option<i64>,
-    pub limit_by_superuser: bool,
-    pub adopted: bool,
-    pub lsn: Option<&'a str>,
-}
-
-/// Insert a lease; returns its expiry.
-pub fn insert_lease(l: &NewLease) -> Result<TimestampWithTimeZone> {
-    write(
-        "INSERT INTO pgslotguard.lease_data
-                (slot_name, holder, owner, leased_at, expires_at, max_retained, adopted, reserved_lsn,
-                 limit_by_superuser, max_inactive, max_age)
-         VALUES ($1::name, $2, $3::name, $4, $8, $5, $6, $7::pg_catalog.pg_lsn, $9,
-                 pg_catalog.make_interval(secs => $10 / 1e6), pg_catalog.make_interval(secs => $11 / 1e6))
-         RETURNING expires_at",
-        &[
-            l.slot_name.into(),
-            l.holder.into(),
-            l.owner.into(),
-            l.leased_at.into(),
-            l.max_retained.into(),
-            l.adopted.into(),
-            l.lsn.into(),
-            l.expires_at.into(),
-            l.limit_by_superuser.into(),
-            l.max_inactive.into(),
-            l.max_age.into(),
-        ],
-        |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
-    )
-    .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
 }
 
 /// The clock time now, and now + `ttl` by PostgreSQL's calendar arithmetic.
@@ -455,56 +298,6 @@ pub fn clock_plus(ttl: Interval) -> Result<(TimestampWithTimeZone, TimestampWith
             Ok((r.get::<TimestampWithTimeZone>(1)?.unwrap_or_else(never), r.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(never)))
         },
     )
-}
-
-pub fn renew_lease(name: &str, now: TimestampWithTimeZone, expires_at: TimestampWithTimeZone) -> Result<TimestampWithTimeZone> {
-    write(
-        "UPDATE pgslotguard.lease_data SET expires_at = $2, renewed_at = $3
-          WHERE slot_name = $1::name RETURNING expires_at",
-        &[name.into(), expires_at.into(), now.into()],
-        |t| Ok(t.first().get::<TimestampWithTimeZone>(1)?),
-    )
-    .map(|v| v.unwrap_or_else(TimestampWithTimeZone::negative_infinity))
-}
-
-/// Make the guard's intent to drop a slot durable before it drops it (the drop itself is
-/// not transactional). Also creates the tracking row if the slot is new this pass.
-pub fn mark_dropping(name: &str, action: Outcome, reason: &str) -> Result<()> {
-    update(
-        "INSERT INTO pgslotguard.slot_seen AS t (slot_name, first_seen, drop_action, drop_reason)
-         VALUES ($1::name, pg_catalog.clock_timestamp(), $2, $3)
-         ON CONFLICT (slot_name) DO UPDATE SET drop_action = excluded.drop_action, drop_reason = excluded.drop_reason",
-        &[name.into(), action.as_str().into(), reason.into()],
-    )
-    .map(|_| ())
-}
-
-/// Forget the tracking row of a slot that is gone (after its drop is recorded).
-pub fn forget_slot(name: &str) -> Result<()> {
-    update("DELETE FROM pgslotguard.slot_seen WHERE slot_name = $1::name", &[name.into()]).map(|_| ())
-}
-
-/// Clear drop intents on slots that still exist (a drop that failed or was cut short
-/// before it happened): the slot is decided afresh.
-pub fn clear_drop_marks(names: &[String]) -> Result<()> {
-    update(
-        "UPDATE pgslotguard.slot_seen SET drop_action = NULL, drop_reason = NULL WHERE slot_name::text = ANY ($1::text[])",
-        &[names.to_vec().into()],
-    )
-    .map(|_| ())
-}
-
-/// Is the guard dropping this slot (an intent committed, the drop not yet recorded)?
-pub fn drop_pending(name: &str) -> Result<bool> {
-    read(
-        "SELECT EXISTS (SELECT 1 FROM pgslotguard.slot_seen WHERE slot_name = $1::name AND drop_action IS NOT NULL)",
-        &[name.into()],
-        |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
-    )
-}
-
-pub fn delete_lease(name: &str) -> Result<usize> {
-    update("DELETE FROM pgslotguard.lease_data WHERE slot_name = $1::name", &[name.into()])
 }
 
 pub struct Event<'a> {
@@ -537,25 +330,6 @@ impl<'a> Event<'a> {
     }
 }
 
-/// Remember a warning given (the floor's with slot name ''), until it re-arms.
-pub fn remember_warning(slot: &str, limit: &str) -> Result<()> {
-    update(
-        "INSERT INTO pgslotguard.warned (slot_name, limit_name) VALUES ($1::name, $2) ON CONFLICT DO NOTHING",
-        &[slot.into(), limit.into()],
-    )
-    .map(|_| ())
-}
-
-/// Forget warnings whose value fell back under the threshold (or whose slot is gone).
-pub fn forget_warnings(slots: Vec<String>, limits: Vec<String>) -> Result<()> {
-    update(
-        "DELETE FROM pgslotguard.warned w USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS f(s, l)
-          WHERE w.slot_name::text OPERATOR(pg_catalog.=) f.s AND w.limit_name OPERATOR(pg_catalog.=) f.l",
-        &[slots.into(), limits.into()],
-    )
-    .map(|_| ())
-}
-
 /// The channel every event is also sent on, at commit (`pg_notify`).
 pub const CHANNEL: &str = "pgslotguard";
 
@@ -563,12 +337,19 @@ pub const CHANNEL: &str = "pgslotguard";
 /// to listeners on [`CHANNEL`] as JSON. NOTIFY is transactional: listeners get it when the
 /// transaction that recorded the event commits, in commit order, and never if it rolls back.
 pub fn record(e: &Event) -> Result<()> {
-    let (id, at, holder) = write(
+    let holder = match e.slot_name {
+        Some(name) => crate::xact::lease(name)?.and_then(|l| l.holder),
+        None => None,
+    };
+    if in_recovery() {
+        return record_in_ring(e, holder);
+    }
+    let (id, at) = write(
         "INSERT INTO pgslotguard.event_log
                 (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes, lease_holder)
          VALUES ($1::name, $2, $3, $4, $5, $6::name, $7, $8,
-                 (SELECT holder FROM pgslotguard.lease_data WHERE slot_name OPERATOR(pg_catalog.=) $1::name))
-         RETURNING id, pg_catalog.to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), lease_holder",
+                 $9)
+         RETURNING id, pg_catalog.to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
         &[
             e.slot_name.into(),
             e.action.as_str().into(),
@@ -578,19 +359,47 @@ pub fn record(e: &Event) -> Result<()> {
             e.lease_owner.into(),
             e.freed_bytes.into(),
             e.pg_wal_bytes.into(),
+            holder.as_deref().into(),
         ],
         |t| {
             let t = t.first();
-            Ok((t.get::<i64>(1)?.unwrap_or(0), t.get::<String>(2)?.unwrap_or_default(), t.get::<String>(3)?))
+            Ok((t.get::<i64>(1)?.unwrap_or(0), t.get::<String>(2)?.unwrap_or_default()))
         },
     )?;
     let payload = crate::notify::payload(e, id, &at, holder.as_deref());
     write("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), payload.into()], |_| Ok(()))
 }
 
+/// Where no table can be written (a hot standby): the event goes to the server log and to
+/// the per-node ring (src/store/ring.rs), which the events view shows too. No NOTIFY:
+/// core cannot send one during recovery. The ring is not transactional: an event recorded
+/// by a transaction that then rolls back stays there (the log has it anyway).
+fn record_in_ring(e: &Event, holder: Option<String>) -> Result<()> {
+    let id = crate::store::ring_push(crate::store::ring::RingEvent {
+        id: 0,
+        at: now_us(),
+        slot_name: e.slot_name.map(str::to_string),
+        action: e.action.as_str().to_string(),
+        reason: e.reason.to_string(),
+        retained_bytes: e.retained_bytes,
+        actor: e.actor.to_string(),
+        lease_owner: e.lease_owner.map(str::to_string),
+        freed_bytes: e.freed_bytes,
+        pg_wal_bytes: e.pg_wal_bytes,
+        lease_holder: holder,
+    })?;
+    let on = e.slot_name.map(|s| format!(" on replication slot \"{s}\"")).unwrap_or_default();
+    log!("pgslotguard: event {}{on} by {} (standby event {id}): {}", e.action.as_str(), e.actor, e.reason);
+    Ok(())
+}
+
 /// Delete events older than the retention; returns how many went. Looks first, so a
-/// pass with nothing to purge stays read-only.
+/// pass with nothing to purge stays read-only. Nothing on a standby (the table is the
+/// primary's; the ring is bounded by count).
 pub fn purge_events(older_than_us: i64) -> Result<usize> {
+    if in_recovery() {
+        return Ok(0);
+    }
     let cutoff = ts(now_us() - older_than_us);
     let any = read("SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE at < $1)", &[cutoff.into()], |t| {
         Ok(t.first().get::<bool>(1)?.unwrap_or(false))
@@ -607,14 +416,23 @@ pub fn pin_search_path() -> Result<()> {
     read("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)", &[], |_| Ok(()))
 }
 
-/// Is the extension installed in this database (its tables readable)?
-pub fn extension_installed() -> Result<bool> {
-    read(
-        "SELECT pg_catalog.to_regclass('pgslotguard.lease_data') IS NOT NULL
-            AND EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard')",
-        &[],
-        |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
-    )
+/// The version of the extension installed in this database, if it is.
+pub fn extension_version() -> Result<Option<String>> {
+    read("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard'", &[], |t| {
+        if t.is_empty() {
+            return Ok(None);
+        }
+        Ok(t.first().get::<String>(1)?)
+    })
+}
+
+/// The version this library is (its SQL objects are the same version's).
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Leases kept in the tables of version 0.1.0, not yet moved into the store
+/// (`ALTER EXTENSION pgslotguard UPDATE` moves them). Only asked while 0.1.0 is installed.
+pub fn old_table_leases() -> Result<i64> {
+    read("SELECT pg_catalog.count(*) FROM pgslotguard.lease_data", &[], |t| Ok(t.first().get::<i64>(1)?.unwrap_or(0)))
 }
 
 thread_local! {

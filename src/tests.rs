@@ -5,6 +5,30 @@
 
 use pgrx::prelude::*;
 
+/// Test hooks, built only with the pg_test feature (never into a package): the tests move
+/// a lease's times instead of waiting for them.
+#[pg_schema]
+mod pgslotguard {
+    use pgrx::prelude::*;
+
+    /// Make the lease of `slot_name` taken `leased_ago_s` seconds ago (NULL: when it was)
+    /// and expiring in `expires_in_s` seconds (negative: in the past), as a renewal of
+    /// this transaction would: applied at commit.
+    #[pg_extern(volatile)]
+    fn test_set_lease_times(slot_name: &str, leased_ago_s: Option<f64>, expires_in_s: f64) {
+        let now = crate::state::now_us();
+        let (lease, base) = crate::error::or_report(crate::xact::lease_and_base(slot_name));
+        let lease = lease.unwrap_or_else(|| crate::error::GuardError::NoLease(slot_name.into()).report());
+        let moved = crate::store::LeaseRec {
+            leased_at: leased_ago_s.map_or(lease.leased_at, |s| now - (s * 1e6) as i64),
+            renewed_at: None,
+            expires_at: now + (expires_in_s * 1e6) as i64,
+            ..lease
+        };
+        crate::xact::stage(slot_name, base, crate::xact::Op::Put(moved));
+    }
+}
+
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;
@@ -52,7 +76,7 @@ mod tests {
         let w = text(&format!(
             "SELECT COALESCE((SELECT string_agg(slot_name || ':' || slot_type, ',' ORDER BY slot_name) FROM pg_replication_slots
                                     WHERE position(slot_name::text in $q$ {q} $q$) > 0), '')
-                 || ' | ' || COALESCE((SELECT string_agg(slot_name || '@' || expires_at::text || '#' || owner::text, ',' ORDER BY slot_name) FROM pgslotguard.lease_data), '')
+                 || ' | ' || COALESCE((SELECT string_agg(slot_name || '@' || expires_at::text || '#' || owner::text, ',' ORDER BY slot_name) FROM pgslotguard.leases), '')
                  || ' | ' || (SELECT count(*) FROM pgslotguard.event_log)::text",
             q = q.replace("$q$", "")
         ));
@@ -178,7 +202,7 @@ mod tests {
                  RAISE EXCEPTION 'backup script failed';
                EXCEPTION WHEN OTHERS THEN NULL; END $$"#);
         assert!(!slot_exists("rb1"), "slot of a rolled-back lease survived");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'rb1'"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'rb1'"), Some(0));
         // nested: made in an inner block that committed into an outer one that rolled back
         run(r#"DO $$ BEGIN
                  BEGIN
@@ -289,7 +313,7 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases"), Some(0));
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'alice_slot'"), Some(0));
         // bob may not read the tables directly either
-        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.lease_data')"), "42501");
+        assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.tracking')"), "42501");
         run("SET ROLE sg_alice");
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'alice_slot'"), Some(1));
         run("SELECT backup_slot_renew('alice_slot', '2h')");
@@ -386,7 +410,7 @@ mod tests {
     fn expired_lease_shows_expired_and_enforce_drops_it() {
         run("SELECT * FROM backup_slot_lease('ex', '1 second')");
         // make it expired without sleeping: move the lease back in time
-        run("UPDATE pgslotguard.lease_data SET leased_at = now() - interval '1h', expires_at = now() - interval '1 min' WHERE slot_name = 'ex'");
+        run("SELECT pgslotguard.test_set_lease_times('ex', 3600, -60)");
         assert_eq!(text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'ex'"), "expired");
         assert_eq!(text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'ex'"), "expire_drop");
         // dry run: recorded, nothing touched
@@ -398,7 +422,7 @@ mod tests {
         let a = text("SELECT string_agg(action, ',') FROM backup_slot_enforce() WHERE slot_name = 'ex'");
         assert_eq!(a, "expire_drop");
         assert!(!slot_exists("ex"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'ex'"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'ex'"), Some(0));
         let ev = text("SELECT actor || ':' || reason FROM pgslotguard.events WHERE slot_name = 'ex' ORDER BY id DESC LIMIT 1");
         assert!(ev.starts_with("postgres:lease expired 1m"), "{ev}");
     }
@@ -412,7 +436,7 @@ mod tests {
         // the same word the event log records for it
         assert_eq!(a, "warn");
         assert_eq!(text("SELECT action FROM pgslotguard.events WHERE slot_name = 'vanish' ORDER BY id DESC LIMIT 1"), "warn");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.lease_data WHERE slot_name = 'vanish'"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'vanish'"), Some(0));
     }
 
     #[pg_test]
@@ -496,7 +520,7 @@ mod tests {
         // whatever the month's length, either refused or an expiry in the future
         let r = text("SELECT pg_temp.sqlstate_of($$SELECT backup_slot_renew('mixed', '-1 month 30 days 12:00:00')$$)");
         if r == "00000" {
-            assert_eq!(one::<bool>("SELECT expires_at > clock_timestamp() FROM pgslotguard.lease_data WHERE slot_name = 'mixed'"), Some(true));
+            assert_eq!(one::<bool>("SELECT expires_at > clock_timestamp() FROM pgslotguard.leases WHERE slot_name = 'mixed'"), Some(true));
         } else {
             assert_eq!(r, "22023");
         }
@@ -507,9 +531,9 @@ mod tests {
         // this test runs in one transaction: now() is its start
         run("SELECT pg_sleep(1.2)");
         run("SELECT * FROM backup_slot_lease('late', '2s')");
-        let left = one::<f64>("SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM pgslotguard.lease_data WHERE slot_name = 'late'").unwrap_or(0.0);
+        let left = one::<f64>("SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM pgslotguard.leases WHERE slot_name = 'late'").unwrap_or(0.0);
         assert!(left > 1.5, "the lease left the call with only {left} s of its 2 s");
-        let leased = one::<f64>("SELECT extract(epoch FROM leased_at - now())::float8 FROM pgslotguard.lease_data WHERE slot_name = 'late'").unwrap_or(0.0);
+        let leased = one::<f64>("SELECT extract(epoch FROM leased_at - now())::float8 FROM pgslotguard.leases WHERE slot_name = 'late'").unwrap_or(0.0);
         assert!(leased >= 1.2, "leased_at is {leased} s after the transaction start");
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::policy::Action;
 use crate::state;
-use pgrx::datum::TimestampWithTimeZone;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -84,6 +84,146 @@ pub mod pgslotguard {
         TableIterator::new(rows)
     }
 
+    /// The leases in this server's store. Members of pg_monitor see every lease; other
+    /// roles their own.
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(stable, parallel_unsafe, name = "lease_rows")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn lease_rows() -> TableIterator<
+        'static,
+        (
+            name!(slot_name, String),
+            name!(holder, Option<String>),
+            name!(owner, String),
+            name!(leased_at, TimestampWithTimeZone),
+            name!(renewed_at, Option<TimestampWithTimeZone>),
+            name!(expires_at, TimestampWithTimeZone),
+            name!(max_retained, Option<i64>),
+            name!(max_inactive, Option<Interval>),
+            name!(max_age, Option<Interval>),
+            name!(adopted, bool),
+            name!(reserved_lsn, Option<String>),
+            name!(limit_by_superuser, bool),
+        ),
+    > {
+        let me = unsafe { pg_sys::GetUserId() };
+        let all = state::is_member_of_pg_monitor(me);
+        let me_name = state::role_name(me);
+        let mut records = crate::error::or_report(crate::store::records());
+        // This transaction's own lease calls, not yet committed, as it sees them.
+        for (name, lease) in crate::xact::staged() {
+            match records.iter_mut().find(|r| r.name == name) {
+                Some(r) => r.lease = lease,
+                None => records.push(crate::store::SlotRecord { lease, ..crate::store::SlotRecord::new(&name) }),
+            }
+        }
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        let interval = |us: Option<i64>| us.map(Interval::from_micros);
+        let rows: Vec<_> = records
+            .into_iter()
+            .filter_map(|r| Some((r.name, r.lease?)))
+            .filter(|(_, l)| all || l.owner == me_name)
+            .map(|(name, l)| {
+                (
+                    name,
+                    l.holder,
+                    l.owner,
+                    state::ts(l.leased_at),
+                    l.renewed_at.map(state::ts),
+                    state::ts(l.expires_at),
+                    l.max_retained,
+                    interval(l.max_inactive),
+                    interval(l.max_age),
+                    l.adopted,
+                    l.reserved_lsn.map(crate::validate::format_lsn),
+                    l.limit_by_superuser,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// What the guard remembers of each slot, from this server's store (pg_monitor).
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(stable, parallel_unsafe, name = "tracking_rows")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn tracking_rows() -> TableIterator<
+        'static,
+        (
+            name!(slot_name, String),
+            name!(leased, bool),
+            name!(first_seen, Option<TimestampWithTimeZone>),
+            name!(inactive_since, Option<TimestampWithTimeZone>),
+            name!(stalled_lsn, Option<String>),
+            name!(stalled_since, Option<TimestampWithTimeZone>),
+            name!(drop_action, Option<String>),
+            name!(drop_reason, Option<String>),
+            name!(warned, Vec<String>),
+        ),
+    > {
+        let mut records = crate::error::or_report(crate::store::records());
+        let node = crate::error::or_report(crate::store::read(None)).warned;
+        let node: Vec<String> = node.into_iter().filter(|(s, _)| s.is_empty()).map(|(_, w)| w).collect();
+        if !node.is_empty() {
+            records.insert(0, crate::store::SlotRecord { warned: node, ..crate::store::SlotRecord::new("") });
+        }
+        let rows: Vec<_> = records
+            .into_iter()
+            .map(|r| {
+                let seen = r.seen.unwrap_or_default();
+                let has_seen = seen.first_seen != 0;
+                (
+                    r.name,
+                    r.lease.is_some(),
+                    has_seen.then(|| state::ts(seen.first_seen)),
+                    seen.inactive_since.map(state::ts),
+                    seen.stalled.map(|(lsn, _)| crate::validate::format_lsn(lsn)),
+                    seen.stalled.map(|(_, t)| state::ts(t)),
+                    seen.dropping.as_ref().map(|d| d.action.clone()),
+                    seen.dropping.map(|d| d.reason),
+                    r.warned,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// The events this server keeps in its per-node ring (as a standby: no table can be
+    /// written there). Members of pg_monitor see every event; other roles those of their
+    /// own leases, as in the table.
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(stable, parallel_unsafe, name = "ring_events")]
+    #[search_path(pg_catalog, pg_temp)]
+    pub fn ring_events() -> TableIterator<
+        'static,
+        (
+            name!(id, i64),
+            name!(at, TimestampWithTimeZone),
+            name!(slot_name, Option<String>),
+            name!(action, String),
+            name!(reason, String),
+            name!(retained_bytes, Option<i64>),
+            name!(actor, String),
+            name!(lease_owner, Option<String>),
+            name!(freed_bytes, Option<i64>),
+            name!(pg_wal_bytes, Option<i64>),
+            name!(lease_holder, Option<String>),
+        ),
+    > {
+        let me = unsafe { pg_sys::GetUserId() };
+        let all = state::is_member_of_pg_monitor(me);
+        let me_name = state::role_name(me);
+        let events = crate::error::or_report(crate::store::ring_events());
+        let rows: Vec<_> = events
+            .into_iter()
+            .filter(|e| all || e.lease_owner.as_deref() == Some(me_name.as_str()))
+            .map(|e| {
+                (e.id, state::ts(e.at), e.slot_name, e.action, e.reason, e.retained_bytes, e.actor, e.lease_owner, e.freed_bytes, e.pg_wal_bytes, e.lease_holder)
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
     /// The filesystem that holds pg_wal as the guard sees it: sizes, the floor and its
     /// headroom (NULL when no floor is set).
     #[pg_extern(volatile, parallel_unsafe, name = "wal_space")]
@@ -128,11 +268,13 @@ pub mod pgslotguard {
             name!(last_busy_slot, Option<String>),
             name!(last_busy_at, Option<TimestampWithTimeZone>),
             name!(checkpoint_pending, bool),
+            name!(in_recovery, bool),
         ),
     > {
+        let standby = state::in_recovery();
         let t = |v: i64| (v != 0).then(|| state::ts(v));
         let row = match crate::shmem::read() {
-            None => (false, false, None, None, None, None, None, 0, 0, 0, 0, None, None, 0, None, None, false),
+            None => (false, false, None, None, None, None, None, 0, 0, 0, 0, None, None, 0, None, None, false, standby),
             Some(s) => {
                 let running = crate::shmem::worker_running().is_some();
                 (
@@ -153,6 +295,7 @@ pub mod pgslotguard {
                     s.last_busy(),
                     t(s.last_busy_at),
                     s.ckpt_pending,
+                    standby,
                 )
             }
         };

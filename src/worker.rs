@@ -29,9 +29,9 @@ pub fn register() {
         .set_library("pgslotguard")
         .set_function("pgslotguard_worker_main")
         .enable_spi_access()
-        // Start after recovery: on a hot standby the guard neither writes nor fails; after
-        // promotion the postmaster starts it.
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // Start at consistent state: a hot standby's slots are guarded too (each pass asks
+        // whether recovery is still in progress; promotion does not restart the worker).
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_DELAY))
         .load();
 }
@@ -192,13 +192,32 @@ struct Next {
     wal_budget: Option<(i64, u64)>,
 }
 
+/// The extension in the database is older than the library: its SQL objects (and, for
+/// 0.1.0, its leases, kept in tables then) are not what this library reads. Said every
+/// pass, as a pass that failed, until the DBA runs the update.
+fn not_updated(db: &str, version: &str) -> String {
+    let leases = if version == "0.1.0" {
+        match enforce::in_subtransaction(state::old_table_leases) {
+            Ok(n) => format!("its {n} lease(s) are kept in tables that this library does not read, and are not enforced"),
+            Err(e) => format!("its leases are kept in tables that this library does not read ({e}), and are not enforced"),
+        }
+    } else {
+        "no lease is enforced".to_string()
+    };
+    format!(
+        "extension \"pgslotguard\" in database \"{db}\" is at version {version}, the library at {}: {leases}; run ALTER EXTENSION pgslotguard UPDATE in database \"{db}\"",
+        state::LIBRARY_VERSION
+    )
+}
+
 /// One pass in its own transaction; returns when the next pass is due.
 fn one_pass(db: &str, actor: &mut enforce::Actor, missing_logged: &mut bool) -> Next {
     let start = state::now_us();
     let outcome = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-        let installed = enforce::in_subtransaction(|| Ok(!state::in_recovery() && state::extension_installed()?))?;
-        if !installed {
-            return Ok(None);
+        let version = enforce::in_subtransaction(state::extension_version)?;
+        let Some(version) = version else { return Ok(None) };
+        if version != state::LIBRARY_VERSION {
+            return Err(not_updated(db, &version));
         }
         // At the top level of the transaction, so that the pass can commit action by action.
         enforce::run_pass(actor, false).map(Some).map_err(|e| e.to_string())
@@ -229,10 +248,6 @@ fn one_pass(db: &str, actor: &mut enforce::Actor, missing_logged: &mut bool) -> 
                 s.last_pass_us = elapsed;
                 s.drops += summary.drops;
                 s.errors += summary.errors;
-                s.busy_skips += summary.busy;
-                if let Some(slot) = &summary.last_busy {
-                    s.set_last_busy(slot, start);
-                }
                 if let Some(e) = &summary.last_error {
                     s.set_last_error(e, state::now_us());
                 }

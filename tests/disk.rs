@@ -173,7 +173,7 @@ fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
     assert!(before > 150 << 20 && frees > 100 << 20, "pg_wal {before}, frees {frees}\n{}", c.describe());
 
     // the lease ends now; the guard drops it and asks for a fast checkpoint (the default)
-    c.exec("UPDATE pgslotguard.lease_data SET expires_at = now() WHERE slot_name = 'pinning'");
+    c.exec("SELECT pgslotguard.test_set_lease_times('pinning', NULL, 0)");
     let t0 = Instant::now();
     c.wait_for("pg_wal to shrink after the drop", WAIT, |c| (c.pg_wal_bytes() < before - frees / 2).then_some(()));
     let took = t0.elapsed();
@@ -194,7 +194,7 @@ fn a_drop_requests_a_checkpoint_that_gives_the_wal_back_within_seconds() {
 fn with_checkpoint_after_drop_off_the_wal_waits_for_the_next_checkpoint() {
     let c = pinned("ckptoff", &["pgslotguard.checkpoint_after_drop = off"]);
     let before = c.pg_wal_bytes();
-    c.exec("UPDATE pgslotguard.lease_data SET expires_at = now() WHERE slot_name = 'pinning'");
+    c.exec("SELECT pgslotguard.test_set_lease_times('pinning', NULL, 0)");
     c.wait_for("the drop", WAIT, |c| (!c.slot_exists("pinning")).then_some(()));
     c.wait_passes(3);
     assert!(c.pg_wal_bytes() >= before - (32 << 20), "pg_wal shrank without a checkpoint: {} of {before}", c.pg_wal_bytes());

@@ -138,14 +138,14 @@ fn inactivity_is_tracked_across_restart_and_enforced() {
     let c = with_extension("inactive", &[]);
     c.exec("SELECT * FROM backup_slot_lease('idle', '1h')");
     c.wait_for("the guard to start tracking the idle slot", WAIT, |c| {
-        (c.count("SELECT count(*) FROM pgslotguard.slot_seen WHERE slot_name = 'idle' AND inactive_since IS NOT NULL") == 1)
+        (c.count("SELECT count(*) FROM pgslotguard.tracking WHERE slot_name = 'idle' AND inactive_since IS NOT NULL") == 1)
             .then_some(())
     });
-    let before = c.text("SELECT inactive_since::text FROM pgslotguard.slot_seen WHERE slot_name = 'idle'");
+    let before = c.text("SELECT inactive_since::text FROM pgslotguard.tracking WHERE slot_name = 'idle'");
     c.restart("immediate");
     c.wait_for("the worker after a crash restart", WAIT, |c| c.worker_pid());
     c.wait_passes(1);
-    let after = c.text("SELECT inactive_since::text FROM pgslotguard.slot_seen WHERE slot_name = 'idle'");
+    let after = c.text("SELECT inactive_since::text FROM pgslotguard.tracking WHERE slot_name = 'idle'");
     assert_eq!(before, after, "inactive_since was reset by the restart");
     c.set_policy(&[("pgslotguard.max_inactive_time", "2s")]);
     c.wait_for("the inactive slot to be dropped", WAIT, |c| (!c.slot_exists("idle")).then_some(()));
@@ -269,7 +269,7 @@ fn a_slot_core_invalidated_for_removed_wal_shows_why_and_is_dropped_when_in_scop
     c.wait_for("the guard to drop the lost leased slot", WAIT, |c| (!c.slot_exists("leased_lost")).then_some(()));
     let reason = c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'leased_lost' AND action = 'lost_drop'");
     assert!(reason.contains("wal_removed") && reason.contains("never be used again"), "{reason}\n{}", c.describe());
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.lease_data"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
     assert!(c.slot_exists("left_behind"));
     assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'left_behind'"), "out_of_scope");
 }
@@ -344,7 +344,7 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
     assert!(warns.starts_with("restart_lsn has not advanced for") && warns.contains("% of pgslotguard.max_stalled_time"), "{warns}");
     assert!(active(&c), "the slot stayed active without terminate_active");
     assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'stuck'"), "stalled");
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.slot_seen WHERE slot_name = 'stuck' AND stalled_since IS NOT NULL"), 1);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.tracking WHERE slot_name = 'stuck' AND stalled_since IS NOT NULL"), 1);
 
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
     c.wait_for("the stalled slot to be dropped", WAIT, |c| (!c.slot_exists("stuck")).then_some(()));

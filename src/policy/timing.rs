@@ -84,11 +84,14 @@ pub fn wal_budget(verdict: &Verdict) -> Option<i64> {
         .filter_map(|d| Some(d.retained_limit? - d.retained_bytes?));
     // Below the floor, this pass has dropped what it could (or nothing it may drop helps):
     // more WAL changes nothing the next pass could do, so only free space above it counts.
+    // Exactly at the floor (free space is measured in whole blocks, and a filesystem that
+    // fills segment by segment lands on it) the budget is zero: the next WAL written is
+    // the crossing, so the worker passes at once when it sees any.
     let floor = verdict
         .disk
         .as_ref()
         .and_then(|v| v.plan.as_ref().map(|plan| v.disk.free - plan.floor))
-        .filter(|&b| b > 0);
+        .filter(|&b| b >= 0);
     retained.chain(floor).map(|b| b.max(0)).min()
 }
 
@@ -301,6 +304,7 @@ mod tests {
 
     fn slot(name: &str, restart: u64) -> SlotInfo {
         SlotInfo {
+            synced: false,
             name: name.into(),
             physical: true,
             temporary: false,
@@ -376,6 +380,28 @@ mod tests {
         // below the floor: the pass did what it could; no budget from the floor
         s.disk.as_mut().unwrap().free = 90 * MB;
         assert_eq!(wal_budget(&judge(&p, &s)), None);
+    }
+
+    #[test]
+    fn free_space_exactly_at_the_floor_leaves_a_budget_of_zero_so_the_next_wal_passes_at_once() {
+        use crate::policy::disk::{Floor, WalDisk};
+        // No retained-WAL limit: the floor is the only budget (a standby's orphan whose
+        // pg_wal filled segment by segment onto the floor stopped the probes before).
+        let p = Policy { min_free_wal: Some(Floor::Bytes(64 * MB)), ..Policy::default() };
+        let mut s = snap(vec![slot("a", 90 * MB as u64)], vec![lease("a", 3600 * S)]);
+        s.disk = Some(WalDisk {
+            free: 64 * MB,
+            total: 160 * MB,
+            pg_wal: 96 * MB,
+            insert_lsn: 100 * MB as u64,
+            segment_size: 16 * MB,
+            wal_keep: 0,
+            max_wal: 32 * MB,
+            max_slot_keep: None,
+        });
+        assert_eq!(wal_budget(&judge(&p, &s)), Some(0));
+        assert_eq!(next_probe(0, 8192, None), Probe::PassNow);
+        assert!(matches!(next_probe(0, 0, None), Probe::In(_)), "no WAL written, no pass");
     }
 
     #[test]

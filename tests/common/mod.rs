@@ -353,6 +353,34 @@ impl Cluster {
         Proc(child)
     }
 
+    /// A new cluster from a base backup of `primary` (pg_basebackup -X stream, fast
+    /// checkpoint), on a port and socket dir of its own, not started. `standby`: with -R
+    /// (standby.signal and primary_conninfo), so it starts as a hot standby of `primary`.
+    /// `waldir`: its pg_wal there (--waldir), e.g. on a small filesystem.
+    pub fn from_base_backup(primary: &Cluster, tag: &str, standby: bool, waldir: Option<&Path>) -> Cluster {
+        let dir = temp_dir(tag);
+        let data = dir.join("data");
+        let port = primary.port_s();
+        let mut args = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres", "-X", "stream", "-c", "fast", "-D"];
+        if standby {
+            args.insert(0, "-R");
+        }
+        let mut cmd = primary.tool("pg_basebackup");
+        cmd.args(&args).arg(&data);
+        if let Some(w) = waldir {
+            cmd.arg(format!("--waldir={}", w.display()));
+        }
+        let out = cmd.output().unwrap();
+        check(out, "pg_basebackup");
+        let c = Cluster { dir, data, port: free_port() };
+        c.append_conf(&format!(
+            "port = {}\nunix_socket_directories = '{}'\nhot_standby = on",
+            c.port,
+            c.dir.display()
+        ));
+        c
+    }
+
     /// Bytes of WAL segments in pg_wal, as the server lists them.
     pub fn pg_wal_bytes(&self) -> i64 {
         self.count("SELECT COALESCE(sum(size), 0)::bigint FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")

@@ -1,0 +1,172 @@
+//! The store on disk: `pg_slotguard/slots/<name>` under the data directory, one file per
+//! slot name, written the way core writes `pg_replslot/<name>/state` (`SaveSlotToPath`):
+//! write `<name>.tmp` (created exclusively, after removing a stale one), fsync it, rename
+//! it over `<name>`, fsync the directory. A crash at any point leaves the old file or the
+//! new one, never a mix; a `.tmp` left by a crash is removed at the next load.
+//!
+//! Plain `std::fs` (every backend and the postmaster run in the data directory, so the
+//! paths are relative): nothing here raises a PostgreSQL ERROR, so the postmaster can load
+//! the store at startup and log what it could not read instead of failing. fsync follows
+//! the server's `fsync` setting, as core's own `pg_fsync` does.
+
+use super::codec::{self, Damage, SlotRecord};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The store's directory, relative to the data directory.
+pub const DIR: &str = "pg_slotguard";
+/// Where the per-slot records live.
+pub const SLOTS_DIR: &str = "pg_slotguard/slots";
+
+pub(crate) fn fsync_enabled() -> bool {
+    // SAFETY: a plain bool GUC of the server, set by the GUC machinery.
+    unsafe { pgrx::pg_sys::enableFsync }
+}
+
+pub(crate) fn sync_file(f: &std::fs::File) -> std::io::Result<()> {
+    if fsync_enabled() {
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    if fsync_enabled() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The node's own record (warnings about the node as a whole): a record with no name.
+pub const NODE_FILE: &str = "pg_slotguard/node";
+
+pub fn record_path(name: &str) -> PathBuf {
+    if name.is_empty() {
+        PathBuf::from(NODE_FILE)
+    } else {
+        Path::new(SLOTS_DIR).join(name)
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Make the directories (durably) if they are missing.
+pub fn ensure_dirs() -> std::io::Result<()> {
+    for d in [DIR, SLOTS_DIR] {
+        if !Path::new(d).is_dir() {
+            std::fs::create_dir_all(d)?;
+            sync_dir(Path::new(d))?;
+            sync_dir(Path::new(d).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `rec` durably as its file (temp file, fsync, rename, fsync of the directory).
+pub fn write(rec: &SlotRecord) -> std::io::Result<()> {
+    ensure_dirs()?;
+    let path = record_path(&rec.name);
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(&codec::encode(rec))?;
+        sync_file(&f)?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(parent(&path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Remove the file of `name` durably (nothing left to keep of that slot).
+pub fn remove(name: &str) -> std::io::Result<()> {
+    let path = record_path(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(parent(&path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a load found.
+#[derive(Default)]
+pub struct Loaded {
+    pub records: Vec<SlotRecord>,
+    /// Files that failed their check, each moved aside: (file, moved to, why).
+    pub damaged: Vec<(String, String, Damage)>,
+    /// Files that could not even be read or moved: (file, error).
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Read every record. A temporary file (a write cut short by a crash) is removed; a file
+/// that fails its check is renamed `<name>.<why>` (`.<why>.N` if that exists) and left
+/// for the DBA; other names are left alone.
+pub fn load() -> Loaded {
+    let mut out = Loaded::default();
+    let node = Path::new(NODE_FILE);
+    let _ = std::fs::remove_file(node.with_extension("tmp"));
+    match std::fs::read(node) {
+        Ok(bytes) => match codec::decode(&bytes) {
+            Ok(rec) if rec.name.is_empty() => out.records.push(rec),
+            Ok(rec) => set_aside(node, Damage::BadContent(format!("it names slot \"{}\"", rec.name)), &mut out),
+            Err(why) => set_aside(node, why, &mut out),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => out.unreadable.push((NODE_FILE.to_string(), e.to_string())),
+    }
+    let Ok(dir) = std::fs::read_dir(SLOTS_DIR) else { return out };
+    let mut names: Vec<String> = dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for file in names {
+        let path = Path::new(SLOTS_DIR).join(&file);
+        if file.ends_with(".tmp") {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if !codec::is_record_name(&file) {
+            continue;
+        }
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                out.unreadable.push((path.display().to_string(), e.to_string()));
+                continue;
+            }
+        };
+        match codec::decode(&bytes) {
+            Ok(rec) if rec.name == file => out.records.push(rec),
+            Ok(rec) => {
+                let why = Damage::BadContent(format!("it names slot \"{}\"", rec.name));
+                set_aside(&path, why, &mut out);
+            }
+            Err(why) => set_aside(&path, why, &mut out),
+        }
+    }
+    out
+}
+
+fn set_aside(path: &Path, why: Damage, out: &mut Loaded) {
+    let base = format!("{}.{}", path.display(), why.suffix());
+    let mut to = PathBuf::from(&base);
+    let mut n = 1;
+    while to.exists() {
+        to = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    match std::fs::rename(path, &to).and_then(|_| sync_dir(parent(path))) {
+        Ok(()) => out.damaged.push((path.display().to_string(), to.display().to_string(), why)),
+        Err(e) => out.unreadable.push((path.display().to_string(), format!("{why}; and it could not be moved aside: {e}"))),
+    }
+}
+
+/// The inode of a slot's directory in `pg_replslot`, if the slot is there on disk.
+pub fn slot_dir_ino(name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(Path::new("pg_replslot").join(name)).ok().filter(|m| m.is_dir()).map(|m| m.ino())
+}

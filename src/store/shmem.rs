@@ -1,0 +1,353 @@
+//! The store in shared memory: a header and an array of fixed-size entries, one per slot
+//! name the store knows, sized from `max_replication_slots` (a lease is a slot, and the
+//! tracking is per slot; twice that, so that leases whose slots vanished and slots not yet
+//! tracked fit together). Loaded from `pg_slotguard/` by the postmaster at startup (and
+//! after every crash restart), as core's `StartupReplicationSlots` loads slots.
+//!
+//! Two LWLocks of tranche `pgslotguard`, as slot.c has `ReplicationSlotControlLock` and a
+//! per-slot `io_in_progress_lock`:
+//! - [`Locks::array`]: readers take it shared to copy entries out; writers take it
+//!   exclusive only to change entries in memory (never across file I/O);
+//! - [`Locks::write`]: held exclusive by whoever changes the store, for the whole change:
+//!   check, write the file, fsync, rename, update memory. Changes are serialised, readers
+//!   never wait on an fsync, and nothing holds it across a statement of a user's
+//!   transaction (lease calls apply their changes at commit, src/xact.rs).
+
+use super::codec::{IntentRec, LeaseRec, SeenRec, SlotRecord};
+use pgrx::pg_sys;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+const NAME_LEN: usize = 64;
+const HOLDER_LEN: usize = crate::validate::MAX_HOLDER_BYTES;
+const WORD_LEN: usize = 32;
+const REASON_LEN: usize = 1024;
+/// "Absent" for the optional integers of an entry.
+const NONE: i64 = i64::MIN;
+
+/// The words of the limits a warning can be remembered for (`Breach::limit_word`), one bit
+/// each in an entry. A test holds this list and the Breach enum together.
+pub const LIMIT_WORDS: [&str; 10] = ["expiry", "retained", "age", "inactivity", "floor", "stalled", "xmin", "lost", "space", "loop"];
+
+pub const TRANCHE: &std::ffi::CStr = c"pgslotguard";
+
+/// A bounded text field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Text<const N: usize> {
+    len: u16,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Text<N> {
+    fn set(&mut self, s: &str) {
+        let mut n = s.len().min(N);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = n as u16;
+    }
+    fn as_str(&self) -> &str {
+        let b = &self.bytes[..(self.len as usize).min(N)];
+        // Only ever set from a &str cut at a character boundary.
+        std::str::from_utf8(b).unwrap_or("")
+    }
+    fn eq(&self, s: &str) -> bool {
+        self.as_str() == s
+    }
+}
+
+/// One slot name's record in shared memory: plain old data.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Entry {
+    in_use: bool,
+    has_lease: bool,
+    has_seen: bool,
+    has_holder: bool,
+    has_intent: bool,
+    limit_by_superuser: bool,
+    adopted: bool,
+    name: Text<NAME_LEN>,
+    owner: Text<NAME_LEN>,
+    holder: Text<HOLDER_LEN>,
+    leased_at: i64,
+    renewed_at: i64,
+    expires_at: i64,
+    max_retained: i64,
+    max_inactive: i64,
+    max_age: i64,
+    max_xmin_age: i64,
+    reserved_lsn: i64,
+    slot_ino: i64,
+    first_seen: i64,
+    inactive_since: i64,
+    stalled_lsn: i64,
+    stalled_since: i64,
+    intent_action: Text<WORD_LEN>,
+    intent_reason: Text<REASON_LEN>,
+    warned: u32,
+}
+
+fn opt(v: i64) -> Option<i64> {
+    (v != NONE).then_some(v)
+}
+fn or_none(v: Option<i64>) -> i64 {
+    v.unwrap_or(NONE)
+}
+
+impl Entry {
+    pub fn in_use(&self) -> bool {
+        self.in_use
+    }
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+    pub fn is(&self, name: &str) -> bool {
+        self.in_use && self.name.eq(name)
+    }
+    pub fn has_lease(&self) -> bool {
+        self.has_lease
+    }
+    pub fn has_seen(&self) -> bool {
+        self.has_seen
+    }
+    pub fn dropping(&self) -> bool {
+        self.has_seen && self.has_intent
+    }
+
+    /// The entry's contents as a record.
+    pub fn record(&self) -> SlotRecord {
+        let lease = self.has_lease.then(|| self.lease());
+        let seen = self.has_seen.then(|| self.seen());
+        SlotRecord { name: self.name().to_string(), lease, seen, warned: self.warned_words() }
+    }
+
+    pub fn lease(&self) -> LeaseRec {
+        LeaseRec {
+            owner: self.owner.as_str().to_string(),
+            holder: self.has_holder.then(|| self.holder.as_str().to_string()),
+            leased_at: self.leased_at,
+            renewed_at: opt(self.renewed_at),
+            expires_at: self.expires_at,
+            max_retained: opt(self.max_retained),
+            max_inactive: opt(self.max_inactive),
+            max_age: opt(self.max_age),
+            max_xmin_age: opt(self.max_xmin_age),
+            limit_by_superuser: self.limit_by_superuser,
+            adopted: self.adopted,
+            reserved_lsn: opt(self.reserved_lsn).map(|v| v as u64),
+            slot_ino: opt(self.slot_ino).map(|v| v as u64),
+        }
+    }
+
+    pub fn seen(&self) -> SeenRec {
+        SeenRec {
+            first_seen: self.first_seen,
+            inactive_since: opt(self.inactive_since),
+            stalled: opt(self.stalled_lsn).zip(opt(self.stalled_since)).map(|(l, s)| (l as u64, s)),
+            dropping: self.has_intent.then(|| IntentRec {
+                action: self.intent_action.as_str().to_string(),
+                reason: self.intent_reason.as_str().to_string(),
+            }),
+        }
+    }
+
+    /// The policy's view of the lease, without the holder (the pass has no use for it).
+    pub fn policy_lease(&self) -> crate::policy::Lease {
+        crate::policy::Lease {
+            slot_name: self.name().to_string(),
+            owner: self.owner.as_str().to_string(),
+            leased_at: self.leased_at,
+            renewed_at: opt(self.renewed_at),
+            expires_at: self.expires_at,
+            max_retained: opt(self.max_retained),
+            max_inactive: opt(self.max_inactive),
+            max_age: opt(self.max_age),
+            limit_by_superuser: self.limit_by_superuser,
+        }
+    }
+
+    pub fn policy_seen(&self) -> crate::policy::Seen {
+        crate::policy::Seen {
+            slot_name: self.name().to_string(),
+            first_seen: self.first_seen,
+            inactive_since: opt(self.inactive_since),
+            dropping: self.has_intent.then(|| crate::policy::DropIntent {
+                action: self.intent_action.as_str().to_string(),
+                reason: self.intent_reason.as_str().to_string(),
+            }),
+            stalled: opt(self.stalled_lsn).zip(opt(self.stalled_since)).map(|(l, s)| (l as u64, s)),
+        }
+    }
+
+    pub fn warned_words(&self) -> Vec<String> {
+        LIMIT_WORDS.iter().enumerate().filter(|(i, _)| self.warned & (1 << i) != 0).map(|(_, w)| w.to_string()).collect()
+    }
+
+    /// Fill the entry from a record (the entry becomes in use).
+    pub fn set(&mut self, rec: &SlotRecord) {
+        self.in_use = true;
+        self.name.set(&rec.name);
+        self.has_lease = rec.lease.is_some();
+        if let Some(l) = &rec.lease {
+            self.owner.set(&l.owner);
+            self.has_holder = l.holder.is_some();
+            self.holder.set(l.holder.as_deref().unwrap_or(""));
+            self.leased_at = l.leased_at;
+            self.renewed_at = or_none(l.renewed_at);
+            self.expires_at = l.expires_at;
+            self.max_retained = or_none(l.max_retained);
+            self.max_inactive = or_none(l.max_inactive);
+            self.max_age = or_none(l.max_age);
+            self.max_xmin_age = or_none(l.max_xmin_age);
+            self.limit_by_superuser = l.limit_by_superuser;
+            self.adopted = l.adopted;
+            self.reserved_lsn = or_none(l.reserved_lsn.map(|v| v as i64));
+            self.slot_ino = or_none(l.slot_ino.map(|v| v as i64));
+        }
+        self.has_seen = rec.seen.is_some();
+        let seen = rec.seen.clone().unwrap_or_default();
+        self.first_seen = seen.first_seen;
+        self.inactive_since = or_none(seen.inactive_since);
+        self.stalled_lsn = or_none(seen.stalled.map(|(l, _)| l as i64));
+        self.stalled_since = or_none(seen.stalled.map(|(_, s)| s));
+        self.has_intent = seen.dropping.is_some();
+        if let Some(i) = &seen.dropping {
+            self.intent_action.set(&i.action);
+            self.intent_reason.set(&i.reason);
+        }
+        self.warned = words_to_bits(&rec.warned);
+    }
+}
+
+pub fn words_to_bits(words: &[String]) -> u32 {
+    words.iter().filter_map(|w| LIMIT_WORDS.iter().position(|l| l == w)).fold(0, |b, i| b | (1 << i))
+}
+
+/// The start of the store's shared memory.
+#[repr(C)]
+pub struct Header {
+    pub capacity: u32,
+    /// Warnings about the node as a whole (the floor), as limit bits.
+    pub node_warned: u32,
+}
+
+/// The store's shared memory, once attached.
+pub struct Shared {
+    pub header: *mut Header,
+    pub entries: *mut Entry,
+    pub locks: *mut pg_sys::LWLockPadded,
+}
+
+static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn capacity_for(max_replication_slots: i32) -> usize {
+    (max_replication_slots.max(0) as usize) * 2
+}
+
+fn size_for(capacity: usize) -> usize {
+    std::mem::size_of::<Header>().next_multiple_of(8) + capacity * std::mem::size_of::<Entry>()
+}
+
+/// The store, if this process is attached to it (the library was preloaded).
+pub fn shared() -> Option<Shared> {
+    let header = HEADER.load(Ordering::Acquire);
+    let locks = LOCKS.load(Ordering::Acquire);
+    if header.is_null() || locks.is_null() {
+        return None;
+    }
+    // SAFETY: both pointers were set in the startup hook to shared memory that lives as
+    // long as the server; the entries follow the header at the aligned offset.
+    let entries = unsafe { (header as *mut u8).add(std::mem::size_of::<Header>().next_multiple_of(8)) } as *mut Entry;
+    Some(Shared { header, entries, locks })
+}
+
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+/// Install the hooks (from _PG_init, while preloading).
+pub fn init() {
+    // SAFETY: _PG_init runs in the postmaster while shared_preload_libraries are loaded,
+    // single-threaded, before shared memory is made; chaining the previous hooks is the
+    // documented way to install these.
+    unsafe {
+        PREV_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request);
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn request() {
+    // SAFETY: called by the postmaster in its shmem request phase, where
+    // RequestAddinShmemSpace and RequestNamedLWLockTranche are allowed.
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(size_for(capacity_for(pg_sys::max_replication_slots)));
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 2);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    // SAFETY: called in the postmaster (and in every backend under EXEC_BACKEND) after
+    // shared memory exists. AddinShmemInitLock (MainLWLockArray[21] on every version from
+    // 15 to 18) serialises ShmemInitStruct as core's contrib modules do. The area is
+    // zeroed and loaded only when it was just made (`found` false): after a crash restart
+    // it is made anew and loaded again from the files.
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let capacity = capacity_for(pg_sys::max_replication_slots);
+        let mut found = false;
+        let header = pg_sys::ShmemInitStruct(c"pgslotguard store".as_ptr(), size_for(capacity), &mut found) as *mut Header;
+        let locks = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
+        if !found {
+            std::ptr::write_bytes(header as *mut u8, 0, size_for(capacity));
+            (*header).capacity = capacity as u32;
+        }
+        HEADER.store(header, Ordering::Release);
+        LOCKS.store(locks, Ordering::Release);
+        pg_sys::LWLockRelease(init_lock);
+        if !found {
+            super::load_at_startup();
+        }
+    }
+}
+
+impl Shared {
+    pub fn capacity(&self) -> usize {
+        // SAFETY: set once at startup, never changed.
+        unsafe { (*self.header).capacity as usize }
+    }
+    pub fn array_lock(&self) -> *mut pg_sys::LWLock {
+        // SAFETY: the tranche has two locks; index 0 is the array's.
+        unsafe { &raw mut (*self.locks.add(0)).lock }
+    }
+    pub fn write_lock(&self) -> *mut pg_sys::LWLock {
+        // SAFETY: index 1 is the writers' lock.
+        unsafe { &raw mut (*self.locks.add(1)).lock }
+    }
+    /// The entries. Callers hold the array lock (shared to read, exclusive to change).
+    ///
+    /// # Safety
+    /// The caller holds the array lock in the mode that fits what it does with them.
+    pub unsafe fn entries(&self) -> &mut [Entry] {
+        // SAFETY: `capacity` entries follow the header (see `size_for`).
+        unsafe { std::slice::from_raw_parts_mut(self.entries, self.capacity()) }
+    }
+    /// # Safety
+    /// As for [`Shared::entries`].
+    pub unsafe fn header(&self) -> &mut Header {
+        // SAFETY: the header lives at the start of the area.
+        unsafe { &mut *self.header }
+    }
+}

@@ -1,0 +1,213 @@
+//! The guard on hot standbys: leases on a standby's own slots, a base backup taken from
+//! the standby through one, the guard dropping at expiry and for the floor there, all with
+//! the primary down too; promotion with a live lease; slots synchronized from the primary
+//! (17+) never touched. Every standby is made with pg_basebackup -R from its primary.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A primary with the extension, and a hot standby of it (streaming, queries accepted).
+fn primary_and_standby(tag: &str, extra: &[&str], standby_extra: &[&str]) -> (Cluster, Cluster) {
+    let p = with_extension(tag, extra);
+    let s = Cluster::from_base_backup(&p, &format!("{tag}-sb"), true, None);
+    s.append_conf(&standby_extra.join("\n"));
+    start_streaming(&p, &s);
+    (p, s)
+}
+
+/// Start a standby made by `from_base_backup` and wait until it streams from `p`.
+fn start_streaming(p: &Cluster, s: &Cluster) {
+    s.pg_ctl_start();
+    s.wait_for("the standby to accept queries", WAIT, |s| {
+        s.try_sql("SELECT pg_is_in_recovery()").ok().filter(|r| r[0].get::<_, bool>(0)).map(|_| ())
+    });
+    p.wait_for("the standby to stream", WAIT, |p| {
+        (p.count("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") >= 1).then_some(())
+    });
+}
+
+/// A primary, and a standby of it whose pg_wal lies on `fs` and that streams through a
+/// slot on the primary (so the primary keeps what the standby has not received).
+fn standby_on(fs: &Tmpfs, tag: &str, standby_conf: &str) -> (Cluster, Cluster) {
+    let p = with_extension(tag, &["max_wal_size = '32MB'", "min_wal_size = '32MB'"]);
+    p.exec("SELECT pg_create_physical_replication_slot('standby_1', true)");
+    let s = Cluster::from_base_backup(&p, &format!("{tag}-sb"), true, Some(&fs.dir.join("wal")));
+    s.append_conf(&format!("primary_slot_name = 'standby_1'\n{standby_conf}"));
+    start_streaming(&p, &s);
+    (p, s)
+}
+
+#[test]
+fn a_lease_on_a_standby_serves_a_base_backup_taken_from_it_and_is_released() {
+    let (p, s) = primary_and_standby("sb-backup", &[], &[]);
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    assert_eq!(s.text("SELECT in_recovery::text FROM pgslotguard.status"), "true");
+    let lsn = s.text("SELECT lsn::text FROM backup_slot_lease('from_standby', '10 min', 'backup of the standby')");
+    assert!(lsn.contains('/'), "the slot reserved no WAL: {lsn}");
+    // keep WAL flowing on the primary while the standby is backed up
+    let writer = std::thread::spawn({
+        let conn = p.conninfo("postgres");
+        move || {
+            let mut cl = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+            for _ in 0..40 {
+                let _ = cl.batch_execute("CREATE TABLE IF NOT EXISTS tick (t timestamptz); INSERT INTO tick VALUES (now()); SELECT pg_switch_wal();");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    });
+    let dir = temp_dir("sb-backup-copy").join("data");
+    let out = s
+        .tool("pg_basebackup")
+        .args(["-h", "127.0.0.1", "-p", &s.port_s(), "-U", "postgres", "-c", "fast", "-S", "from_standby", "--wal-method=stream", "-D"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "pg_basebackup from the standby: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("PG_VERSION").exists());
+    s.exec("SELECT backup_slot_renew('from_standby', '20 min')");
+    assert_eq!(s.text("SELECT backup_slot_release('from_standby')::text"), "true");
+    assert!(!s.slot_exists("from_standby"));
+    // events on a standby: the server log and the per-node ring, shown by the view
+    assert_eq!(
+        s.text("SELECT string_agg(action, ',' ORDER BY at, id) FROM pgslotguard.events WHERE slot_name = 'from_standby'"),
+        "lease,renew,release"
+    );
+    assert!(s.log().contains("pgslotguard: event lease on replication slot \"from_standby\""), "{}", s.log_tail(10));
+    assert!(s.data.join("pg_slotguard/events").exists());
+    // nothing of it reached the primary
+    assert_eq!(p.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'from_standby'"), 0);
+    assert_eq!(p.count("SELECT count(*) FROM pgslotguard.leases"), 0);
+}
+
+#[test]
+fn a_dead_backup_on_a_standby_is_dropped_at_expiry_even_with_the_primary_down() {
+    let (p, s) = primary_and_standby("sb-expire", &[], &[]);
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    // A backup that died: its slot is leased, nothing streams from it.
+    s.exec("SELECT * FROM backup_slot_lease('dies', '2 s')");
+    let expires: f64 = s.sql("SELECT extract(epoch FROM expires_at)::float8 FROM pgslotguard.leases WHERE slot_name = 'dies'")[0].get(0);
+    s.wait_for("the standby's guard to drop the expired slot", WAIT, |s| (!s.slot_exists("dies")).then_some(()));
+    let late = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - expires;
+    assert!(late < 1.0, "dropped {late:.3} s after expiry");
+    assert_eq!(s.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'dies' ORDER BY at DESC, id DESC LIMIT 1"), "expire_drop");
+
+    // The primary goes away: the standby leases, renews, releases and guards on its own.
+    p.stop("fast");
+    s.exec("SELECT * FROM backup_slot_lease('alone', '1h')");
+    s.exec("SELECT backup_slot_renew('alone', '2h')");
+    s.exec("SELECT backup_slot_release('alone')");
+    assert!(!s.slot_exists("alone"));
+    s.exec("SELECT * FROM backup_slot_lease('alone_short', '1 s')");
+    s.wait_for("the guard to drop with the primary down", WAIT, |s| (!s.slot_exists("alone_short")).then_some(()));
+    assert_eq!(s.text("SELECT in_recovery::text FROM pgslotguard.status"), "true");
+    assert!(!s.log().contains("ERROR:  pgslotguard") && !s.log().contains("enforcement pass failed"), "{}", s.log_tail(20));
+}
+
+#[test]
+fn a_promoted_standby_keeps_its_leases_and_records_events_in_the_table_from_then_on() {
+    let (p, s) = primary_and_standby("sb-promote", &[], &[]);
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    s.exec("SELECT * FROM backup_slot_lease('live', '1h', 'lives through promotion')");
+    let before = s.count("SELECT count(*) FROM pgslotguard.event_log");
+    p.stop("fast");
+    let pid = s.worker_pid();
+    s.exec("SELECT pg_promote()");
+    s.wait_for("the promotion to end", WAIT, |s| (s.text("SELECT pg_is_in_recovery()::text") == "false").then_some(()));
+    assert_eq!(s.worker_pid(), pid, "the guard carries on through promotion, without a restart");
+    assert_eq!(s.text("SELECT holder FROM pgslotguard.leases WHERE slot_name = 'live'"), "lives through promotion");
+    assert_eq!(s.text("SELECT in_recovery::text FROM pgslotguard.status"), "false");
+    // the lease is enforced, and its drop is recorded in the table now
+    s.exec("SELECT pgslotguard.test_set_lease_times('live', NULL, -1)");
+    s.wait_for("the promoted server's guard to drop the expired lease", WAIT, |s| (!s.slot_exists("live")).then_some(()));
+    s.wait_for("the drop's event in the table", WAIT, |s| {
+        (s.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'live' AND action = 'expire_drop'") == 1).then_some(())
+    });
+    assert!(s.count("SELECT count(*) FROM pgslotguard.event_log") > before);
+    // the standby-time events are still shown, from the ring
+    assert_eq!(s.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'live' AND action = 'lease'"), 1);
+}
+
+/// Write `mb` MB of WAL on `p` in 8 MB steps, a steady stream (about 40 MB/s here) rather
+/// than one burst.
+fn write_steadily(p: &Cluster, mb: i64) {
+    for _ in 0..mb / 8 {
+        p.exec("CREATE TABLE IF NOT EXISTS filler (x text); INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 8800)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// On a standby the free-space floor has the standby's own pg_wal to protect. Measured
+/// first without the guard, then with it, under the same steady stream from the primary.
+#[test]
+fn the_floor_keeps_a_standby_replaying_past_an_orphaned_lease() {
+    let fs = Tmpfs::mount("sb-walfs", 160);
+    let (p, s) = standby_on(&fs, "sb-floor", "pgslotguard.min_free_wal_space = '40%'\npgslotguard.enabled = off");
+    s.exec("SELECT * FROM backup_slot_lease('orphan', '1h')");
+
+    // Without the guard: the orphan pins the standby's pg_wal until its filesystem is full.
+    write_steadily(&p, 200);
+    let t0 = Instant::now();
+    let outcome = loop {
+        let log = s.log();
+        if log.contains("No space left on device") {
+            break "the standby ran out of space in pg_wal";
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            break "nothing happened in 60 s";
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (free, total) = fs.space();
+    eprintln!("standby without the guard: {outcome}; {} of {} MB free", free >> 20, total >> 20);
+    assert_eq!(outcome, "the standby ran out of space in pg_wal", "{}", s.log_tail(20));
+    let down = s.try_sql("SELECT 1").is_err();
+    eprintln!("standby server {}", if down { "down (PANIC)" } else { "up, replay stalled" });
+    s.stop("immediate");
+    drop(s);
+    drop(p);
+    drop(fs);
+
+    // With the floor: the same load, the orphan dropped, replay goes on.
+    let fs = Tmpfs::mount("sb-walfs2", 160);
+    let (p, s) = standby_on(&fs, "sb-floor2", "pgslotguard.min_free_wal_space = '40%'");
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    s.exec("SELECT * FROM backup_slot_lease('orphan', '1h')");
+    write_steadily(&p, 200);
+    s.wait_for("the floor to drop the orphan on the standby", Duration::from_secs(60), |s| (!s.slot_exists("orphan")).then_some(()));
+    let ev = s.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'orphan' AND action = 'space_drop'");
+    assert!(ev.contains("next restartpoint"), "{ev}");
+    let target = p.text("SELECT pg_current_wal_lsn()::text");
+    s.wait_for("the standby to replay everything the primary wrote", Duration::from_secs(60), |s| {
+        (s.count(&format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::int::int8")) == 1).then_some(())
+    });
+    assert!(!s.log().contains("No space left on device"), "{}", s.log_tail(20));
+    let (free, total) = fs.space();
+    eprintln!("standby with the floor: replayed all, {} of {} MB free", free >> 20, total >> 20);
+}
+
+/// 17+: a slot synchronized from the primary (sync_replication_slots) is the primary's,
+/// whatever the scope: never dropped on the standby.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[test]
+fn a_slot_synchronized_from_the_primary_is_never_dropped_even_with_scope_all() {
+    let p = with_extension("sb-sync", &[]);
+    p.exec("SELECT pg_create_physical_replication_slot('sb_phys', true)");
+    p.exec("SELECT pg_create_logical_replication_slot('lsub', 'test_decoding', false, false, true)");
+    let s = Cluster::from_base_backup(&p, "sb-sync-sb", true, None);
+    s.append_conf(&format!(
+        "primary_slot_name = 'sb_phys'\nhot_standby_feedback = on\nsync_replication_slots = on\nprimary_conninfo = '{} application_name=sb'\npgslotguard.scope = 'all'\npgslotguard.max_slot_age = '1s'\npgslotguard.max_inactive_time = '1s'",
+        p.conninfo("postgres")
+    ));
+    s.pg_ctl_start();
+    s.wait_for("the slot to be synchronized to the standby", Duration::from_secs(60), |s| {
+        s.try_sql("SELECT synced FROM pg_replication_slots WHERE slot_name = 'lsub'").ok().filter(|r| !r.is_empty() && r[0].get::<_, bool>(0)).map(|_| ())
+    });
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    s.wait_passes(4);
+    assert!(s.slot_exists("lsub"), "the guard dropped a synchronized slot\n{}", s.describe());
+    assert_eq!(s.text("SELECT in_scope::text || ' ' || scope_reason FROM pgslotguard.slots WHERE slot_name = 'lsub'"), "false synchronized from the primary (synced)");
+}
