@@ -374,9 +374,10 @@ impl Cluster {
     }
 
     /// Start `pg_basebackup -c fast -S slot --wal-method=stream --max-rate=rate` into a
-    /// fresh temp dir; returns the process (stopped by PID when dropped) and the dir.
+    /// fresh dir in the cluster's (removed with it); returns the process (stopped by PID
+    /// when dropped) and the dir.
     pub fn basebackup_throttled(&self, slot: &str, rate: &str) -> (Proc, PathBuf) {
-        let dir = temp_dir("bb").join("data");
+        let dir = self.dir.join(format!("backup-{slot}"));
         let child = self
             .tool("pg_basebackup")
             .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-c", "fast", "-S", slot])
