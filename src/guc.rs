@@ -159,7 +159,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pgslotguard.max_stalled_time",
-        c"Treat an active slot whose restart_lsn has not advanced for this long while WAL was written as a hard breach (-1 disables).",
+        c"Treat an active slot whose stream (its walsender's sent, write and flush positions) has not advanced for this long while WAL waits for it as a hard breach (-1 disables).",
         c"With terminate_active the guard terminates its walsender and drops the slot; without, it warns.",
         &MAX_STALLED_TIME,
         -1,

@@ -191,11 +191,38 @@ pub struct SlotInfo {
     /// A standby's copy of a primary's slot, kept in step by slot synchronisation
     /// (`sync_replication_slots`, 17+): the primary's, never the guard's to touch.
     pub synced: bool,
+    /// The walsender that holds the slot, when a walsender does (`pg_stat_replication`).
+    pub sender: Option<Sender>,
 }
 
 impl SlotInfo {
     pub fn active(&self) -> bool {
         self.active_pid.is_some()
+    }
+}
+
+/// What the walsender holding a slot reports, as `pg_stat_replication` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sender {
+    /// `sent_lsn`: how far the walsender has sent WAL to its client.
+    pub sent: u64,
+    /// `write_lsn`, `flush_lsn`: how far its client says it has written and flushed WAL
+    /// (0 until it says). `restart_lsn` follows `flush`, which `pg_receivewal` and
+    /// `pg_basebackup` (without `--synchronous`) report only when a segment is complete.
+    pub write: u64,
+    pub flush: u64,
+    /// The end of the WAL the walsender may send, read just before its positions: flushed
+    /// WAL on a primary, received or replayed WAL on a standby (a cascading walsender).
+    pub send_limit: u64,
+}
+
+impl Sender {
+    /// How far the stream has got: the furthest of sent, written and flushed. The client
+    /// reads what the walsender sends (a client that stops reading stops `sent` once the
+    /// socket buffers are full, a few MB on), and a stream that reports its flush only per
+    /// segment still moves `sent` and `write` with every transaction.
+    pub fn progress(&self) -> u64 {
+        self.sent.max(self.write).max(self.flush)
     }
 }
 
@@ -230,8 +257,8 @@ pub struct Seen {
     /// The guard committed its intent to drop this slot (the event it will record and
     /// why) and may have died before it recorded the drop: see `enforce::drop_slot`.
     pub dropping: Option<DropIntent>,
-    /// An active slot whose `restart_lsn` stopped while WAL was written: that LSN, and
-    /// since when (`pgslotguard.max_stalled_time`).
+    /// An active slot whose stream stopped while WAL waited for it: its progress position
+    /// (see [`behind`]), and since when (`pgslotguard.max_stalled_time`).
     pub stalled: Option<(u64, i64)>,
 }
 
@@ -276,8 +303,8 @@ pub enum Breach {
     Space,
     /// Core invalidated the slot (`wal_status = 'lost'`): it can never be used again.
     Lost,
-    /// An active slot's `restart_lsn` has not moved for `max_stalled_time` while WAL was
-    /// written: its consumer is stuck.
+    /// An active slot's stream has not moved for `max_stalled_time` while WAL waited for
+    /// it (see [`behind`]): its consumer is stuck.
     Stalled,
 }
 
@@ -418,7 +445,7 @@ impl Limit {
                 fmt_us((-used + 999_999) / 1_000_000 * 1_000_000)
             ),
             Breach::Inactive => format!("inactive for {}, {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
-            Breach::Stalled => format!("restart_lsn has not advanced for {}, {pct}% of pgslotguard.max_stalled_time ({})", fmt_us(used), fmt_us(limit)),
+            Breach::Stalled => format!("its consumer has not advanced for {}, {pct}% of pgslotguard.max_stalled_time ({})", fmt_us(used), fmt_us(limit)),
             Breach::Space | Breach::Lost => self.words(),
         }
     }
@@ -443,7 +470,7 @@ impl Limit {
             (Breach::Space, _) => format!("free space {} of floor {}", fmt_bytes(used), fmt_bytes(limit)),
             (Breach::Lost, _) => "invalidated by PostgreSQL".into(),
             (Breach::Stalled, true) => format!(
-                "active, and its restart_lsn has not advanced for {} while WAL was written, above pgslotguard.max_stalled_time ({})",
+                "active, and its consumer has not advanced for {} while WAL waits for it, above pgslotguard.max_stalled_time ({})",
                 fmt_us(used),
                 fmt_us(limit)
             ),
@@ -502,24 +529,49 @@ pub fn track(policy: &Policy, snap: &Snapshot) -> Option<Vec<Seen>> {
     Some(out)
 }
 
-/// How long an active slot has been stalled: its tracking notes a stall at the LSN it
-/// still has.
-fn stalled_for(snap: &Snapshot, slot: &SlotInfo, seen: Option<&Seen>) -> Option<i64> {
-    let (lsn, since) = seen?.stalled?;
-    (slot.active() && slot.restart_lsn == Some(lsn)).then(|| snap.now - since)
+/// The progress position of an active slot whose consumer has WAL waiting for it, `None`
+/// for any other slot:
+/// - held by a walsender: [`Sender::progress`], waiting when below the end of the WAL the
+///   walsender may send. A stream that has sent all there is (an idle primary) is not
+///   behind, whatever its `restart_lsn`.
+/// - held by another backend (a SQL function such as `pg_logical_slot_get_changes`, which
+///   reports nothing else): its `restart_lsn`, waiting when below the current WAL position.
+pub(crate) fn behind(snap: &Snapshot, s: &SlotInfo) -> Option<u64> {
+    if !s.active() {
+        return None;
+    }
+    match s.sender {
+        Some(w) => Some(w.progress()).filter(|&p| p < w.send_limit),
+        None => s.restart_lsn.filter(|&r| r < snap.current_lsn),
+    }
 }
 
-/// The stall of a slot as this pass sees it (`pgslotguard.max_stalled_time` on): an
-/// active slot behind the current WAL position whose `restart_lsn` is the one the
-/// previous pass saw is stalled since the tracking says, or from now; any other slot is
-/// not stalled. Noted from the second pass that sees it (a stream reports its position
-/// every few seconds), so a healthy stream writes no tracking.
+/// Since when an active slot has been stalled: its tracking notes a stall at the progress
+/// position it is still behind at. One definition for the limit and its deadline
+/// (`timing::time_deadlines`).
+pub(crate) fn stalled_since(snap: &Snapshot, slot: &SlotInfo, seen: Option<&Seen>) -> Option<i64> {
+    let (lsn, since) = seen?.stalled?;
+    (behind(snap, slot) == Some(lsn)).then_some(since)
+}
+
+/// How long an active slot has been stalled.
+fn stalled_for(snap: &Snapshot, slot: &SlotInfo, seen: Option<&Seen>) -> Option<i64> {
+    stalled_since(snap, slot, seen).map(|since| snap.now - since)
+}
+
+/// The stall of a slot as this pass sees it (`pgslotguard.max_stalled_time` on): a slot
+/// [`behind`] at the progress position its tracking noted is stalled since then; one
+/// behind elsewhere is noted from now if its `restart_lsn` is the one the worker's
+/// previous pass saw (a consumer whose flush moved has made progress); any other slot is
+/// not stalled. So a stall is noted from the second pass of the worker that sees it, and a
+/// healthy stream, which has sent all there is at almost every pass, seldom writes
+/// tracking: only at a pass that finds its walsender between a commit and its send.
 fn stall(policy: &Policy, snap: &Snapshot, s: &SlotInfo, known: Option<&Seen>) -> Option<(u64, i64)> {
     policy.max_stalled_us?;
-    let r = s.restart_lsn.filter(|&r| s.active() && r < snap.current_lsn)?;
+    let p = behind(snap, s)?;
     match known.and_then(|k| k.stalled) {
-        Some((lsn, since)) if lsn == r => Some((lsn, since)),
-        _ => (snap.restart_before.get(&s.name) == Some(&r)).then_some((r, snap.now)),
+        Some((lsn, since)) if lsn == p => Some((lsn, since)),
+        _ => (s.restart_lsn.is_some() && snap.restart_before.get(&s.name) == s.restart_lsn.as_ref()).then_some((p, snap.now)),
     }
 }
 
@@ -1035,6 +1087,7 @@ mod tests {
             restart_lsn: Some(0),
             invalidation: None,
             core_inactive_since: None,
+            sender: None,
         }
     }
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
@@ -1284,6 +1337,166 @@ mod tests {
             t.slots = vec![slot];
             assert_eq!(track(&p, &t).unwrap()[0].stalled, None);
             assert!(!matches!(one(&p, &t).action, Action::Wait { breach: Breach::Stalled, .. } | Action::Drop { breach: Breach::Stalled, .. }));
+        }
+    }
+
+    #[test]
+    fn a_stream_is_stalled_only_while_its_progress_stands_still_with_wal_waiting_for_it() {
+        // A walsender streams from slot "a"; its client reports its flush (and so moves
+        // restart_lsn) only when a segment is complete: restart_lsn sits at 4 MB, as at
+        // the worker's previous pass, in every case but one. The current WAL position is
+        // 10 MB; max_stalled_time 10 s.
+        let p = Policy { max_stalled_us: Some(10 * S), terminate_active: true, ..Policy::default() };
+        let m = |n: i64| (n * MB) as u64;
+        let stream = |sent, write, send_limit| Some(Sender { sent, write, flush: m(4), send_limit });
+        struct Case {
+            what: &'static str,
+            active: bool,
+            sender: Option<Sender>,
+            /// The tracking's note before this pass.
+            noted: Option<(u64, i64)>,
+            /// restart_lsn at the worker's previous pass (4 MB now).
+            restart_before: Option<u64>,
+            /// The note after this pass, and whether it is a stall breach.
+            note: Option<(u64, i64)>,
+            breach: bool,
+        }
+        let cases = [
+            Case {
+                what: "an idle primary: all WAL sent and written, only flush (= restart_lsn) lags",
+                active: true,
+                sender: stream(m(10), m(10), m(10)),
+                noted: None,
+                restart_before: Some(m(4)),
+                note: None,
+                breach: false,
+            },
+            Case {
+                what: "an idle primary whose insert position is a page header past the last record: nothing to send",
+                active: true,
+                sender: stream(m(10) - 24, m(10) - 24, m(10) - 24),
+                noted: Some((m(10) - 24, NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: None,
+                breach: false,
+            },
+            Case {
+                what: "write advancing while restart_lsn stays: noted afresh, not stalled",
+                active: true,
+                sender: stream(m(9), m(9), m(10)),
+                noted: Some((m(8), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: Some((m(9), NOW)),
+                breach: false,
+            },
+            Case {
+                what: "sent advancing ahead of write (a client reading behind its socket buffers)",
+                active: true,
+                sender: stream(m(9), m(8), m(10)),
+                noted: Some((m(8), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: Some((m(9), NOW)),
+                breach: false,
+            },
+            Case {
+                what: "nothing advancing while WAL was written: stalled since the note",
+                active: true,
+                sender: stream(m(8), m(8), m(10)),
+                noted: Some((m(8), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: Some((m(8), NOW - 20 * S)),
+                breach: true,
+            },
+            Case {
+                what: "sent stuck ahead of a stopped client's write: stalled at sent",
+                active: true,
+                sender: stream(m(9), m(7), m(10)),
+                noted: Some((m(9), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: Some((m(9), NOW - 20 * S)),
+                breach: true,
+            },
+            Case {
+                what: "behind, first seen so: noted from now",
+                active: true,
+                sender: stream(m(8), m(8), m(10)),
+                noted: None,
+                restart_before: Some(m(4)),
+                note: Some((m(8), NOW)),
+                breach: false,
+            },
+            Case {
+                what: "behind, but restart_lsn moved since the previous pass: its client flushed, not noted",
+                active: true,
+                sender: stream(m(8), m(8), m(10)),
+                noted: None,
+                restart_before: Some(m(3)),
+                note: None,
+                breach: false,
+            },
+            Case {
+                what: "behind, in a pass run by hand (no previous pass): not noted",
+                active: true,
+                sender: stream(m(8), m(8), m(10)),
+                noted: None,
+                restart_before: None,
+                note: None,
+                breach: false,
+            },
+            Case {
+                what: "caught up after a stall: the note ends",
+                active: true,
+                sender: stream(m(10), m(9), m(10)),
+                noted: Some((m(8), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: None,
+                breach: false,
+            },
+            Case {
+                what: "held by a backend that is no walsender: judged by restart_lsn, below the current position",
+                active: true,
+                sender: None,
+                noted: Some((m(4), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: Some((m(4), NOW - 20 * S)),
+                breach: true,
+            },
+            Case {
+                what: "inactive: never stalled",
+                active: false,
+                sender: None,
+                noted: Some((m(4), NOW - 20 * S)),
+                restart_before: Some(m(4)),
+                note: None,
+                breach: false,
+            },
+        ];
+        for c in cases {
+            let a = SlotInfo { active_pid: c.active.then_some(7), restart_lsn: Some(m(4)), sender: c.sender, ..slot("a") };
+            let mut s = snap(vec![a], vec![lease("a", 3600 * S, 3600 * S)]);
+            s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 100 * S, inactive_since: (!c.active).then_some(NOW - S), dropping: None, stalled: c.noted }].into();
+            if let Some(r) = c.restart_before {
+                s.restart_before.insert("a".into(), r);
+            }
+            let note = track(&p, &s).map_or(c.noted, |seen| seen[0].stalled);
+            assert_eq!(note, c.note, "{}", c.what);
+            // the pass judges the tracking as written
+            Rc::make_mut(&mut s.seen)[0].stalled = note;
+            let d = one(&p, &s);
+            assert_eq!(dropped(&d) == Some(Breach::Stalled), c.breach, "{}: {d:#?}", c.what);
+            if c.breach {
+                assert_eq!(d.state, "stalled", "{}", c.what);
+                match &d.action {
+                    Action::Drop { reason, terminate: Some(7), .. } => assert!(reason.contains("its consumer has not advanced for 20s while WAL waits for it"), "{reason}"),
+                    other => panic!("{}: {other:?}", c.what),
+                }
+            }
+            // the worker wakes at a stall's deadline, and only for a stall still current
+            let due = next_due(&p, &s, &decide(&p, &s));
+            match note {
+                Some((_, since)) if !c.breach => assert_eq!(due, Some(since + 10 * S + 1 - NOW), "{}", c.what),
+                _ => assert!(due.is_none_or(|d| d > 10 * S), "{}: due {due:?}", c.what),
+            }
         }
     }
 

@@ -3,9 +3,11 @@
 //! `ReplicationSlotControlLock` (shared), each slot copied under its spinlock and examined
 //! after the spinlock is released. A pass reads every slot this way instead of querying
 //! `pg_replication_slots` through SPI: no plan, no tuplestore, no LSN turned into text and
-//! back. The extension's own tables are still read through SPI (state.rs).
+//! back. The extension's own tables are still read through SPI (state.rs). The walsender
+//! that holds an active slot is read the way `pg_stat_get_wal_senders()` reads it (what
+//! `pg_stat_replication` shows): how far it has sent, and its client written and flushed.
 
-use crate::policy::SlotInfo;
+use crate::policy::{Sender, SlotInfo};
 use pgrx::pg_sys;
 
 /// `ReplicationSlotControlLock` is `MainLWLockArray[37]` (src/include/storage/
@@ -32,6 +34,20 @@ fn name_bytes(n: &pg_sys::NameData) -> &[u8] {
 }
 
 fn read(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
+    // The end of the WAL walsenders may send is read before their positions, so that a
+    // walsender found short of it had that WAL to send when it was looked at.
+    let send_limit = send_limit();
+    let mut out = slots(want);
+    if out.iter().any(SlotInfo::active) {
+        let senders = walsenders(send_limit);
+        for slot in &mut out {
+            slot.sender = slot.active_pid.and_then(|pid| senders.iter().find(|(p, _)| *p == pid)).map(|(_, s)| *s);
+        }
+    }
+    out
+}
+
+fn slots(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
     let mut out = Vec::new();
     // SAFETY: ReplicationSlotCtl points to the slot array in shared memory, set up by the
     // postmaster before any backend or worker starts, with max_replication_slots entries
@@ -64,6 +80,50 @@ fn read(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
             out.push(info(&data, active_pid, inactive_since));
         }
         pg_sys::LWLockRelease(lock);
+    }
+    out
+}
+
+/// The end of the WAL a walsender may send now, as walsender.c's XLogSendPhysical computes
+/// it: flushed WAL on a primary; on a standby (a cascading walsender) the furthest of what
+/// the walreceiver has flushed and what has been replayed.
+fn send_limit() -> u64 {
+    // SAFETY: plain reads of positions in shared memory, each under the lock or spinlock
+    // its function takes; none raises an ERROR. A NULL TimeLineID pointer is allowed.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            let received = pg_sys::GetWalRcvFlushRecPtr(std::ptr::null_mut(), std::ptr::null_mut());
+            received.max(pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()))
+        } else {
+            pg_sys::GetFlushRecPtr(std::ptr::null_mut())
+        }
+    }
+}
+
+/// Every running walsender: its PID and positions.
+fn walsenders(send_limit: u64) -> Vec<(pg_sys::pid_t, Sender)> {
+    let mut out = Vec::new();
+    // SAFETY: WalSndCtl points to the walsender array in shared memory, set up by the
+    // postmaster before any backend or worker starts, with max_wal_senders entries (a
+    // PGC_POSTMASTER setting, fixed while the server runs). Each entry's PID and positions
+    // are copied under its spinlock, as pg_stat_get_wal_senders() does; nothing between
+    // SpinLockAcquire and SpinLockRelease can raise an ERROR or allocate.
+    unsafe {
+        let ctl = pg_sys::WalSndCtl;
+        let max = pg_sys::max_wal_senders;
+        if ctl.is_null() || max <= 0 {
+            return out;
+        }
+        let base = (&raw mut (*ctl).walsnds).cast::<pg_sys::WalSnd>();
+        for i in 0..max as usize {
+            let w = base.add(i);
+            pg_sys::SpinLockAcquire(&raw mut (*w).mutex);
+            let (pid, sent, write, flush) = ((*w).pid, (*w).sentPtr, (*w).write, (*w).flush);
+            pg_sys::SpinLockRelease(&raw mut (*w).mutex);
+            if pid != 0 {
+                out.push((pid, Sender { sent, write, flush, send_limit }));
+            }
+        }
     }
     out
 }
@@ -129,5 +189,6 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         invalidation: invalidation(data),
         core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
         synced: synced(data),
+        sender: None,
     }
 }

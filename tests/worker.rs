@@ -309,13 +309,13 @@ fn a_slot_core_invalidated_for_idling_shows_idle_timeout() {
     );
 }
 
-/// A walsender whose client is stuck (SIGSTOPped pg_receivewal) while WAL is written: its
-/// restart_lsn stops. After max_stalled_time the guard warns (terminate_active off), and
-/// with terminate_active it terminates the walsender and drops the slot.
+/// A walsender whose client is stuck (SIGSTOPped pg_receivewal) while WAL is written: once
+/// the socket buffers are full it sends no more, and the client writes nothing. After
+/// max_stalled_time the guard warns (terminate_active off), and with terminate_active it
+/// terminates the walsender and drops the slot.
 #[test]
 fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_active() {
-    // pg_receivewal reports its position every second (Cluster::receivewal), so a healthy
-    // stream moves restart_lsn well within the 3 s limit.
+    // pg_receivewal reports its position every second (Cluster::receivewal).
     let c = with_extension("stalled", &["pgslotguard.max_stalled_time = '3s'", "pgslotguard.warn_fraction = 0.5"]);
     c.exec("SELECT backup_slot_lease('stuck', '1h')");
     let (mut recv, _dir) = c.receivewal("stuck");
@@ -341,7 +341,7 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
         let r = c.text("SELECT COALESCE(string_agg(reason, ' | ' ORDER BY id), '') FROM pgslotguard.events WHERE slot_name = 'stuck' AND action = 'warn'");
         r.contains("terminate_active is off").then_some(r)
     });
-    assert!(warns.starts_with("restart_lsn has not advanced for") && warns.contains("% of pgslotguard.max_stalled_time"), "{warns}");
+    assert!(warns.starts_with("its consumer has not advanced for") && warns.contains("% of pgslotguard.max_stalled_time"), "{warns}");
     assert!(active(&c), "the slot stayed active without terminate_active");
     assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'stuck'"), "stalled");
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.tracking WHERE slot_name = 'stuck' AND stalled_since IS NOT NULL"), 1);
@@ -351,5 +351,87 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
     let actions = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'stuck'");
     assert!(actions.ends_with("terminate,stalled_drop"), "{actions}");
     signal("-CONT");
+    recv.stop();
+}
+
+/// Healthy streams on a trickle of writes (10 one-row transactions a second, no segment
+/// switch): a backup throttled to 1 MB/s through a leased slot, and pg_receivewal through
+/// another. Both report their flush, so restart_lsn, only when a segment is complete: their
+/// restart_lsn sits at a segment start for the whole backup, while what their walsenders
+/// send and their clients write keeps up with the WAL. Neither is stalled, with a stall
+/// limit far below the backup's length and terminate_active on; nor is pg_receivewal once
+/// the primary is idle, with all WAL sent and only its flush behind.
+#[test]
+fn healthy_streams_on_a_trickle_of_writes_are_never_stalled_though_their_restart_lsn_stays() {
+    let c = with_extension(
+        "trickle",
+        &["pgslotguard.max_stalled_time = '3s'", "pgslotguard.terminate_active = on", "pgslotguard.warn_fraction = 0.5"],
+    );
+    c.exec("SELECT backup_slot_lease('nightly', '1h')");
+    c.exec("SELECT backup_slot_lease('archive', '1h')");
+    let (mut recv, _recv_dir) = c.receivewal("archive");
+    let streaming = |c: &Cluster, slot: &str| {
+        c.count(&format!(
+            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = '{slot}' AND r.sent_lsn IS NOT NULL"
+        )) == 1
+    };
+    c.wait_for("pg_receivewal to stream", WAIT, |c| streaming(c, "archive").then_some(()));
+    let mut trickle = c.trickle(10, 600);
+
+    let started = std::time::Instant::now();
+    let (mut bb, _bb_dir) = c.basebackup_throttled("nightly", "1M");
+    c.wait_for("pg_basebackup to stream from its slot", WAIT, |c| streaming(c, "nightly").then_some(()));
+    let streamed = std::time::Instant::now();
+    // (restart_lsn, sent_lsn, write_lsn) of a slot's stream
+    let positions = |c: &Cluster, slot: &str| -> Option<(i64, i64, i64)> {
+        let rows = c.sql(&format!(
+            "SELECT (s.restart_lsn - '0/0')::int8, (r.sent_lsn - '0/0')::int8, (r.write_lsn - '0/0')::int8
+               FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = '{slot}'"
+        ));
+        rows.first().map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get::<_, Option<i64>>(1).unwrap_or(0), r.get::<_, Option<i64>>(2).unwrap_or(0)))
+    };
+    let first = positions(&c, "nightly").expect("the backup's stream");
+    // The premise: while the backup runs, its restart_lsn stays where it was for far longer
+    // than max_stalled_time, while its walsender sends (and its client writes) the trickle.
+    let mut premise = None;
+    let status = c.wait_for("pg_basebackup to finish", Duration::from_secs(300), |c| {
+        if let Some((restart, sent, write)) = positions(c, "nightly") {
+            if restart == first.0 && sent > first.1 && write > first.2 && streamed.elapsed() > Duration::from_secs(9) {
+                premise.get_or_insert(streamed.elapsed());
+            }
+        }
+        bb.0.try_wait().unwrap()
+    });
+    let ran = started.elapsed();
+    let mut out = String::new();
+    if let Some(mut e) = bb.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut out);
+    }
+    let events = |c: &Cluster| c.text("SELECT COALESCE(string_agg(slot_name || ':' || action || ' ' || reason, E'\n' ORDER BY id), '') FROM pgslotguard.events WHERE action <> 'lease'");
+    assert!(status.success(), "pg_basebackup failed after {ran:?}: {out}\nevents:\n{}\n{}", events(&c), c.describe());
+    let premise = premise.unwrap_or_else(|| panic!("restart_lsn of 'nightly' moved, or its stream did not, within {ran:?}: {:?} at first\n{}", first, c.describe()));
+    eprintln!("throttled backup streamed through 'nightly' for {ran:?}; restart_lsn unchanged with the stream advancing past {premise:?}");
+    assert_eq!(events(&c), "", "{}", c.describe());
+
+    // The primary goes idle: all WAL sent to pg_receivewal and written, only its flush
+    // (restart_lsn) behind, at a segment start.
+    trickle.stop();
+    c.wait_for("pg_receivewal to have been sent and have written all WAL", WAIT, |c| {
+        (c.count(
+            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = 'archive' AND r.sent_lsn = pg_current_wal_flush_lsn() AND r.write_lsn = r.sent_lsn
+                AND s.restart_lsn < r.write_lsn",
+        ) == 1)
+            .then_some(())
+    });
+    let idle_from = c.text("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'archive'");
+    c.wait_passes(10);
+    assert_eq!(c.text("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'archive'"), idle_from, "the premise: restart_lsn stayed");
+    assert!(streaming(&c, "archive"), "pg_receivewal lost its stream\n{}", c.describe());
+    assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'archive'"), "ok");
+    assert_eq!(events(&c), "", "{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.slot_seen WHERE stalled_since IS NOT NULL"), 0);
     recv.stop();
 }

@@ -143,10 +143,7 @@ pub fn time_deadlines<'a>(policy: &super::Policy, snap: &'a Snapshot) -> Vec<(&'
             (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
             _ => None,
         };
-        let stalled = match (policy.max_stalled_us, seen.and_then(|s| s.stalled)) {
-            (Some(limit), Some((lsn, since))) if slot.active() && slot.restart_lsn == Some(lsn) => Some(since + limit + 1),
-            _ => None,
-        };
+        let stalled = policy.max_stalled_us.zip(super::stalled_since(snap, slot, seen)).map(|(limit, since)| since + limit + 1);
         if let Some(d) = [expiry, age, idle, stalled].into_iter().flatten().min() {
             out.push((name, d));
         }
@@ -312,6 +309,7 @@ mod tests {
             restart_lsn: Some(restart),
             invalidation: None,
             core_inactive_since: None,
+            sender: None,
         }
     }
 

@@ -381,6 +381,43 @@ impl Cluster {
         c
     }
 
+    /// Start a trickle of writes: `per_sec` transactions a second, each inserting one small
+    /// row into table `trickle` (made here), for `secs` at most (`pgbench -R`: its schedule,
+    /// no segment switch). Stopped by PID when dropped.
+    pub fn trickle(&self, per_sec: u32, secs: u32) -> Proc {
+        self.exec("CREATE TABLE IF NOT EXISTS trickle (id bigserial, at timestamptz DEFAULT now(), x text)");
+        let script = self.dir.join("trickle.sql");
+        std::fs::write(&script, "INSERT INTO trickle (x) VALUES (md5(random()::text));\n").unwrap();
+        let child = self
+            .tool("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-n", "-R", &per_sec.to_string()])
+            .args(["-T", &secs.to_string(), "-f"])
+            .arg(&script)
+            .arg("postgres")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    /// Start `pg_basebackup -c fast -S slot --wal-method=stream --max-rate=rate` into a
+    /// fresh dir in the cluster's (removed with it); returns the process (stopped by PID
+    /// when dropped) and the dir.
+    pub fn basebackup_throttled(&self, slot: &str, rate: &str) -> (Proc, PathBuf) {
+        let dir = self.dir.join(format!("backup-{slot}"));
+        let child = self
+            .tool("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-c", "fast", "-S", slot])
+            .args(["--wal-method=stream", &format!("--max-rate={rate}"), "-D"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (Proc(child), dir)
+    }
+
     /// Bytes of WAL segments in pg_wal, as the server lists them.
     pub fn pg_wal_bytes(&self) -> i64 {
         self.count("SELECT COALESCE(sum(size), 0)::bigint FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")
