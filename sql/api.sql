@@ -84,7 +84,7 @@ SELECT l.slot_name,
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
     OR l.owner OPERATOR(pg_catalog.=) CURRENT_USER;
 COMMENT ON VIEW pgslotguard.leases IS
-'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one); state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
+'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one); state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_xmin, over_age, over_inactive, stalled, lost, below_floor, slot_missing (near_xmin: within pgslotguard.warn_fraction of the transaction-horizon limit). pg_monitor sees all leases, other roles their own';
 
 CREATE VIEW pgslotguard.slots AS
 SELECT d.slot_name,
@@ -107,12 +107,15 @@ SELECT d.slot_name,
        d.next_action,
        d.action_reason,
        d.frees_bytes,
-       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees
+       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees,
+       d.xmin_age,
+       d.catalog_xmin_age,
+       d.max_xmin_age
   FROM pgslotguard.slot_decisions() d
   JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
  ORDER BY d.slot_name;
 COMMENT ON VIEW pgslotguard.slots IS
-'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees)';
+'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees); xmin_age and catalog_xmin_age: how many transactions old the horizon the slot holds back is, as age() counts, and max_xmin_age the limit in force for it (pgslotguard.max_xmin_age or its lease''s)';
 
 CREATE VIEW pgslotguard.events WITH (security_barrier) AS
 SELECT e.id,
@@ -133,7 +136,7 @@ SELECT e.id,
     OR e.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
  ORDER BY e.id;
 COMMENT ON VIEW pgslotguard.events IS
-'audit trail: lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
+'audit trail: lease, renew, release, keep, expire_drop, retained_drop, xmin_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
 
 CREATE VIEW pgslotguard.status AS
 SELECT w.preloaded,
@@ -165,10 +168,20 @@ SELECT w.preloaded,
        s.floor_bytes,
        pg_catalog.pg_size_pretty(s.floor_bytes) AS floor,
        s.headroom_bytes,
-       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom
-  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s;
+       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom,
+       h.slot_name AS oldest_xmin_slot,
+       h.age AS oldest_xmin_age
+  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s
+  -- the slot that holds the oldest transaction horizon (xmin or catalog_xmin), in scope or not
+  LEFT JOIN LATERAL (
+        SELECT r.slot_name::text AS slot_name,
+               pg_catalog.greatest(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
+          FROM pg_catalog.pg_replication_slots r
+         WHERE r.xmin IS NOT NULL OR r.catalog_xmin IS NOT NULL
+         ORDER BY 2 DESC, 1
+         LIMIT 1) h ON true;
 COMMENT ON VIEW pgslotguard.status IS
-'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it';
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it; the slot that holds the oldest transaction horizon of all slots (oldest_xmin_slot, in scope or not) and by how many transactions (oldest_xmin_age, as age() counts): where to look when VACUUM reports dead rows it cannot remove yet';
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.

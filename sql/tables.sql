@@ -28,7 +28,7 @@ CREATE TABLE pgslotguard.event_log (
     -- The same words as policy::Outcome::as_str() (a test holds the two together).
     action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
                         'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
-                        'lost_drop', 'stalled_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
+                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,
@@ -62,7 +62,7 @@ COMMENT ON TABLE pgslotguard.slot_seen IS 'when the guard first saw each slot an
 -- back under the threshold: a restarted worker does not warn again.
 CREATE TABLE pgslotguard.warned (
     slot_name  name NOT NULL,  -- '' for the free-space floor
-    limit_name text NOT NULL CHECK (limit_name IN ('expiry', 'retained', 'age', 'inactivity', 'floor', 'stalled')),
+    limit_name text NOT NULL CHECK (limit_name IN ('expiry', 'retained', 'age', 'inactivity', 'floor', 'stalled', 'xmin')),
     at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (slot_name, limit_name)
 );

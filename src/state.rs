@@ -198,6 +198,7 @@ fn lease_rows(t: &SpiTupleTable) -> pgrx::spi::Result<Vec<Lease>> {
             limit_by_superuser: by_superuser.next().unwrap_or(false),
             max_inactive: max_inactive.next().flatten(),
             max_age: max_age.next().flatten(),
+            max_xmin_age: None,
             renewed_at: renewed.next().flatten().map(us),
         });
     }
@@ -301,7 +302,7 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
         Some(name) => crate::slots::one(name).into_iter().collect(),
     };
     let TablesRead { seen, leases, warned } = tables;
-    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, restart_before: Default::default(), disk: None, held: Default::default() })
+    Ok(Snapshot { now, current_lsn, slots, leases, seen, warned, restart_before: Default::default(), disk: None, held: Default::default(), next_xid: crate::slots::next_full_xid() })
 }
 
 /// Every slot, lease and tracking row.

@@ -308,6 +308,8 @@ mod tests {
             restart_lsn: Some(restart),
             invalidation: None,
             core_inactive_since: None,
+            xmin: None,
+            catalog_xmin: None,
         }
     }
 
@@ -320,6 +322,7 @@ mod tests {
             max_retained: None,
             max_inactive: None,
             max_age: None,
+            max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
         }
@@ -336,6 +339,7 @@ mod tests {
             restart_before: Default::default(),
             disk: None,
             held: HashSet::default(),
+            next_xid: 0,
         }
     }
 
