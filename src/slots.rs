@@ -118,8 +118,8 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         invalidation: invalidation(data),
         core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
         // What pg_replication_slots shows as xmin and catalog_xmin (InvalidTransactionId: unset).
-        xmin: (data.xmin != pg_sys::InvalidTransactionId).then_some(data.xmin),
-        catalog_xmin: (data.catalog_xmin != pg_sys::InvalidTransactionId).then_some(data.catalog_xmin),
+        xmin: (data.xmin != pg_sys::InvalidTransactionId).then_some(data.xmin.into_inner()),
+        catalog_xmin: (data.catalog_xmin != pg_sys::InvalidTransactionId).then_some(data.catalog_xmin.into_inner()),
     }
 }
 

@@ -198,12 +198,12 @@ mod tests {
         // exactly at the limit is not over it
         assert_eq!(one(&p, &snap(vec![slot("standby", aged(10_000), None)], vec![])).action, Action::None);
         // a logical slot: catalog_xmin old, xmin recent; the older one counts
-        let d = one(&p, &snap(vec![slot("sub", aged(5), aged(20_000))], vec![])).clone();
+        let d = one(&p, &snap(vec![slot("sub", aged(5), aged(20_000))], vec![]));
         assert_eq!((d.xmin_age, d.catalog_xmin_age), (Some(5), Some(20_000)));
         assert!(matches!(d.action, Action::Drop { breach: Breach::Xmin, .. }));
         // a slot that holds no horizon is never over it
         let d = one(&p, &snap(vec![slot("backup", None, None)], vec![]));
-        assert_eq!((d.action, d.xmin_age, d.limit(Breach::Xmin)), (Action::None, None, None));
+        assert_eq!((d.limit(Breach::Xmin), &d.action, d.xmin_age), (None, &Action::None, None));
         // the limit off: shown, never acted on
         let d = one(&Policy { scope: Scope::All, ..Policy::default() }, &snap(vec![slot("standby", aged(1 << 30), None)], vec![]));
         assert_eq!((d.action, d.xmin_age), (Action::None, Some(1 << 30)));
