@@ -175,7 +175,7 @@ SELECT w.preloaded,
   -- the slot that holds the oldest transaction horizon (xmin or catalog_xmin), in scope or not
   LEFT JOIN LATERAL (
         SELECT r.slot_name::text AS slot_name,
-               pg_catalog.greatest(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
+               GREATEST(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
           FROM pg_catalog.pg_replication_slots r
          WHERE r.xmin IS NOT NULL OR r.catalog_xmin IS NOT NULL
          ORDER BY 2 DESC, 1
