@@ -379,15 +379,18 @@ impl Cluster {
     }
 
     /// Start pgbench burning transaction IDs: every transaction assigns one
-    /// (`SELECT txid_current()`), over `clients` connections, until stopped (by PID, when
-    /// dropped). Returns the process.
-    pub fn burn_xids(&self, clients: u32) -> Proc {
+    /// (`SELECT txid_current()`), over `clients` connections, at full speed (tens of
+    /// thousands a second with fsync off) or at `rate` a second (`pgbench -R`), until
+    /// stopped (by PID, when dropped). Returns the process.
+    pub fn burn_xids(&self, clients: u32, rate: Option<u32>) -> Proc {
         let script = self.dir.join("burn_xid.sql");
         std::fs::write(&script, "SELECT txid_current();\n").unwrap();
-        let child = self
-            .tool("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-n", "-f"])
-            .arg(&script)
+        let mut cmd = self.tool("pgbench");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-n", "-f"]).arg(&script);
+        if let Some(r) = rate {
+            cmd.args(["-R", &r.to_string()]);
+        }
+        let child = cmd
             .args(["-c", &clients.to_string(), "-j", &clients.to_string(), "-T", "3600", "postgres"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
