@@ -226,7 +226,7 @@ pub fn init() {
     }
     GucRegistry::define_bool_guc(
         c"pgslotguard.terminate_active",
-        c"For a retained-WAL or age breach on an active slot, terminate its walsender, then drop the slot.",
+        c"For a retained-WAL, transaction-horizon or age breach on an active slot, terminate its walsender, then drop the slot.",
         c"Lease expiry and inactivity never terminate a walsender.",
         &TERMINATE_ACTIVE,
         GucContext::Sighup,

@@ -232,7 +232,7 @@ pub struct Lease {
     pub max_xmin_age: Option<i64>,
     /// A superuser set the lease's own limits: they may exceed the global ones. Otherwise
     /// a lease's own limit only ever tightens the global one (`max_retained_wal`,
-    /// `max_inactive_time`, `max_slot_age`), whatever the DBA sets it to later.
+    /// `max_inactive_time`, `max_slot_age`, `max_xmin_age`), whatever the DBA sets it to later.
     pub limit_by_superuser: bool,
 }
 
@@ -394,7 +394,7 @@ pub struct Decision {
     /// Every limit that applies to the slot, as numbers (retained WAL, transaction horizon,
     /// age, stall, lease expiry, inactivity): what the warn threshold looks at.
     pub limits: [Option<Limit>; 6],
-    /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
+    /// `ok`, `expired`, `expired_active`, `over_retained`, `over_xmin`, `over_age`, `over_inactive`,
     /// `below_floor`, `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
     pub action: Action,
