@@ -84,7 +84,7 @@ SELECT l.slot_name,
  WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
     OR l.owner OPERATOR(pg_catalog.=) CURRENT_USER;
 COMMENT ON VIEW pgslotguard.leases IS
-'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one); state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_xmin, over_age, over_inactive, stalled, lost, below_floor, slot_missing (near_xmin: within pgslotguard.warn_fraction of the transaction-horizon limit). pg_monitor sees all leases, other roles their own';
+'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one); state: ok, expiring, near_retained, near_xmin, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_xmin, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
 
 CREATE VIEW pgslotguard.slots AS
 SELECT d.slot_name,
