@@ -255,7 +255,8 @@ mod tests {
     fn a_lease_xmin_limit_only_tightens_the_global_one_unless_a_superuser_set_it() {
         let s = || vec![slot("nightly", aged(30_000), None)];
         // (global, lease's own, by superuser, limit in force)
-        let cases: &[(Option<i64>, Option<i64>, bool, Option<i64>)] = &[
+        type Case = (Option<i64>, Option<i64>, bool, Option<i64>);
+        let cases: &[Case] = &[
             (None, None, false, None),
             (Some(50_000), None, false, Some(50_000)),
             (None, Some(20_000), false, Some(20_000)),
