@@ -921,6 +921,7 @@ fn decide_slot(
         catalog_xmin_age,
     };
     if !in_scope {
+        horizon::name_out_of_scope_slot(policy, lease, &mut d);
         return d;
     }
 

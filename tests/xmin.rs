@@ -114,7 +114,12 @@ fn an_out_of_scope_slot_over_the_xmin_limit_is_named_and_left_alone() {
     assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'other_tool'"), "out_of_scope");
     assert_eq!(c.text("SELECT oldest_xmin_slot FROM pgslotguard.status"), "other_tool");
     assert!(c.count("SELECT oldest_xmin_age FROM pgslotguard.status") > 2000);
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events"), 0, "{}", c.describe());
+    assert_eq!(c.text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'other_tool'"), "wait");
+    // named once, loudly: a warning, and nothing else
+    let reason = c.wait_for("the warning that names the slot", WAIT, |c| event(c, "other_tool", "warn"));
+    assert!(reason.ends_with("not dropped: not leased (scope = leased)"), "{reason}");
+    assert!(c.log().contains("WARNING:  pgslotguard: replication slot \"other_tool\": holds the transaction horizon"), "{}", c.log_tail(10));
+    assert_eq!(c.text("SELECT string_agg(action, ',') FROM pgslotguard.events"), "warn", "{}", c.describe());
 }
 
 #[test]

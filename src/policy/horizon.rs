@@ -59,6 +59,18 @@ pub fn xid_budget(policy: &Policy, decisions: &[Decision]) -> Option<i64> {
         .min()
 }
 
+/// A slot out of scope that holds the horizon back more than `max_xmin_age`: never
+/// touched, but named. Unlike WAL, which the free-space floor guards, nothing else stops
+/// such a slot from taking the cluster to wraparound, so the pass warns once per crossing
+/// (`Action::Wait`, state still `out_of_scope`), saying why it leaves the slot alone.
+pub fn name_out_of_scope_slot(policy: &Policy, lease: Option<&super::Lease>, d: &mut Decision) {
+    let (Some(limit), Some(age)) = (super::xmin_limit(policy, lease), d.xmin_age.max(d.catalog_xmin_age)) else { return };
+    if age > limit && d.action == Action::None {
+        let words = super::Limit { breach: Breach::Xmin, over: true, frac: age as f64 / limit as f64, used: age, limit }.words();
+        d.action = Action::Wait { breach: Breach::Xmin, reason: format!("{words}; not dropped: {}", d.scope_reason) };
+    }
+}
+
 /// The slot names of `synchronized_standby_slots`, as core reads the list
 /// (`SplitIdentifierString`): comma-separated, blanks around names ignored, a quoted name
 /// kept as written (`""` for a quote), an unquoted one in lower case.
@@ -232,8 +244,17 @@ mod tests {
                 .map(|n| matches!(d.iter().find(|d| d.slot_name == *n).unwrap().action, Action::Drop { breach: Breach::Xmin, .. }))
                 .collect();
             assert_eq!(got, want, "{scope:?} {exclude:?}");
-            // out of scope, the ages are still shown
+            // out of scope, the ages are still shown, and the slot is named, not dropped
             assert!(d.iter().all(|d| d.xmin_age.or(d.catalog_xmin_age) == Some(50_000)));
+            for d in d.iter().filter(|d| !d.in_scope) {
+                assert_eq!(d.state, "out_of_scope");
+                match &d.action {
+                    Action::Wait { breach: Breach::Xmin, reason } => {
+                        assert!(reason.ends_with(&format!("not dropped: {}", d.scope_reason)), "{reason}")
+                    }
+                    other => panic!("{scope:?} {}: {other:?}", d.slot_name),
+                }
+            }
         }
     }
 
@@ -331,7 +352,7 @@ mod tests {
             let d = decide(&p, &snap(slots, vec![]));
             assert_eq!(xid_budget(&p, &d), want, "{ages:?} at {warn}");
         }
-        // out of scope, active and waiting, or without the limit: nothing to wake for
+        // out of scope (named only), active and waiting, or without the limit: nothing to wake for
         let mut active = slot("busy", aged(20_000), None);
         active.active_pid = Some(1);
         let p = Policy { max_xmin_age: Some(10_000), ..Policy::default() };
