@@ -115,7 +115,7 @@ SELECT d.slot_name,
   JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
  ORDER BY d.slot_name;
 COMMENT ON VIEW pgslotguard.slots IS
-'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees); xmin_age and catalog_xmin_age: how many transactions old the horizon the slot holds back is, as age() counts, and max_xmin_age the limit in force for it (pgslotguard.max_xmin_age or its lease''s)';
+'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees); xmin_age and catalog_xmin_age: how many transactions old the horizon the slot holds back is, as age() counts, and max_xmin_age the limit in force for it (pgslotguard.max_xmin_age or its lease''s; NULL when the slot holds no horizon or no limit applies)';
 
 CREATE VIEW pgslotguard.events WITH (security_barrier) AS
 SELECT e.id,
