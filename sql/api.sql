@@ -14,16 +14,17 @@ CREATE FUNCTION @extschema@.backup_slot_lease(
     max_retained text     DEFAULT NULL,
     adopt        boolean  DEFAULT false,
     max_inactive interval DEFAULT NULL,
-    max_age      interval DEFAULT NULL)
+    max_age      interval DEFAULT NULL,
+    max_xmin_age bigint   DEFAULT NULL)
 RETURNS TABLE (slot_name text, lsn pg_lsn, expires_at timestamptz)
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
-      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7) AS l
+      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7, $8) AS l
 $$;
-COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval) IS
-'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age: a superuser''s replace the global ones, anyone else''s only tighten them); returns the slot, the reserved LSN and the expiry';
+COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval, bigint) IS
+'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age, max_xmin_age in transactions: a superuser''s replace the global ones, anyone else''s only tighten them); returns the slot, the reserved LSN and the expiry';
 
 CREATE FUNCTION @extschema@.backup_slot_renew(slot_name text, ttl interval DEFAULT NULL)
 RETURNS timestamptz
@@ -79,12 +80,13 @@ SELECT l.slot_name::pg_catalog.name AS slot_name,
        d.nearest_limit,
        l.adopted,
        l.reserved_lsn::pg_catalog.pg_lsn AS reserved_lsn,
-       l.limit_by_superuser
+       l.limit_by_superuser,
+       l.max_xmin_age
   FROM pgslotguard.lease_rows() l
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
   LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text;
 COMMENT ON VIEW pgslotguard.leases IS
-'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one), read from this server''s lease store; state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
+'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one), read from this server''s lease store; state: ok, expiring, near_retained, near_xmin, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_xmin, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
 
 CREATE VIEW pgslotguard.slots AS
 SELECT d.slot_name,
@@ -107,12 +109,15 @@ SELECT d.slot_name,
        d.next_action,
        d.action_reason,
        d.frees_bytes,
-       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees
+       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees,
+       d.xmin_age,
+       d.catalog_xmin_age,
+       d.max_xmin_age
   FROM pgslotguard.slot_decisions() d
   JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
  ORDER BY d.slot_name;
 COMMENT ON VIEW pgslotguard.slots IS
-'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees)';
+'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees); xmin_age and catalog_xmin_age: how many transactions old the horizon the slot holds back is, as age() counts, and max_xmin_age the limit in force for it (pgslotguard.max_xmin_age or its lease''s; NULL when the slot holds no horizon or no limit applies)';
 
 CREATE VIEW pgslotguard.events WITH (security_barrier) AS
 SELECT e.id,
@@ -140,7 +145,7 @@ SELECT e.id,
           FROM pgslotguard.ring_events() r) e
  ORDER BY e.at, e.kept_in DESC, e.id;
 COMMENT ON VIEW pgslotguard.events IS
-'audit trail (kept_in: table, the event_log table of a primary; ring, the per-node ring of pg_slotguard/events where a standby keeps its events, also in its server log): lease, renew, release, keep, expire_drop, retained_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
+'audit trail (kept_in: table, the event_log table of a primary; ring, the per-node ring of pg_slotguard/events where a standby keeps its events, also in its server log): lease, renew, release, keep, expire_drop, retained_drop, xmin_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
 
 CREATE VIEW pgslotguard.status AS
 SELECT w.preloaded,
@@ -173,10 +178,20 @@ SELECT w.preloaded,
        pg_catalog.pg_size_pretty(s.floor_bytes) AS floor,
        s.headroom_bytes,
        pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom,
-       w.in_recovery
-  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s;
+       w.in_recovery,
+       h.slot_name AS oldest_xmin_slot,
+       h.age AS oldest_xmin_age
+  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s
+  -- the slot that holds the oldest transaction horizon (xmin or catalog_xmin), in scope or not
+  LEFT JOIN LATERAL (
+        SELECT r.slot_name::text AS slot_name,
+               GREATEST(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
+          FROM pg_catalog.pg_replication_slots r
+         WHERE r.xmin IS NOT NULL OR r.catalog_xmin IS NOT NULL
+         ORDER BY 2 DESC, 1
+         LIMIT 1) h ON true;
 COMMENT ON VIEW pgslotguard.status IS
-'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it; in_recovery: this server is a hot standby (its guard guards its own slots, events go to its log and ring, and a drop frees WAL at the next restartpoint)';
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it; the slot that holds the oldest transaction horizon of all slots (oldest_xmin_slot, in scope or not) and by how many transactions (oldest_xmin_age, as age() counts): where to look when VACUUM reports dead rows it cannot remove yet; in_recovery: this server is a hot standby (its guard guards its own slots, events go to its log and ring, and a drop frees WAL at the next restartpoint)';
 
 -- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
 -- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
@@ -197,7 +212,7 @@ COMMENT ON VIEW pgslotguard.tracking IS
 
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval),
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval, bigint),
                           pgslotguard.renew_slot(bytea, interval),
                           pgslotguard.release_slot(bytea),
                           pgslotguard.keep_slot(bytea),

@@ -1,6 +1,8 @@
--- pgslotguard 0.1.0 → 0.2.0: leases, the guard's tracking of slots and the warnings it has
--- given move from tables of this database into the per-node store (pg_slotguard/ in the
--- data directory, kept the way core keeps replication slots). The event log stays.
+-- pgslotguard 0.1.0 -> 0.2.0. Written by scripts/upgrade-script: edit that, not this.
+--
+-- Leases, the guard's tracking of slots and the warnings it has given move from tables of
+-- this database into the per-node store (pg_slotguard/ in the data directory, kept the way
+-- core keeps replication slots). The event log stays.
 \echo Use "ALTER EXTENSION pgslotguard UPDATE" to load this file. \quit
 
 -- 1. Move the rows into the store (written durably; running it again writes the same).
@@ -9,13 +11,92 @@ CREATE FUNCTION pgslotguard.import_0_1_0_tables() RETURNS bigint
 SELECT pgslotguard.import_0_1_0_tables();
 DROP FUNCTION pgslotguard.import_0_1_0_tables();
 
--- 2. The tables, their triggers and the kept-read machinery go.
-DROP VIEW pgslotguard.leases;
+-- 2. The tables, their triggers, and the views and functions that change.
+DROP VIEW pgslotguard.leases, pgslotguard.slots, pgslotguard.events, pgslotguard.status;
 DROP TABLE pgslotguard.lease_data, pgslotguard.slot_seen, pgslotguard.warned;
 DROP FUNCTION pgslotguard.tables_changed();
+DROP FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval);
+DROP FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval);
+DROP FUNCTION pgslotguard.slot_decisions();
+DROP FUNCTION pgslotguard.worker_status();
 
--- 3. The store's readers, and the views over them.
-CREATE FUNCTION pgslotguard."lease_rows"() RETURNS TABLE (
+-- 3. New event actions.
+ALTER TABLE pgslotguard.event_log DROP CONSTRAINT event_log_action_check,
+    ADD CONSTRAINT event_log_action_check CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
+                        'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
+                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error'));
+
+-- 4. The functions, as a fresh install makes them.
+CREATE  FUNCTION pgslotguard."lease_slot"(
+	"slot_name" bytea,
+	"ttl" interval,
+	"holder" bytea,
+	"max_retained" bytea,
+	"adopt" bool,
+	"max_inactive" interval,
+	"max_age" interval,
+	"max_xmin_age" bigint
+) RETURNS TABLE (
+	"slot_name" TEXT,
+	"lsn" TEXT,
+	"expires_at" timestamp with time zone
+)
+VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lease_slot_wrapper';
+
+CREATE  FUNCTION pgslotguard."slot_decisions"() RETURNS TABLE (
+	"slot_name" TEXT,
+	"slot_exists" bool,
+	"leased" bool,
+	"in_scope" bool,
+	"scope_reason" TEXT,
+	"retained_bytes" bigint,
+	"age_us" bigint,
+	"inactive_us" bigint,
+	"nearest_limit" TEXT,
+	"state" TEXT,
+	"next_action" TEXT,
+	"action_reason" TEXT,
+	"frees_bytes" bigint,
+	"max_retained_bytes" bigint,
+	"invalidation_reason" TEXT,
+	"xmin_age" bigint,
+	"catalog_xmin_age" bigint,
+	"max_xmin_age" bigint
+)
+STRICT STABLE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'slot_decisions_wrapper';
+
+CREATE  FUNCTION pgslotguard."worker_status"() RETURNS TABLE (
+	"preloaded" bool,
+	"running" bool,
+	"pid" INT,
+	"started_at" timestamp with time zone,
+	"last_pass_at" timestamp with time zone,
+	"last_pass_ms" double precision,
+	"next_pass_at" timestamp with time zone,
+	"passes" bigint,
+	"wal_probes" bigint,
+	"drops" bigint,
+	"errors" bigint,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"busy_skips" bigint,
+	"last_busy_slot" TEXT,
+	"last_busy_at" timestamp with time zone,
+	"checkpoint_pending" bool,
+	"in_recovery" bool
+)
+STRICT VOLATILE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+
+CREATE  FUNCTION pgslotguard."lease_rows"() RETURNS TABLE (
 	"slot_name" TEXT,
 	"holder" TEXT,
 	"owner" TEXT,
@@ -27,14 +108,15 @@ CREATE FUNCTION pgslotguard."lease_rows"() RETURNS TABLE (
 	"max_age" interval,
 	"adopted" bool,
 	"reserved_lsn" TEXT,
-	"limit_by_superuser" bool
+	"limit_by_superuser" bool,
+	"max_xmin_age" bigint
 )
-STRICT STABLE PARALLEL UNSAFE
+STRICT STABLE PARALLEL UNSAFE 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'lease_rows_wrapper';
 
-CREATE FUNCTION pgslotguard."tracking_rows"() RETURNS TABLE (
+CREATE  FUNCTION pgslotguard."tracking_rows"() RETURNS TABLE (
 	"slot_name" TEXT,
 	"leased" bool,
 	"first_seen" timestamp with time zone,
@@ -45,10 +127,48 @@ CREATE FUNCTION pgslotguard."tracking_rows"() RETURNS TABLE (
 	"drop_reason" TEXT,
 	"warned" TEXT[]
 )
-STRICT STABLE PARALLEL UNSAFE
+STRICT STABLE PARALLEL UNSAFE 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'tracking_rows_wrapper';
+
+CREATE  FUNCTION pgslotguard."ring_events"() RETURNS TABLE (
+	"id" bigint,
+	"at" timestamp with time zone,
+	"slot_name" TEXT,
+	"action" TEXT,
+	"reason" TEXT,
+	"retained_bytes" bigint,
+	"actor" TEXT,
+	"lease_owner" TEXT,
+	"freed_bytes" bigint,
+	"pg_wal_bytes" bigint,
+	"lease_holder" TEXT
+)
+STRICT STABLE PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ring_events_wrapper';
+
+-- 5. The SQL wrapper with its new argument, the views and the grants, as in sql/api.sql.
+CREATE FUNCTION @extschema@.backup_slot_lease(
+    slot_name    text,
+    ttl          interval DEFAULT NULL,
+    holder       text     DEFAULT NULL,
+    max_retained text     DEFAULT NULL,
+    adopt        boolean  DEFAULT false,
+    max_inactive interval DEFAULT NULL,
+    max_age      interval DEFAULT NULL,
+    max_xmin_age bigint   DEFAULT NULL)
+RETURNS TABLE (slot_name text, lsn pg_lsn, expires_at timestamptz)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
+      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7, $8) AS l
+$$;
+COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval, bigint) IS
+'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age, max_xmin_age in transactions: a superuser''s replace the global ones, anyone else''s only tighten them); returns the slot, the reserved LSN and the expiry';
 
 CREATE VIEW pgslotguard.leases WITH (security_barrier) AS
 SELECT l.slot_name::pg_catalog.name AS slot_name,
@@ -72,13 +192,121 @@ SELECT l.slot_name::pg_catalog.name AS slot_name,
        d.nearest_limit,
        l.adopted,
        l.reserved_lsn::pg_catalog.pg_lsn AS reserved_lsn,
-       l.limit_by_superuser
+       l.limit_by_superuser,
+       l.max_xmin_age
   FROM pgslotguard.lease_rows() l
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
   LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text;
 COMMENT ON VIEW pgslotguard.leases IS
-'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one), read from this server''s lease store; state: ok, expiring, near_retained, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
+'one row per lease, joined to its slot, with its own limits (max_inactive, max_age; NULL: the global one), read from this server''s lease store; state: ok, expiring, near_retained, near_xmin, near_age, near_stalled, near_inactive (within pgslotguard.warn_fraction of that limit), expired, expired_active, over_retained, over_xmin, over_age, over_inactive, stalled, lost, below_floor, slot_missing. pg_monitor sees all leases, other roles their own';
 
+CREATE VIEW pgslotguard.slots AS
+SELECT d.slot_name,
+       s.slot_type,
+       s.temporary,
+       s.active,
+       s.active_pid,
+       s.wal_status,
+       d.invalidation_reason,
+       s.restart_lsn,
+       d.leased,
+       d.in_scope,
+       d.scope_reason,
+       d.retained_bytes,
+       pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us / 1e6)) AS age,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us / 1e6)) AS inactive_for,
+       d.nearest_limit,
+       d.state,
+       d.next_action,
+       d.action_reason,
+       d.frees_bytes,
+       pg_catalog.pg_size_pretty(d.frees_bytes) AS frees,
+       d.xmin_age,
+       d.catalog_xmin_age,
+       d.max_xmin_age
+  FROM pgslotguard.slot_decisions() d
+  JOIN pg_catalog.pg_replication_slots s ON s.slot_name::text OPERATOR(pg_catalog.=) d.slot_name
+ ORDER BY d.slot_name;
+COMMENT ON VIEW pgslotguard.slots IS
+'every replication slot with the guard''s view of it: why core invalidated it, if it did (invalidation_reason, as core''s own on 17+; wal_removed for a lost slot on 15), in scope or not and why, retained WAL, age, inactivity, nearest limit, what the next pass would do, and the pg_wal bytes a checkpoint would free if it were dropped with every older slot in scope (frees); xmin_age and catalog_xmin_age: how many transactions old the horizon the slot holds back is, as age() counts, and max_xmin_age the limit in force for it (pgslotguard.max_xmin_age or its lease''s; NULL when the slot holds no horizon or no limit applies)';
+
+CREATE VIEW pgslotguard.events WITH (security_barrier) AS
+SELECT e.id,
+       e.at,
+       e.slot_name,
+       e.action,
+       e.reason,
+       e.retained_bytes,
+       pg_catalog.pg_size_pretty(e.retained_bytes) AS retained,
+       e.freed_bytes,
+       pg_catalog.pg_size_pretty(e.freed_bytes) AS freed,
+       e.pg_wal_bytes,
+       pg_catalog.pg_size_pretty(e.pg_wal_bytes) AS pg_wal_after,
+       e.actor,
+       e.holder,
+       e.kept_in
+  FROM (SELECT t.id, t.at, t.slot_name, t.action, t.reason, t.retained_bytes, t.freed_bytes, t.pg_wal_bytes,
+               t.actor, t.lease_holder AS holder, 'table'::text AS kept_in
+          FROM pgslotguard.event_log t
+         WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+            OR t.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
+        UNION ALL
+        SELECT r.id, r.at, r.slot_name::pg_catalog.name, r.action, r.reason, r.retained_bytes, r.freed_bytes, r.pg_wal_bytes,
+               r.actor, r.lease_holder, 'ring'::text
+          FROM pgslotguard.ring_events() r) e
+ ORDER BY e.at, e.kept_in DESC, e.id;
+COMMENT ON VIEW pgslotguard.events IS
+'audit trail (kept_in: table, the event_log table of a primary; ring, the per-node ring of pg_slotguard/events where a standby keeps its events, also in its server log): lease, renew, release, keep, expire_drop, retained_drop, xmin_drop, age_drop, inactive_drop, space_drop, terminate, would_drop, checkpoint, warn, error; actor is a role or "worker". freed: for a drop the WAL it lets the next checkpoint remove, for a checkpoint what pg_wal shrank by';
+
+CREATE VIEW pgslotguard.status AS
+SELECT w.preloaded,
+       w.running,
+       w.pid,
+       pg_catalog.current_setting('pgslotguard.enabled', true) AS enabled,
+       pg_catalog.current_setting('pgslotguard.naptime', true) AS naptime,
+       w.started_at,
+       w.last_pass_at,
+       pg_catalog.round(w.last_pass_ms::numeric, 3) AS last_pass_ms,
+       w.next_pass_at,
+       w.passes,
+       w.wal_probes,
+       w.drops,
+       w.errors,
+       w.last_error,
+       w.last_error_at,
+       w.busy_skips,
+       w.last_busy_slot,
+       w.last_busy_at,
+       w.checkpoint_pending,
+       pg_catalog.current_setting('pgslotguard.checkpoint_after_drop', true) AS checkpoint_after_drop,
+       s.pg_wal_bytes,
+       pg_catalog.pg_size_pretty(s.pg_wal_bytes) AS pg_wal,
+       s.fs_free_bytes,
+       pg_catalog.pg_size_pretty(s.fs_free_bytes) AS fs_free,
+       s.fs_total_bytes,
+       pg_catalog.pg_size_pretty(s.fs_total_bytes) AS fs_total,
+       s.floor_bytes,
+       pg_catalog.pg_size_pretty(s.floor_bytes) AS floor,
+       s.headroom_bytes,
+       pg_catalog.pg_size_pretty(s.headroom_bytes) AS headroom,
+       w.in_recovery,
+       h.slot_name AS oldest_xmin_slot,
+       h.age AS oldest_xmin_age
+  FROM pgslotguard.worker_status() w, pgslotguard.wal_space() s
+  -- the slot that holds the oldest transaction horizon (xmin or catalog_xmin), in scope or not
+  LEFT JOIN LATERAL (
+        SELECT r.slot_name::text AS slot_name,
+               GREATEST(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
+          FROM pg_catalog.pg_replication_slots r
+         WHERE r.xmin IS NOT NULL OR r.catalog_xmin IS NOT NULL
+         ORDER BY 2 DESC, 1
+         LIMIT 1) h ON true;
+COMMENT ON VIEW pgslotguard.status IS
+'the guard worker: running or not (pid), last pass time and duration, next pass, passes, probes of the WAL position between passes (wal_probes: while a retained-WAL limit or the floor applies), drops, errors, last error, slots skipped because their lease was being changed (busy_skips); and the filesystem of pg_wal: pg_wal size, free and total space, the free-space floor (pgslotguard.min_free_wal_space) and the headroom the guard restores above it; the slot that holds the oldest transaction horizon of all slots (oldest_xmin_slot, in scope or not) and by how many transactions (oldest_xmin_age, as age() counts): where to look when VACUUM reports dead rows it cannot remove yet; in_recovery: this server is a hot standby (its guard guards its own slots, events go to its log and ring, and a drop frees WAL at the next restartpoint)';
+
+-- Rights. The functions check the caller themselves, so EXECUTE to PUBLIC widens nothing:
+-- leasing needs REPLICATION or superuser, changing a lease needs its owner or a superuser.
 CREATE VIEW pgslotguard.tracking AS
 SELECT t.slot_name::pg_catalog.name AS slot_name,
        t.leased,
@@ -94,9 +322,17 @@ SELECT t.slot_name::pg_catalog.name AS slot_name,
 COMMENT ON VIEW pgslotguard.tracking IS
 'what this server''s guard remembers of each slot, from its store (pg_slotguard/ in the data directory): when it first saw it, since when it has had no walsender, a stall, a drop it has decided and not yet recorded, and the limits it has warned of (warned, until they re-arm; the row with an empty slot_name is the server''s own, for the free-space floor)';
 
-REVOKE ALL ON FUNCTION pgslotguard.lease_rows(), pgslotguard.tracking_rows() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.lease_rows() TO PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.tracking_rows() TO pg_monitor;
-REVOKE ALL ON pgslotguard.leases, pgslotguard.tracking FROM PUBLIC;
-GRANT SELECT ON pgslotguard.leases TO PUBLIC;
-GRANT SELECT ON pgslotguard.tracking TO pg_monitor;
+GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval, bigint),
+                          pgslotguard.renew_slot(bytea, interval),
+                          pgslotguard.release_slot(bytea),
+                          pgslotguard.keep_slot(bytea),
+                          pgslotguard.enforce_now(boolean),
+                          pgslotguard.slot_decisions(),
+                          pgslotguard.lease_rows(),
+                          pgslotguard.ring_events() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgslotguard.worker_status(), pgslotguard.wal_space(), pgslotguard.tracking_rows() TO pg_monitor;
+REVOKE ALL ON pgslotguard.leases, pgslotguard.events, pgslotguard.slots, pgslotguard.status, pgslotguard.tracking FROM PUBLIC;
+GRANT SELECT ON pgslotguard.leases, pgslotguard.events TO PUBLIC;
+GRANT SELECT ON pgslotguard.slots, pgslotguard.status, pgslotguard.tracking TO pg_monitor;

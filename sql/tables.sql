@@ -9,7 +9,7 @@ CREATE TABLE pgslotguard.event_log (
     -- The same words as policy::Outcome::as_str() (a test holds the two together).
     action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
                         'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
-                        'lost_drop', 'stalled_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
+                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,

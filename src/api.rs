@@ -113,13 +113,14 @@ pub mod pgslotguard {
         adopt: Option<bool>,
         max_inactive: Option<Interval>,
         max_age: Option<Interval>,
+        max_xmin_age: Option<i64>,
     ) -> TableIterator<
         'static,
         (name!(slot_name, String), name!(lsn, Option<String>), name!(expires_at, TimestampWithTimeZone)),
     > {
         let row = or_report((|| {
             let (slot_name, holder) = (utf8(slot_name, "slot_name")?, utf8(holder, "holder")?);
-            let limits = Limits { max_retained: utf8(max_retained, "max_retained")?, max_inactive, max_age };
+            let limits = Limits { max_retained: utf8(max_retained, "max_retained")?, max_inactive, max_age, max_xmin_age };
             lease(slot_name, ttl, holder, limits, adopt.unwrap_or(false))
         })());
         warn_if_unguarded();
@@ -171,6 +172,8 @@ struct Limits<'a> {
     max_retained: Option<&'a str>,
     max_inactive: Option<Interval>,
     max_age: Option<Interval>,
+    /// Transactions.
+    max_xmin_age: Option<i64>,
 }
 
 /// A lease's own time limit in microseconds (a day is 24 h, a month 30 days, as for
@@ -213,6 +216,12 @@ fn lease(
     let max_retained = validate::max_retained(limits.max_retained)?;
     let max_inactive = limit_us(name, "max_inactive", limits.max_inactive)?;
     let max_age = limit_us(name, "max_age", limits.max_age)?;
+    let max_xmin_age = match limits.max_xmin_age {
+        Some(v) if !(1..=crate::guc::MAX_XMIN_AGE_MAX as i64).contains(&v) => {
+            return Err(GuardError::XminLimitOutOfRange { slot: name.into(), value: v })
+        }
+        v => v,
+    };
     let me = caller();
     if !is_superuser(me) && !unsafe { pg_sys::has_rolreplication(me) } {
         return Err(GuardError::PermissionDenied {
@@ -225,8 +234,9 @@ fn lease(
         not_above(name, "max_retained", max_retained, "pgslotguard.max_retained_wal", policy.max_retained_wal, pretty_size)?;
         not_above(name, "max_inactive", max_inactive, "pgslotguard.max_inactive_time", policy.max_inactive_us, pretty_duration)?;
         not_above(name, "max_age", max_age, "pgslotguard.max_slot_age", policy.max_slot_age_us, pretty_duration)?;
+        not_above(name, "max_xmin_age", max_xmin_age, "pgslotguard.max_xmin_age", policy.max_xmin_age, |v| format!("{v} transactions"))?;
     }
-    let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some();
+    let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some() || max_xmin_age.is_some();
     let times = lease_times(name, ttl)?;
 
     let actor = state::role_name(me);
@@ -269,7 +279,7 @@ fn lease(
                 max_retained,
                 max_inactive,
                 max_age,
-                max_xmin_age: None,
+                max_xmin_age,
                 limit_by_superuser: own_limits && is_superuser(me),
                 adopted: adopt,
                 reserved_lsn: lsn.as_deref().and_then(crate::validate::parse_lsn),
@@ -288,6 +298,9 @@ fn lease(
         }
         if let Some(m) = max_age {
             reason.push_str(&format!(", max_age {}", pretty_duration(m)));
+        }
+        if let Some(m) = max_xmin_age {
+            reason.push_str(&format!(", max_xmin_age {m} transactions"));
         }
         state::record(&Event {
             slot_name: Some(name),

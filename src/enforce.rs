@@ -41,6 +41,10 @@ pub struct PassSummary {
     /// (`policy::timing::wal_budget`), when such a limit applies; and the WAL position the
     /// pass measured it at.
     pub wal_budget: Option<(i64, u64)>,
+    /// Transactions that may still be assigned before the transaction-horizon limit (or its
+    /// warn fraction) is crossed (`policy::horizon::xid_budget`), and the next full
+    /// transaction ID the pass measured it at.
+    pub xid_budget: Option<(i64, u64)>,
 }
 
 /// A warning the worker has given and will not repeat while it holds: a slot waiting on
@@ -96,7 +100,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     let name = actor.name;
     let mut clock = actor.clock.as_deref_mut();
     let mut restarts = actor.restarts.as_deref_mut();
-    let Read { verdict, finished, disk_error, due, budget, warned } =
+    let Read { verdict, finished, disk_error, due, budget, xid_budget, warned } =
         in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut(), restarts.as_deref_mut()))
             .map_err(GuardError::Pass)?;
     for done in finished {
@@ -105,6 +109,7 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     }
     summary.next_due_us = due;
     summary.wal_budget = budget;
+    summary.xid_budget = xid_budget;
     if let Some(e) = disk_error {
         summary.failed(None, &e, None);
     }
@@ -168,6 +173,8 @@ struct Read {
     due: Option<i64>,
     /// The WAL budget, and the WAL position it was measured at.
     budget: Option<(i64, u64)>,
+    /// The transaction ID budget, and the next full transaction ID it was measured at.
+    xid_budget: Option<(i64, u64)>,
     /// Warnings given before this pass and not re-armed.
     warned: Rc<Vec<(String, String)>>,
 }
@@ -221,7 +228,8 @@ fn read_state(
     }
     let due = [policy::next_due(policy, &snap, &verdict.decisions), held_due].into_iter().flatten().min();
     let budget = timing::wal_budget(&verdict).map(|b| (b, snap.current_lsn));
-    Ok(Read { verdict, finished, disk_error, due, budget, warned: snap.warned.clone() })
+    let xid_budget = policy::horizon::xid_budget(policy, &verdict.decisions).map(|b| (b, snap.next_xid));
+    Ok(Read { verdict, finished, disk_error, due, budget, xid_budget, warned: snap.warned.clone() })
 }
 
 /// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,

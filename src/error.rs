@@ -47,6 +47,8 @@ pub enum GuardError {
     PermissionDenied { what: String, hint: &'static str },
     #[error("{what} {asked} for replication slot \"{slot}\" is above {guc} ({global})")]
     LimitRaise { slot: String, what: &'static str, asked: String, guc: &'static str, global: String },
+    #[error("max_xmin_age for replication slot \"{slot}\" must be between 1 and 2000000000 transactions, got {value}")]
+    XminLimitOutOfRange { slot: String, value: i64 },
     #[error("{what} for replication slot \"{slot}\" must be positive, got {value}")]
     LimitNotPositive { slot: String, what: &'static str, value: String },
     #[error("could not measure the filesystem of pg_wal: {0}")]
@@ -78,7 +80,7 @@ impl GuardError {
             SlotNameTooShort | SlotNameInvalid(_) => ERRCODE_INVALID_NAME,
             SlotNameTooLong(_) => ERRCODE_NAME_TOO_LONG,
             HolderTooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-            BadSize(..) | LimitNotPositive { .. } | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
+            BadSize(..) | LimitNotPositive { .. } | XminLimitOutOfRange { .. } | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
             SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
@@ -123,6 +125,7 @@ impl GuardError {
             PermissionDenied { hint, .. } => (*hint).into(),
             LimitRaise { guc, .. } => format!("Only a superuser may give a lease a limit above {guc}; leave it NULL for the global limit."),
             LimitNotPositive { .. } => "Give an interval such as '30 min', or NULL for the global limit.".into(),
+            XminLimitOutOfRange { .. } => "Give a number of transactions such as 100000000 (below autovacuum_freeze_max_age), or NULL for the global limit (pgslotguard.max_xmin_age).".into(),
             NotUtf8(_) => "pgslotguard reads its text arguments as UTF-8; in a SQL_ASCII database pass only ASCII or UTF-8 bytes (slot names are [a-z0-9_] anyway).".into(),
             BeingDropped(_) => "Its lease has ended; take a new lease once the slot is gone (pgslotguard.events records the drop).".into(),
             NotPreloaded => "Add pgslotguard to shared_preload_libraries and restart the server: leases are kept in shared memory and in pg_slotguard/ of the data directory.".into(),

@@ -50,6 +50,25 @@ pub static TERMINATE_ACTIVE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static WARN_FRACTION: GucSetting<f64> = GucSetting::<f64>::new(0.8);
 pub static MAX_STALLED_TIME: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// transactions, -1 = off
+pub static MAX_XMIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// The bounds of `pgslotguard.max_xmin_age`, in transactions (besides -1, off).
+///
+/// The upper bound is core's own for `autovacuum_freeze_max_age` (2 billion): beyond it
+/// even the laxest freezing setting already forces anti-wraparound vacuums that cannot
+/// pass the slot, and the server's own wraparound WARNINGs begin about 107 million
+/// transactions later (2^31 − 40 million), its refusal of writes at 2^31 − 3 million.
+/// Useful values lie well below: under `autovacuum_freeze_max_age` (200 million by
+/// default) so the slot never makes anti-wraparound vacuums futile, and in any case under
+/// `vacuum_failsafe_age` (1.6 billion), where VACUUM gives up everything but freezing.
+///
+/// The lower bound is small on purpose: a limit against bloat rather than wraparound is
+/// a matter of transactions per hour (a healthy standby's feedback xmin trails by the
+/// length of its longest query). 1000 is below anything useful in production and lets
+/// tests cross a limit in a second; below it, a streaming standby's own feedback lag would
+/// cross it.
+pub const MAX_XMIN_AGE_MIN: i32 = 1_000;
+pub const MAX_XMIN_AGE_MAX: i32 = 2_000_000_000;
 /// seconds, -1 = keep forever
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 /// a size ('20GB') or a share of the filesystem ('10%'); -1 = off
@@ -167,6 +186,23 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    // -1 (off) or MAX_XMIN_AGE_MIN..MAX_XMIN_AGE_MAX: the values in between are refused
+    // by the check hook.
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"pgslotguard.max_xmin_age",
+            c"Drop a slot in scope whose xmin or catalog_xmin is older than this many transactions (-1 disables).",
+            c"The age is counted as age() counts it, from the next transaction ID. Keep it below autovacuum_freeze_max_age: a slot older than that makes anti-wraparound vacuums run without effect.",
+            &MAX_XMIN_AGE,
+            -1,
+            MAX_XMIN_AGE_MAX,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_max_xmin_age),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_enum_guc(
         c"pgslotguard.scope",
         c"Which slots the limits cover: leased, physical (all physical slots) or all.",
@@ -190,7 +226,7 @@ pub fn init() {
     }
     GucRegistry::define_bool_guc(
         c"pgslotguard.terminate_active",
-        c"For a retained-WAL or age breach on an active slot, terminate its walsender, then drop the slot.",
+        c"For a retained-WAL, transaction-horizon or age breach on an active slot, terminate its walsender, then drop the slot.",
         c"Lease expiry and inactivity never terminate a walsender.",
         &TERMINATE_ACTIVE,
         GucContext::Sighup,
@@ -281,6 +317,24 @@ unsafe extern "C-unwind" fn check_min_free_wal_space(
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn check_max_xmin_age(
+    newval: *mut i32,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the GUC machinery passes a valid pointer to the proposed value.
+    let v = unsafe { *newval };
+    if v == -1 || (MAX_XMIN_AGE_MIN..=MAX_XMIN_AGE_MAX).contains(&v) {
+        return true;
+    }
+    unsafe {
+        check_detail(&format!("pgslotguard.max_xmin_age must be -1 (off) or between {MAX_XMIN_AGE_MIN} and {MAX_XMIN_AGE_MAX} transactions."));
+        check_hint("Keep it below autovacuum_freeze_max_age (200000000 by default).");
+    }
+    false
+}
+
+#[pg_guard]
 unsafe extern "C-unwind" fn check_exclude(
     newval: *mut *mut std::ffi::c_char,
     _extra: *mut *mut std::ffi::c_void,
@@ -333,6 +387,8 @@ pub fn policy() -> Policy {
         dry_run: DRY_RUN.get(),
         warn_fraction: WARN_FRACTION.get(),
         max_stalled_us: opt_limit(MAX_STALLED_TIME.get(), US_PER_S),
+        max_xmin_age: opt_limit(MAX_XMIN_AGE.get(), 1),
+        synchronized_standby_slots: synchronized_standby_slots(),
         min_free_wal: min_free_wal_space(),
         checkpoint: match CHECKPOINT_AFTER_DROP.get() {
             CheckpointGuc::Off => CheckpointMode::Off,
@@ -340,6 +396,21 @@ pub fn policy() -> Policy {
             CheckpointGuc::Fast => CheckpointMode::Fast,
         },
     }
+}
+
+/// Core's `synchronized_standby_slots` (PostgreSQL 17 and later; empty on 15), read here
+/// with the guard's own settings: a slot named there is never dropped.
+fn synchronized_standby_slots() -> Vec<String> {
+    // SAFETY: a lookup by name in the GUC table, missing_ok (the setting does not exist
+    // before 17); the returned string belongs to the GUC machinery and is copied at once.
+    let value = unsafe {
+        let p = pg_sys::GetConfigOption(c"synchronized_standby_slots".as_ptr(), true, false);
+        if p.is_null() {
+            return Vec::new();
+        }
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    };
+    crate::policy::horizon::parse_slot_list(&value)
 }
 
 /// The free-space floor, if set (the check hook has refused anything unparsable).

@@ -10,12 +10,14 @@
 //!   expired from the instant `now >= expires_at`.
 //! * Excluded names (`pgslotguard.exclude`) and temporary slots are never in scope.
 //!   A leased slot is always in scope unless excluded; unleased slots follow `scope`.
-//! * Hard limits (retained WAL, age) may terminate an active slot's walsender when
+//! * Hard limits (retained WAL, transaction horizon, age) may terminate an active slot's walsender when
 //!   `terminate_active` is on; lease expiry and inactivity never do.
 //! * An active slot is never dropped for lease expiry alone: it waits (`expired_active`).
 //! * A lease whose slot no longer exists is ended.
+//! * A slot named in `synchronized_standby_slots` (17+) is never dropped: the pass warns.
 
 pub mod disk;
+pub mod horizon;
 pub mod timing;
 
 use disk::{Floor, WalDisk};
@@ -68,6 +70,10 @@ pub struct Policy {
     pub warn_fraction: f64,
     /// `pgslotguard.max_stalled_time`.
     pub max_stalled_us: Option<i64>,
+    /// `pgslotguard.max_xmin_age`, in transactions.
+    pub max_xmin_age: Option<i64>,
+    /// Core's `synchronized_standby_slots` (17+), as slot names: never dropped.
+    pub synchronized_standby_slots: Vec<String>,
 }
 
 impl Default for Policy {
@@ -85,6 +91,8 @@ impl Default for Policy {
             // Off here, so that each rule is tested alone; the GUC's default is 0.8.
             warn_fraction: 0.0,
             max_stalled_us: None,
+            max_xmin_age: None,
+            synchronized_standby_slots: Vec::new(),
         }
     }
 }
@@ -105,6 +113,7 @@ pub enum Outcome {
     SpaceDrop,
     LostDrop,
     StalledDrop,
+    XminDrop,
     Terminate,
     WouldDrop,
     Checkpoint,
@@ -113,7 +122,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 16] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::Lease,
         Outcome::Renew,
         Outcome::Release,
@@ -125,6 +134,7 @@ impl Outcome {
         Outcome::SpaceDrop,
         Outcome::LostDrop,
         Outcome::StalledDrop,
+        Outcome::XminDrop,
         Outcome::Terminate,
         Outcome::WouldDrop,
         Outcome::Checkpoint,
@@ -150,6 +160,7 @@ impl Outcome {
             Outcome::SpaceDrop => "space_drop",
             Outcome::LostDrop => "lost_drop",
             Outcome::StalledDrop => "stalled_drop",
+            Outcome::XminDrop => "xmin_drop",
             Outcome::Terminate => "terminate",
             Outcome::WouldDrop => "would_drop",
             Outcome::Checkpoint => "checkpoint",
@@ -169,6 +180,7 @@ impl Outcome {
                 | Outcome::SpaceDrop
                 | Outcome::LostDrop
                 | Outcome::StalledDrop
+                | Outcome::XminDrop
         )
     }
 }
@@ -193,6 +205,10 @@ pub struct SlotInfo {
     pub synced: bool,
     /// The walsender that holds the slot, when a walsender does (`pg_stat_replication`).
     pub sender: Option<Sender>,
+    /// The transaction horizon the slot holds back: `xmin` (a standby's, through
+    /// hot_standby_feedback) and `catalog_xmin` (a logical slot's); `None` when unset.
+    pub xmin: Option<u32>,
+    pub catalog_xmin: Option<u32>,
 }
 
 impl SlotInfo {
@@ -242,9 +258,11 @@ pub struct Lease {
     /// The lease's own inactivity and age limits, in microseconds.
     pub max_inactive: Option<i64>,
     pub max_age: Option<i64>,
+    /// The lease's own transaction-horizon limit, in transactions.
+    pub max_xmin_age: Option<i64>,
     /// A superuser set the lease's own limits: they may exceed the global ones. Otherwise
     /// a lease's own limit only ever tightens the global one (`max_retained_wal`,
-    /// `max_inactive_time`, `max_slot_age`), whatever the DBA sets it to later.
+    /// `max_inactive_time`, `max_slot_age`, `max_xmin_age`), whatever the DBA sets it to later.
     pub limit_by_superuser: bool,
 }
 
@@ -290,6 +308,9 @@ pub struct Snapshot {
     /// Slots whose time-driven limits (expiry, age, inactivity) have come on the wall clock
     /// but not on the monotonic one: the clock was set forward (`timing::ClockWatch`).
     pub held: HashSet<String>,
+    /// The next full transaction ID (`ReadNextFullTransactionId`), read after the slots:
+    /// what slot horizons are aged from. 0: not read (no ages).
+    pub next_xid: u64,
 }
 
 /// Why a slot is (not) dropped; also the event action name.
@@ -306,12 +327,15 @@ pub enum Breach {
     /// An active slot's stream has not moved for `max_stalled_time` while WAL waited for
     /// it (see [`behind`]): its consumer is stuck.
     Stalled,
+    /// The slot holds the transaction horizon (`xmin` or `catalog_xmin`) back more
+    /// transactions than `pgslotguard.max_xmin_age`.
+    Xmin,
 }
 
 impl Breach {
     /// Hard limits may terminate an active walsender (with `terminate_active`).
     pub fn is_hard(self) -> bool {
-        matches!(self, Breach::Retained | Breach::Age | Breach::Space | Breach::Lost | Breach::Stalled)
+        matches!(self, Breach::Retained | Breach::Xmin | Breach::Age | Breach::Space | Breach::Lost | Breach::Stalled)
     }
     /// The event recorded for a drop for this reason.
     pub fn drop_action(self) -> Outcome {
@@ -323,6 +347,7 @@ impl Breach {
             Breach::Space => Outcome::SpaceDrop,
             Breach::Lost => Outcome::LostDrop,
             Breach::Stalled => Outcome::StalledDrop,
+            Breach::Xmin => Outcome::XminDrop,
         }
     }
     /// The `state` of a slot within the warn fraction of this limit.
@@ -335,6 +360,7 @@ impl Breach {
             Breach::Space => "near_floor",
             Breach::Lost => "lost",
             Breach::Stalled => "near_stalled",
+            Breach::Xmin => "near_xmin",
         }
     }
     /// The limit's name in `pgslotguard.warned` and in warnings.
@@ -347,6 +373,7 @@ impl Breach {
             Breach::Space => "floor",
             Breach::Lost => "lost",
             Breach::Stalled => "stalled",
+            Breach::Xmin => "xmin",
         }
     }
     /// The `state` shown in `pgslotguard.leases` for an inactive slot with this breach.
@@ -359,6 +386,7 @@ impl Breach {
             Breach::Space => "below_floor",
             Breach::Lost => "lost",
             Breach::Stalled => "stalled",
+            Breach::Xmin => "over_xmin",
         }
     }
 }
@@ -393,10 +421,10 @@ pub struct Decision {
     pub inactive_us: Option<i64>,
     /// The limit closest to being hit (see [`Decision::nearest_limit`]).
     pub nearest: Option<Limit>,
-    /// Every limit that applies to the slot, as numbers (retained WAL, age, lease expiry,
-    /// inactivity): what the warn threshold looks at.
-    pub limits: [Option<Limit>; 5],
-    /// `ok`, `expired`, `expired_active`, `over_retained`, `over_age`, `over_inactive`,
+    /// Every limit that applies to the slot, as numbers (retained WAL, transaction horizon,
+    /// age, stall, lease expiry, inactivity): what the warn threshold looks at.
+    pub limits: [Option<Limit>; 6],
+    /// `ok`, `expired`, `expired_active`, `over_retained`, `over_xmin`, `over_age`, `over_inactive`,
     /// `below_floor`, `slot_missing`, or `out_of_scope`.
     pub state: &'static str,
     pub action: Action,
@@ -410,12 +438,21 @@ pub struct Decision {
     pub retained_limit: Option<i64>,
     /// Why core invalidated the slot, if it did ([`SlotInfo::invalidation`]).
     pub invalidation: Option<&'static str>,
+    /// How many transactions the slot's `xmin` and `catalog_xmin` are old, counted from the
+    /// next transaction ID as `age()` counts ([`horizon::xid_age`]).
+    pub xmin_age: Option<i64>,
+    pub catalog_xmin_age: Option<i64>,
 }
 
 impl Decision {
     /// The limit closest to being hit, in words ("lease expires in 59m 10s").
     pub fn nearest_limit(&self) -> Option<String> {
         self.nearest.map(|l| l.words())
+    }
+
+    /// The limit of this kind that applies to the slot, if one does.
+    pub fn limit(&self, breach: Breach) -> Option<&Limit> {
+        self.limits.iter().flatten().find(|l| l.breach == breach)
     }
 }
 
@@ -446,6 +483,7 @@ impl Limit {
             ),
             Breach::Inactive => format!("inactive for {}, {pct}% of its limit of {}", fmt_us(used), fmt_us(limit)),
             Breach::Stalled => format!("its consumer has not advanced for {}, {pct}% of pgslotguard.max_stalled_time ({})", fmt_us(used), fmt_us(limit)),
+            Breach::Xmin => format!("holds the transaction horizon {used} transactions back, {pct}% of its limit of {limit}"),
             Breach::Space | Breach::Lost => self.words(),
         }
     }
@@ -475,6 +513,10 @@ impl Limit {
                 fmt_us(limit)
             ),
             (Breach::Stalled, false) => format!("stall limit reached in {}", fmt_us(limit - used)),
+            (Breach::Xmin, true) => format!(
+                "holds the transaction horizon (xmin or catalog_xmin) {used} transactions back, above pgslotguard.max_xmin_age ({limit}): VACUUM cannot remove newer dead rows or freeze past it"
+            ),
+            (Breach::Xmin, false) => format!("xmin age limit reached in {} transactions", limit - used),
         }
     }
 }
@@ -603,7 +645,7 @@ pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Opt
         .iter()
         .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None && policy.warn_fraction > 0.0 && policy.warn_fraction < 1.0)
         .flat_map(|d| d.limits.iter().flatten())
-        .filter(|l| l.breach != Breach::Retained && l.frac < policy.warn_fraction)
+        .filter(|l| !matches!(l.breach, Breach::Retained | Breach::Xmin) && l.frac < policy.warn_fraction)
         .map(|l| {
             // time runs one-for-one: the limit's span times the fraction still to go
             let span = match l.breach {
@@ -724,6 +766,8 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             let d = &decisions[*index.get(&s.name)?];
             let (droppable, why_not) = if !d.in_scope {
                 (false, d.scope_reason)
+            } else if horizon::is_synchronized_standby_slot(policy, &s.name) {
+                (false, horizon::SYNCHRONIZED_STANDBY_SLOTS_WHY)
             } else if s.active() && !policy.terminate_active {
                 (false, "active, and pgslotguard.terminate_active is off")
             } else {
@@ -806,7 +850,9 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
         .iter()
         .map(|slot| {
             let name = slot.name.as_str();
-            decide_slot(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied())
+            let mut d = decide_slot(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied());
+            horizon::spare_synchronized_standby_slot(policy, &mut d);
+            d
         })
         .collect();
 
@@ -825,7 +871,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             age_us: Some(snap.now - lease.leased_at),
             inactive_us: None,
             nearest: None,
-            limits: [None; 5],
+            limits: [None; 6],
             state: "slot_missing",
             action: Action::EndLease {
                 reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
@@ -834,6 +880,8 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             releases_bytes: None,
             retained_limit: None,
             invalidation: None,
+            xmin_age: None,
+            catalog_xmin_age: None,
         });
     }
     // Names are unique (a lease without a slot has no slot of its name).
@@ -880,6 +928,8 @@ fn decide_slot(
     } else {
         seen.and_then(|s| s.inactive_since).map(|t| now - t)
     };
+    let xmin_age = horizon::xid_age(snap.next_xid, slot.xmin);
+    let catalog_xmin_age = horizon::xid_age(snap.next_xid, slot.catalog_xmin);
     if let Some(why) = lease.and(not_the_leased_slot(slot)) {
         return Decision {
             slot_name: slot.name.clone(),
@@ -892,7 +942,7 @@ fn decide_slot(
             age_us: age,
             inactive_us: inactive,
             nearest: None,
-            limits: [None; 5],
+            limits: [None; 6],
             state: "slot_replaced",
             action: Action::EndLease {
                 reason: format!("the slot of this name is not the one the lease created or adopted: {why}; lease ended, slot left alone"),
@@ -901,6 +951,8 @@ fn decide_slot(
             releases_bytes: None,
             retained_limit: None,
             invalidation: slot.invalidation,
+            xmin_age,
+            catalog_xmin_age,
         };
     }
     let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
@@ -916,15 +968,18 @@ fn decide_slot(
         age_us: age,
         inactive_us: inactive,
         nearest: None,
-        limits: [None; 5],
+        limits: [None; 6],
         state: if in_scope { "ok" } else { "out_of_scope" },
         action: Action::None,
         frees_bytes: None,
         releases_bytes: None,
         retained_limit: None,
         invalidation: slot.invalidation,
+        xmin_age,
+        catalog_xmin_age,
     };
     if !in_scope {
+        horizon::name_out_of_scope_slot(policy, lease, &mut d);
         return d;
     }
 
@@ -958,8 +1013,11 @@ fn decide_slot(
     let timely = snap.held.is_empty() || !snap.held.contains(&slot.name);
     // A limit breached when its value exceeds it; `applies` is false while a clock jump holds it.
     let exceeds = |breach, applies: bool, (limit, used): (i64, i64)| Limit { breach, over: applies && used > limit, frac: ratio(used, limit), used, limit };
-    let limits: [Option<Limit>; 5] = [
+    // The horizon a slot holds is the older of its xmin and catalog_xmin.
+    let held_back = xmin_age.max(catalog_xmin_age);
+    let limits: [Option<Limit>; 6] = [
         retained_limit.map(|limit| exceeds(Breach::Retained, true, (limit, retained))),
+        xmin_limit(policy, lease).zip(held_back).map(|v| exceeds(Breach::Xmin, true, v)),
         age_limit(policy, lease).zip(age).map(|v| exceeds(Breach::Age, timely, v)),
         policy.max_stalled_us.zip(stalled_for(snap, slot, seen)).map(|v| exceeds(Breach::Stalled, timely, v)),
         lease.map(|l| {
@@ -1039,6 +1097,11 @@ pub fn inactive_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
     lease_limit(lease, |l| l.max_inactive, policy.max_inactive_us)
 }
 
+/// The transaction-horizon limit of a slot: `max_xmin_age` and the lease's `max_xmin_age`.
+pub fn xmin_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
+    lease_limit(lease, |l| l.max_xmin_age, policy.max_xmin_age)
+}
+
 /// Why the slot named like a lease is not the lease's slot, if it is not: a lease only
 /// ever creates or adopts a permanent physical slot, so a logical or temporary slot under
 /// its name was made by someone else after the lease's slot was dropped.
@@ -1088,6 +1151,8 @@ mod tests {
             invalidation: None,
             core_inactive_since: None,
             sender: None,
+            xmin: None,
+            catalog_xmin: None,
         }
     }
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
@@ -1099,12 +1164,13 @@ mod tests {
             max_retained: None,
             max_inactive: None,
             max_age: None,
+            max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), restart_before: HashMap::default(), disk: None, held: HashSet::default() }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), restart_before: HashMap::default(), disk: None, held: HashSet::default(), next_xid: 0 }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);

@@ -190,5 +190,17 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
         synced: synced(data),
         sender: None,
+        // What pg_replication_slots shows as xmin and catalog_xmin (InvalidTransactionId: unset).
+        xmin: (data.xmin != pg_sys::InvalidTransactionId).then_some(data.xmin.into_inner()),
+        catalog_xmin: (data.catalog_xmin != pg_sys::InvalidTransactionId).then_some(data.catalog_xmin.into_inner()),
     }
+}
+
+/// The next full transaction ID, the reference slot horizons are aged from (as `age()`
+/// ages them). Read after the slots, so that no slot's xmin is newer than it. Cheap
+/// enough to probe between passes: a shared lock on `XidGenLock` and a copy.
+pub fn next_full_xid() -> u64 {
+    // SAFETY: reads TransamVariables->nextXid under XidGenLock (shared), in any process
+    // attached to shared memory, primary or standby; raises no ERROR.
+    unsafe { pg_sys::ReadNextFullTransactionId().value }
 }

@@ -144,6 +144,7 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
         restart_before: Default::default(),
         disk: None,
         held: Default::default(),
+        next_xid: crate::slots::next_full_xid(),
     })
 }
 

@@ -464,7 +464,9 @@ mod tests {
         assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_ttl'"), "s");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_ttl')"), "7d");
         assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.scope'"), "{leased,physical,all}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(17));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(18));
+        assert_eq!(text("SELECT current_setting('pgslotguard.max_xmin_age')"), "-1");
+        assert_eq!(text("SELECT min_val || ' ' || max_val FROM pg_settings WHERE name = 'pgslotguard.max_xmin_age'"), "-1 2000000000");
         assert_eq!(text("SELECT current_setting('pgslotguard.warn_fraction')"), "0.8");
         assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_stalled_time'"), "s");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_stalled_time')"), "-1");

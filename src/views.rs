@@ -35,6 +35,9 @@ pub mod pgslotguard {
             name!(frees_bytes, Option<i64>),
             name!(max_retained_bytes, Option<i64>),
             name!(invalidation_reason, Option<String>),
+            name!(xmin_age, Option<i64>),
+            name!(catalog_xmin_age, Option<i64>),
+            name!(max_xmin_age, Option<i64>),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
@@ -47,6 +50,7 @@ pub mod pgslotguard {
             .filter(|d| all || d.lease_owner.as_deref() == Some(me_name.as_str()))
             .map(|d| {
                 let nearest = d.nearest_limit();
+                let max_xmin_age = d.limit(crate::policy::Breach::Xmin).map(|l| l.limit);
                 let (next, reason) = match &d.action {
                     Action::None => ("none".to_string(), None),
                     Action::Drop { breach, terminate, reason } => {
@@ -78,6 +82,9 @@ pub mod pgslotguard {
                     d.frees_bytes,
                     d.retained_limit,
                     d.invalidation.map(str::to_string),
+                    d.xmin_age,
+                    d.catalog_xmin_age,
+                    max_xmin_age,
                 )
             })
             .collect();
@@ -104,6 +111,7 @@ pub mod pgslotguard {
             name!(adopted, bool),
             name!(reserved_lsn, Option<String>),
             name!(limit_by_superuser, bool),
+            name!(max_xmin_age, Option<i64>),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
@@ -137,6 +145,7 @@ pub mod pgslotguard {
                     l.adopted,
                     l.reserved_lsn.map(crate::validate::format_lsn),
                     l.limit_by_superuser,
+                    l.max_xmin_age,
                 )
             })
             .collect();

@@ -64,6 +64,8 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     let mut restarts = rustc_hash::FxHashMap::default();
     let mut clock = ClockWatch::default();
     let mut rate = WalRate::default();
+    // The same measure over the next transaction ID (policy::horizon::xid_budget).
+    let mut xid_rate = WalRate::default();
     let mut missing_logged = false;
     let mut disabled_logged = false;
     'passes: loop {
@@ -86,6 +88,7 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
             disabled_logged = true;
         }
         rate.observe(state::mono_us(), state::current_lsn());
+        xid_rate.observe(state::mono_us(), crate::slots::next_full_xid());
         // Sleep until the next lease expiry, age or inactivity deadline, or naptime,
         // whichever comes first; while a checkpoint the guard requested is under way, look
         // again soon to record what pg_wal measures once it completes. Sleeping is timed
@@ -115,6 +118,16 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
                 let lsn = state::current_lsn();
                 rate.observe(state::mono_us(), lsn);
                 match timing::next_probe(budget, lsn.saturating_sub(at_lsn) as i64, rate.bytes_per_s()) {
+                    Probe::PassNow => break,
+                    Probe::In(us) => wake = wake.min(now + Duration::from_micros(us as u64)),
+                }
+            }
+            // Likewise the next transaction ID, while a transaction-horizon limit applies:
+            // a slot's xmin ages with transactions, not with WAL or time.
+            if let Some((budget, at_xid)) = next.xid_budget {
+                let xid = crate::slots::next_full_xid();
+                xid_rate.observe(state::mono_us(), xid);
+                match timing::next_probe(budget, xid.saturating_sub(at_xid) as i64, xid_rate.bytes_per_s()) {
                     Probe::PassNow => break,
                     Probe::In(us) => wake = wake.min(now + Duration::from_micros(us as u64)),
                 }
@@ -190,6 +203,9 @@ struct Next {
     due_us: Option<i64>,
     /// The WAL budget and the WAL position it was measured at (policy::timing).
     wal_budget: Option<(i64, u64)>,
+    /// The transaction ID budget and the next full transaction ID it was measured at
+    /// (policy::horizon).
+    xid_budget: Option<(i64, u64)>,
 }
 
 /// The extension in the database is older than the library: its SQL objects (and, for
@@ -253,7 +269,7 @@ fn one_pass(db: &str, actor: &mut enforce::Actor, missing_logged: &mut bool) -> 
                 }
             });
             // Measured from the pass's snapshot, taken as it began.
-            Next { due_us: summary.next_due_us, wal_budget: summary.wal_budget }
+            Next { due_us: summary.next_due_us, wal_budget: summary.wal_budget, xid_budget: summary.xid_budget }
         }
         Err(msg) => {
             warning!("pgslotguard: enforcement pass failed: {msg}");

@@ -161,14 +161,20 @@ fn bytes_that_are_not_utf8_in_a_sql_ascii_database_get_22021_and_a_hint() {
 /// superuser's replace them.
 #[test]
 fn only_a_superuser_may_give_a_lease_limits_above_the_global_ones() {
-    let c = with_extension("ownlimits", &["pgslotguard.max_inactive_time = '1min'", "pgslotguard.max_slot_age = '1h'"]);
+    let c = with_extension(
+        "ownlimits",
+        &["pgslotguard.max_inactive_time = '1min'", "pgslotguard.max_slot_age = '1h'", "pgslotguard.max_xmin_age = 100000"],
+    );
     c.exec("CREATE ROLE backup LOGIN REPLICATION");
     let mut b = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=backup dbname=postgres", c.port), postgres::NoTls).unwrap();
     let code = |b: &mut postgres::Client, q: &str| b.batch_execute(q).err().and_then(|e| e.code().map(|c| c.code().to_string()));
     assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '2 min')").as_deref(), Some("42501"));
     assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_age => '2 hours')").as_deref(), Some("42501"));
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_xmin_age => 200000)").as_deref(), Some("42501"));
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_xmin_age => 0)").as_deref(), Some("22023"));
     assert!(!c.slot_exists("b1"), "a refused lease left its slot");
-    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '30 s', max_age => '30 min')"), None);
+    assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '30 s', max_age => '30 min', max_xmin_age => 50000)"), None);
+    assert_eq!(c.count("SELECT max_xmin_age FROM pgslotguard.leases WHERE slot_name = 'b1'"), 50000);
     // a superuser may loosen them
     c.exec("SELECT backup_slot_lease('s1', '1h', max_inactive => '1 day', max_age => '1 day')");
     let rows = c.sql("SELECT slot_name::text, max_inactive::text, max_age::text FROM pgslotguard.leases ORDER BY 1");

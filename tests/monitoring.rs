@@ -70,6 +70,8 @@ fn the_exporter_shows_each_slot_and_the_worker_with_their_values() {
     c.exec("SELECT backup_slot_lease('live', '1h')");
     c.exec("SELECT backup_slot_lease('lapsed', '1s')");
     c.exec("SELECT pg_create_physical_replication_slot('unleased', true)");
+    // a logical slot holds catalog_xmin (out of scope: scope = leased)
+    c.exec("SELECT pg_create_logical_replication_slot('sub', 'test_decoding')");
     c.make_wal(2);
     c.wait_for("the lapsed lease to be seen as a would-be drop", WAIT, |c| {
         (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'would_drop'") == 1).then_some(())
@@ -99,6 +101,14 @@ fn the_exporter_shows_each_slot_and_the_worker_with_their_values() {
     assert_eq!(slot("pgslotguard_slot_in_scope", "unleased"), 0.0);
     assert_eq!(slot("pgslotguard_slot_leased", "unleased"), 0.0);
     assert_eq!(value(&scrape, "pgslotguard_slot_lease_expires_in_seconds", &[("slot_name", "unleased")]).map(|v| v.is_nan()), Some(true));
+    // the horizon the logical slot holds, in transactions (it only grows after the scrape)
+    let held = slot("pgslotguard_slot_xmin_age", "sub");
+    let sql_held = c.count("SELECT catalog_xmin_age FROM pgslotguard.slots WHERE slot_name = 'sub'") as f64;
+    assert!(held > 0.0 && held <= sql_held, "{held} vs {sql_held}");
+    assert_eq!(slot("pgslotguard_slot_xmin_age", "live"), 0.0, "a backup slot holds no horizon");
+    assert!(value(&scrape, "pgslotguard_worker_oldest_xmin_age", &[]).unwrap() >= held);
+    assert_eq!(value(&scrape, "pgslotguard_worker_max_xmin_age", &[]), Some(-1.0));
+    assert_eq!(value(&scrape, "pgslotguard_worker_autovacuum_freeze_max_age", &[]), Some(200e6));
     // the worker
     assert_eq!(value(&scrape, "pgslotguard_worker_up", &[]), Some(1.0));
     assert_eq!(value(&scrape, "pgslotguard_worker_naptime_seconds", &[]), Some(1.0));

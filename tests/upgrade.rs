@@ -58,4 +58,40 @@ fn an_update_from_0_1_0_moves_every_lease_into_the_store_and_the_guard_enforces_
     c.exec("SELECT backup_slot_renew('nightly', '2h')");
     c.exec("SELECT backup_slot_release('nightly')");
     assert!(!c.slot_exists("nightly"));
+
+    // The updated extension is the same as a fresh install of 0.2.0: the same members,
+    // function signatures and results, view and table columns, and constraints.
+    let fresh = with_extension("upgrade-fresh", &[]);
+    for (what, q) in SHAPE {
+        assert_eq!(c.text(q), fresh.text(q), "{what} differ between an updated and a fresh 0.2.0");
+    }
 }
+
+/// What makes up the extension, as text to compare (the test build's own hooks left out).
+const SHAPE: [(&str, &str); 4] = [
+    (
+        "extension members",
+        "SELECT string_agg(m, E'\\n' ORDER BY m) FROM (SELECT pg_describe_object(classid, objid, 0) AS m FROM pg_depend
+          WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pgslotguard') AND deptype = 'e') s
+          WHERE m !~ 'test'",
+    ),
+    (
+        "function signatures",
+        "SELECT string_agg(f, E'\\n' ORDER BY f) FROM (
+            SELECT p.oid::regprocedure::text || ' -> ' || pg_get_function_result(p.oid) || ' ' || p.provolatile::text || p.proisstrict::text
+                   || ' ' || COALESCE(array_to_string(p.proconfig, ','), '') || ' ' || COALESCE(array_to_string(p.proacl, ','), '') AS f
+              FROM pg_proc p WHERE p.pronamespace IN ('pgslotguard'::regnamespace, 'public'::regnamespace) AND p.proname !~ 'test') s",
+    ),
+    (
+        "columns",
+        "SELECT string_agg(table_name || '.' || column_name || ':' || data_type, E'\\n' ORDER BY table_name, ordinal_position)
+           FROM information_schema.columns WHERE table_schema = 'pgslotguard'",
+    ),
+    (
+        "constraints and view rights",
+        "SELECT string_agg(x, E'\\n' ORDER BY x) FROM (
+            SELECT conname || ' ' || pg_get_constraintdef(oid) AS x FROM pg_constraint WHERE connamespace = 'pgslotguard'::regnamespace
+            UNION ALL SELECT relname || ' ' || COALESCE(array_to_string(relacl, ','), '') || ' ' || COALESCE(array_to_string(reloptions, ','), '')
+              FROM pg_class WHERE relnamespace = 'pgslotguard'::regnamespace AND relkind = 'v') s",
+    ),
+];

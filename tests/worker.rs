@@ -432,6 +432,6 @@ fn healthy_streams_on_a_trickle_of_writes_are_never_stalled_though_their_restart
     assert!(streaming(&c, "archive"), "pg_receivewal lost its stream\n{}", c.describe());
     assert_eq!(c.text("SELECT state FROM pgslotguard.slots WHERE slot_name = 'archive'"), "ok");
     assert_eq!(events(&c), "", "{}", c.describe());
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.slot_seen WHERE stalled_since IS NOT NULL"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.tracking WHERE stalled_since IS NOT NULL"), 0);
     recv.stop();
 }

@@ -310,6 +310,8 @@ mod tests {
             invalidation: None,
             core_inactive_since: None,
             sender: None,
+            xmin: None,
+            catalog_xmin: None,
         }
     }
 
@@ -322,6 +324,7 @@ mod tests {
             max_retained: None,
             max_inactive: None,
             max_age: None,
+            max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
         }
@@ -338,6 +341,7 @@ mod tests {
             restart_before: Default::default(),
             disk: None,
             held: HashSet::default(),
+            next_xid: 0,
         }
     }
 

@@ -79,6 +79,7 @@ pub fn policy_lease(name: &str, l: &LeaseRec) -> Lease {
         max_retained: l.max_retained,
         max_inactive: l.max_inactive,
         max_age: l.max_age,
+        max_xmin_age: l.max_xmin_age,
         limit_by_superuser: l.limit_by_superuser,
     }
 }
@@ -337,7 +338,7 @@ mod tests {
     #[test]
     fn every_limit_word_has_a_bit() {
         use crate::policy::Breach;
-        for b in [Breach::Expired, Breach::Retained, Breach::Age, Breach::Inactive, Breach::Space, Breach::Lost, Breach::Stalled] {
+        for b in [Breach::Expired, Breach::Retained, Breach::Age, Breach::Inactive, Breach::Space, Breach::Lost, Breach::Stalled, Breach::Xmin] {
             assert!(super::shmem::LIMIT_WORDS.contains(&b.limit_word()), "{}", b.limit_word());
         }
     }

@@ -164,6 +164,7 @@ impl Entry {
             max_retained: opt(self.max_retained),
             max_inactive: opt(self.max_inactive),
             max_age: opt(self.max_age),
+            max_xmin_age: opt(self.max_xmin_age),
             limit_by_superuser: self.limit_by_superuser,
         }
     }

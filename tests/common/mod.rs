@@ -1,4 +1,4 @@
-//! Shared helpers for the integration suites: throwaway PostgreSQL 15 clusters run as the
+//! Shared helpers for the integration suites: throwaway PostgreSQL clusters run as the
 //! `postgres` system user, on 127.0.0.1 at a free port with the socket in a temp dir,
 //! always stopped (by their own data directory) when the test ends, pass or fail.
 //! Each suite uses some of these helpers, none uses all: unused ones are not dead code.
@@ -401,6 +401,52 @@ impl Cluster {
         Proc(child)
     }
 
+    /// A hot standby of this cluster: `pg_basebackup -R` streaming through `slot` (which
+    /// must exist), started on a port of its own with `hot_standby_feedback = on` (so the
+    /// slot holds the standby's xmin), status every second, and `extra` settings. Stopped
+    /// (by its data directory) when dropped, like any cluster.
+    pub fn standby(&self, tag: &str, slot: &str, extra: &[&str]) -> Cluster {
+        let dir = temp_dir(tag);
+        let data = dir.join("data");
+        let target = data.display().to_string();
+        self.run_tool(
+            "pg_basebackup",
+            &["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-R", "-S", slot, "-X", "stream", "-c", "fast", "-D", &target],
+        );
+        let c = Cluster { dir, data, port: free_port() };
+        let mut conf = vec![
+            format!("port = {}", c.port),
+            format!("unix_socket_directories = '{}'", c.dir.display()),
+            "hot_standby_feedback = on".into(),
+            "wal_receiver_status_interval = '1s'".into(),
+        ];
+        conf.extend(extra.iter().map(|s| s.to_string()));
+        c.append_conf(&conf.join("\n"));
+        c.pg_ctl_start();
+        c
+    }
+
+    /// Start pgbench burning transaction IDs: every transaction assigns one
+    /// (`SELECT txid_current()`), over `clients` connections, at full speed (tens of
+    /// thousands a second with fsync off) or at `rate` a second (`pgbench -R`), until
+    /// stopped (by PID, when dropped). Returns the process.
+    pub fn burn_xids(&self, clients: u32, rate: Option<u32>) -> Proc {
+        let script = self.dir.join("burn_xid.sql");
+        std::fs::write(&script, "SELECT txid_current();\n").unwrap();
+        let mut cmd = self.tool("pgbench");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-n", "-f"]).arg(&script);
+        if let Some(r) = rate {
+            cmd.args(["-R", &r.to_string()]);
+        }
+        let child = cmd
+            .args(["-c", &clients.to_string(), "-j", &clients.to_string(), "-T", "3600", "postgres"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
     /// Start `pg_basebackup -c fast -S slot --wal-method=stream --max-rate=rate` into a
     /// fresh dir in the cluster's (removed with it); returns the process (stopped by PID
     /// when dropped) and the dir.
@@ -416,6 +462,16 @@ impl Cluster {
             .spawn()
             .unwrap();
         (Proc(child), dir)
+    }
+
+    /// `VACUUM (VERBOSE) table` through psql: what it reported (psql prints the INFO lines
+    /// on stderr).
+    pub fn vacuum_verbose(&self, table: &str) -> String {
+        let out = self.run_tool(
+            "psql",
+            &["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-X", "-d", "postgres", "-c", &format!("VACUUM (VERBOSE) {table}")],
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// Bytes of WAL segments in pg_wal, as the server lists them.
