@@ -6,7 +6,7 @@
 //! `reason`, `retained_bytes`, `freed_bytes`, `actor`, `owner` and `holder` (of the lease),
 //! and `truncated` (true when the reason or the holder was cut to fit).
 
-use crate::state::Event;
+use crate::event::Event;
 use serde_json::json;
 
 pub const SCHEMA: u32 = 1;

@@ -142,7 +142,10 @@ fn core_inactive_since(_slot: &pg_sys::ReplicationSlot) -> i64 {
 /// Is the slot a standby's copy of a primary's slot (slot synchronisation, 17+)?
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 fn synced(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
-    data.synced
+    // a C bool, which the bindings give as a bool or an i8 depending on the version
+    #[allow(clippy::unnecessary_cast)]
+    let v = data.synced as i32;
+    v != 0
 }
 
 #[cfg(not(any(feature = "pg17", feature = "pg18")))]

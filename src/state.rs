@@ -14,25 +14,8 @@ use std::rc::Rc;
 
 pub type Result<T> = std::result::Result<T, GuardError>;
 
-/// Microseconds since 2000-01-01 (PostgreSQL's `TimestampTz`) → SQL argument.
-pub fn ts(us: i64) -> TimestampWithTimeZone {
-    TimestampWithTimeZone::try_from(us as pg_sys::TimestampTz).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
-}
-
-pub fn us(t: TimestampWithTimeZone) -> i64 {
-    pg_sys::TimestampTz::from(t)
-}
-
-pub fn now_us() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
-/// Microseconds on the monotonic clock (which no one sets), from the first call in this
-/// process: what sleeps and the wall-clock jump rule (policy::timing) are timed on.
-pub fn mono_us() -> i64 {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_micros() as i64
-}
+pub use crate::time::{mono_us, now_us, ts, us};
+pub use crate::event::Event;
 
 thread_local! {
     /// Plans of the queries every pass runs, kept for the life of the backend: planning the
@@ -299,36 +282,6 @@ pub fn clock_plus(ttl: Interval) -> Result<(TimestampWithTimeZone, TimestampWith
             Ok((r.get::<TimestampWithTimeZone>(1)?.unwrap_or_else(never), r.get::<TimestampWithTimeZone>(2)?.unwrap_or_else(never)))
         },
     )
-}
-
-pub struct Event<'a> {
-    pub slot_name: Option<&'a str>,
-    pub action: Outcome,
-    pub reason: &'a str,
-    pub retained_bytes: Option<i64>,
-    pub actor: &'a str,
-    pub lease_owner: Option<&'a str>,
-    /// Drops: the WAL the drop lets the next checkpoint remove (projected).
-    /// Checkpoints: the bytes pg_wal shrank by (measured).
-    pub freed_bytes: Option<i64>,
-    /// Checkpoints: the size of pg_wal measured after it.
-    pub pg_wal_bytes: Option<i64>,
-}
-
-impl<'a> Event<'a> {
-    /// An event about no slot in particular; set the other fields with struct update.
-    pub fn new(action: Outcome, reason: &'a str, actor: &'a str) -> Self {
-        Event {
-            slot_name: None,
-            action,
-            reason,
-            retained_bytes: None,
-            actor,
-            lease_owner: None,
-            freed_bytes: None,
-            pg_wal_bytes: None,
-        }
-    }
 }
 
 /// The channel every event is also sent on, at commit (`pg_notify`).

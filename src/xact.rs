@@ -208,7 +208,7 @@ fn check(c: &Change, now: &SlotRecord) -> Result<(), GuardError> {
     // lease (taken at the same instant), or still none.
     match (&c.base, &now.lease) {
         (None, Some(l)) if c.after.is_some() => {
-            return Err(GuardError::AlreadyLeased { slot: c.name.clone(), until: crate::state::ts(l.expires_at).to_string() })
+            return Err(GuardError::AlreadyLeased { slot: c.name.clone(), until: crate::time::ts(l.expires_at).to_string() })
         }
         (None, Some(_)) => return changed("another session took a lease on it meanwhile"),
         (Some(_), None) => return changed("the lease ended meanwhile (the guard dropped the slot, or another session released it)"),
