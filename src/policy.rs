@@ -895,11 +895,13 @@ fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static s
             return (false, "excluded by pgslotguard.exclude");
         }
     }
-    if slot.temporary {
-        return (false, "temporary slot (ends with its session)");
-    }
+    // Before temporary: slot synchronisation makes a synced slot temporary until the
+    // primary's slot has caught up with it, and it is the primary's all the same.
     if slot.synced {
         return (false, "synchronized from the primary (synced)");
+    }
+    if slot.temporary {
+        return (false, "temporary slot (ends with its session)");
     }
     if leased {
         return (true, "leased");
@@ -1701,6 +1703,7 @@ mod tests {
         let mut t = slot("failover_sub");
         t.synced = true;
         t.physical = false;
+        t.temporary = true;
         for scope in [Scope::Leased, Scope::Physical, Scope::All] {
             let p = Policy { max_retained_wal: Some(0), max_slot_age_us: Some(1), max_inactive_us: Some(1), scope, ..Policy::default() };
             let d = one(&p, &snap(vec![t.clone()], vec![]));

@@ -197,7 +197,10 @@ fn a_slot_synchronized_from_the_primary_is_never_dropped_even_with_scope_all() {
     let p = with_extension("sb-sync", &[]);
     p.exec("SELECT pg_create_physical_replication_slot('sb_phys', true)");
     p.exec("SELECT pg_create_logical_replication_slot('lsub', 'test_decoding', false, false, true)");
-    let s = Cluster::from_base_backup(&p, "sb-sync-sb", true, None);
+    // Not -R: its primary_conninfo (in postgresql.auto.conf, which wins) has no dbname,
+    // which slot synchronisation needs. standby.signal by hand, and a conninfo with one.
+    let s = Cluster::from_base_backup(&p, "sb-sync-sb", false, None);
+    std::fs::write(s.data.join("standby.signal"), "").unwrap();
     s.append_conf(&format!(
         "primary_slot_name = 'sb_phys'\nhot_standby_feedback = on\nsync_replication_slots = on\nprimary_conninfo = '{} application_name=sb'\npgslotguard.scope = 'all'\npgslotguard.max_slot_age = '1s'\npgslotguard.max_inactive_time = '1s'",
         p.conninfo("postgres")
