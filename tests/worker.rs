@@ -335,7 +335,9 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
         }
     };
     signal("-STOP");
-    c.make_wal(2);
+    // More WAL than the socket buffers hold (a few MB): the walsender's sent position stops
+    // short of it, so the stream is behind and stands still.
+    c.make_wal(24);
     // First the warning at warn_fraction of the limit, then the breach itself.
     let warns = c.wait_for("a warning that the slot is stalled", WAIT, |c| {
         let r = c.text("SELECT COALESCE(string_agg(reason, ' | ' ORDER BY id), '') FROM pgslotguard.events WHERE slot_name = 'stuck' AND action = 'warn'");
