@@ -20,7 +20,7 @@ pub mod shmem;
 
 use crate::error::GuardError;
 use crate::policy::{Lease, Seen};
-pub use codec::{IntentRec, LeaseRec, SeenRec, SlotRecord};
+pub use codec::{DroppedRec, IntentRec, LeaseRec, SeenRec, SlotRecord};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -66,6 +66,8 @@ pub struct Contents {
     pub seen: Vec<Seen>,
     /// (slot name, or '' for the node; limit word).
     pub warned: Vec<(String, String)>,
+    /// Guard drops remembered for the loop rule.
+    pub recent_drops: Vec<crate::policy::RecentDrop>,
 }
 
 /// The policy's view of a lease record.
@@ -81,6 +83,7 @@ pub fn policy_lease(name: &str, l: &LeaseRec) -> Lease {
         max_age: l.max_age,
         max_xmin_age: l.max_xmin_age,
         limit_by_superuser: l.limit_by_superuser,
+        adopted: l.adopted,
     }
 }
 
@@ -100,6 +103,9 @@ pub fn read(only: Option<&str>) -> Result<Contents> {
         }
         for w in e.warned_words() {
             out.warned.push((e.name().to_string(), w));
+        }
+        if let Some(d) = e.recent_drop() {
+            out.recent_drops.push(d);
         }
     }
     if only.is_none() {
