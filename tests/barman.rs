@@ -132,14 +132,19 @@ fn wait_active(c: &Cluster, slot: &str) {
 /// A primary with pgslotguard, Barman streaming from it through its adopted slot, one
 /// backup taken and `barman check` OK.
 fn primary_with_barman(tag: &str, extra: &[&str]) -> (Cluster, Barman, Proc) {
+    let t = Instant::now();
     let c = with_extension(tag, extra);
     let b = Barman::new(&c);
     let recv = b.receive_wal();
     wait_active(&c, "barman");
     c.exec(ADOPT);
+    let adopted = t.elapsed();
     b.switch_wal();
+    let switched = t.elapsed();
     b.check_ok(Duration::from_secs(60));
+    let checked = t.elapsed();
     b.ok(&["backup", "--wait", "pg"]);
+    eprintln!("{tag}: adopted at {adopted:?}, WAL switched and archived at {switched:?}, check OK at {checked:?}, backup at {:?}", t.elapsed());
     (c, b, recv)
 }
 
@@ -186,6 +191,7 @@ fn barman_down_the_guard_drops_at_the_limit_and_the_runbook_brings_it_back() {
     let ev = events(&c, "barman");
     let (action, reason) = ev.last().unwrap();
     assert_eq!(action, "retained_drop", "{ev:?}");
+    eprintln!("drop event: {reason}");
     assert!(reason.contains(&format!("restart_lsn at the drop {restart_lsn}: the first WAL its consumer will never get")), "{reason}");
     assert!(reason.contains("its consumer must start from a new base backup"), "{reason}");
     assert!(c.log().contains("its consumer must start from a new base backup"), "the log line lacks the cost");
