@@ -105,15 +105,24 @@ immediate_checkpoint = true
     }
 
     /// A WAL switch that Barman has streamed and archived (the first one makes `check`'s
-    /// "WAL archive" pass).
-    fn switch_wal(&self) {
-        self.ok(&["switch-wal", "--force", "--archive", "--archive-timeout", "60", "pg"]);
+    /// "WAL archive" pass). Barman archives a streamed segment only once the next one has
+    /// begun (it leaves the newest file for pg_receivewal), so a little WAL is written
+    /// while it waits, as any live server would (an idle one writes some every 15 s).
+    fn switch_wal(&self, c: &Cluster) {
+        let mut child = self.cmd(&["switch-wal", "--force", "--archive", "--archive-timeout", "60", "pg"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        c.exec("CREATE TABLE IF NOT EXISTS barman_tick (at timestamptz)");
+        while child.try_wait().unwrap().is_none() {
+            c.exec("INSERT INTO barman_tick VALUES (now())");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "barman switch-wal failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }
 
 impl Drop for Barman {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if std::env::var_os("PGSG_KEEP").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -121,7 +130,11 @@ impl Drop for Barman {
 
 /// The README's recommendation: Barman's slot, made by receive-wal, adopted under a lease
 /// with a retained-WAL limit, while receive-wal streams from it.
-const ADOPT: &str = "SELECT * FROM backup_slot_lease('barman', ttl => '7 days', holder => 'barman', max_retained => '64MB', adopt => true)";
+fn adopt(c: &Cluster, max_retained: &str) {
+    c.exec(&format!(
+        "SELECT * FROM backup_slot_lease('barman', ttl => '7 days', holder => 'barman', max_retained => '{max_retained}', adopt => true)"
+    ));
+}
 
 fn wait_active(c: &Cluster, slot: &str) {
     c.wait_for(&format!("a walsender on slot {slot}"), Duration::from_secs(60), |c| {
@@ -131,15 +144,15 @@ fn wait_active(c: &Cluster, slot: &str) {
 
 /// A primary with pgslotguard, Barman streaming from it through its adopted slot, one
 /// backup taken and `barman check` OK.
-fn primary_with_barman(tag: &str, extra: &[&str]) -> (Cluster, Barman, Proc) {
+fn primary_with_barman(tag: &str, extra: &[&str], max_retained: &str) -> (Cluster, Barman, Proc) {
     let t = Instant::now();
     let c = with_extension(tag, extra);
     let b = Barman::new(&c);
     let recv = b.receive_wal();
     wait_active(&c, "barman");
-    c.exec(ADOPT);
+    adopt(&c, max_retained);
     let adopted = t.elapsed();
-    b.switch_wal();
+    b.switch_wal(&c);
     let switched = t.elapsed();
     b.check_ok(Duration::from_secs(60));
     let checked = t.elapsed();
@@ -158,14 +171,19 @@ fn events(c: &Cluster, slot: &str) -> Vec<(String, String)> {
 #[test]
 fn barman_backs_up_and_checks_through_its_adopted_slot() {
     let started = Instant::now();
-    let (c, b, _recv) = primary_with_barman("barman-ok", &[]);
+    let (c, b, _recv) = primary_with_barman("barman-ok", &[], "1GB");
     // The lease took the slot while receive-wal streamed from it.
     assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'barman'"), "ok");
     assert_eq!(c.text("SELECT adopted::text FROM pgslotguard.leases WHERE slot_name = 'barman'"), "true");
     let list = b.ok(&["list-backups", "pg"]);
     assert!(list.contains("pg "), "no backup listed:\n{list}");
-    // Streaming on through the lease: the guard leaves a healthy Barman alone.
-    b.switch_wal();
+    // Streaming on through the lease: the guard leaves a healthy Barman alone. (Its
+    // pg_receivewal reports its position at each segment end and every 10 s, so its slot
+    // retains a few segments at times: the test's 64MB would be crossed by these forced
+    // switches, hence 1GB here.)
+    for _ in 0..3 {
+        b.switch_wal(&c);
+    }
     c.wait_passes(2);
     b.check_ok(Duration::from_secs(30));
     assert!(c.slot_exists("barman"));
@@ -176,7 +194,7 @@ fn barman_backs_up_and_checks_through_its_adopted_slot() {
 #[test]
 fn barman_down_the_guard_drops_at_the_limit_and_the_runbook_brings_it_back() {
     let started = Instant::now();
-    let (c, b, mut recv) = primary_with_barman("barman-down", &["max_wal_size = '64MB'", "min_wal_size = '32MB'"]);
+    let (c, b, mut recv) = primary_with_barman("barman-down", &["max_wal_size = '64MB'", "min_wal_size = '32MB'"], "64MB");
     // Barman's host goes down.
     recv.stop();
     c.wait_for("the slot to go inactive", Duration::from_secs(30), |c| {
@@ -222,8 +240,8 @@ fn barman_down_the_guard_drops_at_the_limit_and_the_runbook_brings_it_back() {
     b.ok(&["receive-wal", "--create-slot", "pg"]);
     let _recv = b.receive_wal();
     wait_active(&c, "barman");
-    c.exec(ADOPT);
-    b.switch_wal();
+    adopt(&c, "64MB");
+    b.switch_wal(&c);
     let check = b.check_ok(Duration::from_secs(60));
     eprintln!("barman check after the runbook:\n{check}");
     b.ok(&["backup", "--wait", "pg"]);
@@ -240,7 +258,7 @@ fn a_recreated_slot_dropped_again_for_the_same_limit_is_a_loop_said_once() {
     // the limit each time receive-wal runs (`barman cron` starts one a minute): the guard
     // says so once, in a `warn` event that names the loop, and goes on dropping.
     let started = Instant::now();
-    let (c, b, mut recv) = primary_with_barman("barman-loop", &[]);
+    let (c, b, mut recv) = primary_with_barman("barman-loop", &[], "1GB");
     recv.stop();
     c.set_policy(&[("pgslotguard.scope", "physical"), ("pgslotguard.max_inactive_time", "2s")]);
     c.wait_for("the guard to drop Barman's inactive slot", WAIT, |c| (!c.slot_exists("barman")).then_some(()));
