@@ -91,7 +91,7 @@ fn adopt_refuses_logical_slots_and_takes_active_ones() {
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'busy' AND active") == 1).then_some(())
     });
     assert_eq!(c.sqlstate("SELECT backup_slot_lease('busy', '1s', adopt => true)"), None);
-    assert_eq!(c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'busy' AND action = 'lease'"), "adopted existing slot for 1s");
+    assert_eq!(c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'busy' AND action = 'lease'"), "adopted existing slot for 00:00:01");
     c.wait_for("the adopted active slot to show expired_active", WAIT, |c| {
         (c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'busy'") == "expired_active").then_some(())
     });
