@@ -1280,7 +1280,8 @@ mod tests {
     #[test]
     fn a_drop_says_what_it_costs_the_consumer() {
         // (what, leased, adopted, restart_lsn, words expected, new base backup named)
-        let cases: [(&str, bool, bool, Option<u64>, &str, bool); 5] = [
+        type Case<'a> = (&'a str, bool, bool, Option<u64>, &'a str, bool);
+        let cases: [Case; 5] = [
             ("a backup's own lease", true, false, Some(0x1_0000_0028), "restart_lsn at the drop 1/28: the first WAL its consumer will never get", false),
             ("an adopted slot (Barman's)", true, true, Some(0x500_0000), "restart_lsn at the drop 0/5000000", true),
             ("an unleased slot under scope = physical", false, false, Some(0x300_0000), "restart_lsn at the drop 0/3000000", true),

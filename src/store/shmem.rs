@@ -117,6 +117,11 @@ impl Entry {
     pub fn has_seen(&self) -> bool {
         self.has_seen
     }
+    /// The entry only remembers a recent guard drop (the loop rule): it gives way to a
+    /// record that needs the room.
+    pub fn only_a_drop(&self) -> Option<i64> {
+        (self.in_use && self.has_dropped && !self.has_lease && !self.has_seen && self.warned == 0).then_some(self.dropped_at)
+    }
     pub fn dropping(&self) -> bool {
         self.has_seen && self.has_intent
     }
