@@ -243,7 +243,7 @@ fn actions(c: &Cluster, slot: &str) -> Vec<String> {
 fn a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expiry() {
     let started = Instant::now();
     let (_etcd, m1, _m2) = two_members("pgsg-life");
-    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '25s', 'test')");
+    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '5 min', 'test')");
     let leased = Instant::now();
 
     // A restart of the member: Patroni reads the slot list when PostgreSQL starts, and
@@ -260,12 +260,14 @@ fn a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expir
     assert!(m1.pg.slot_exists("nightly"), "the lease's slot did not survive pause/resume\n{}", m1.pg.describe());
     assert_eq!(m1.pg.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'nightly'"), "ok");
     assert!(!m1.patroni_log().contains("Dropped unknown replication slot 'nightly'"), "{}", m1.patroni_log());
-    eprintln!("restart and pause/resume done {:?} into the lease's 25 s", leased.elapsed());
+    eprintln!("restart and pause/resume done {:?} into the lease", leased.elapsed());
 
-    // At expiry the guard drops it.
+    // The backup is done early: its term is cut to 3 s, and at expiry the guard drops it.
+    m1.pg.exec("SELECT backup_slot_renew('nightly', '3s')");
+    let renewed = Instant::now();
     m1.pg.wait_for("the guard to drop the slot at expiry", Duration::from_secs(60), |c| (!c.slot_exists("nightly")).then_some(()));
-    assert!(leased.elapsed() >= Duration::from_secs(24), "dropped before expiry: {:?}", leased.elapsed());
-    assert_eq!(actions(&m1.pg, "nightly"), ["lease", "expire_drop"]);
+    assert!(renewed.elapsed() >= Duration::from_secs(3), "dropped before expiry: {:?}", renewed.elapsed());
+    assert_eq!(actions(&m1.pg, "nightly"), ["lease", "renew", "expire_drop"]);
     eprintln!("a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expiry: {:?}", started.elapsed());
 }
 
@@ -312,7 +314,7 @@ fn the_guard_never_drops_a_member_slot() {
 fn after_a_switchover_the_old_leaders_lease_stays_and_is_enforced_there() {
     let started = Instant::now();
     let (_etcd, m1, m2) = two_members("pgsg-switch");
-    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '20s', 'test')");
+    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '5 min', 'test')");
     let leased = Instant::now();
     m1.ctl(&["switchover", "pgsg-switch", "--leader", "m1", "--candidate", "m2", "--force"]);
     wait("m2 to lead", Duration::from_secs(60), || m2.is_leader());
@@ -329,12 +331,15 @@ fn after_a_switchover_the_old_leaders_lease_stays_and_is_enforced_there() {
     m2.pg.wait_passes(2);
     assert_eq!(m2.pg.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'nightly' AND action <> 'lease'"), 0);
 
-    // The old leader's guard enforces the lease there: dropped at expiry, on the standby
-    // (the event goes to its ring: no table can be written in recovery).
+    // The old leader's guard enforces the lease there: its term cut to 3 s (a renewal on
+    // the standby, where the lease lives), it is dropped at expiry (the event goes to the
+    // standby's ring: no table can be written in recovery).
+    m1.pg.exec("SELECT backup_slot_renew('nightly', '3s')");
+    let renewed = Instant::now();
     m1.pg.wait_for("the standby's guard to drop the slot at expiry", Duration::from_secs(60), |c| {
         (!c.slot_exists("nightly")).then_some(())
     });
-    assert!(leased.elapsed() >= Duration::from_secs(19));
+    assert!(renewed.elapsed() >= Duration::from_secs(3));
     m1.pg.wait_for("the expire_drop event on m1", Duration::from_secs(10), |c| {
         (c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'nightly' AND action = 'expire_drop' AND kept_in = 'ring'") == 1).then_some(())
     });
