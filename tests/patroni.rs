@@ -120,6 +120,8 @@ postgresql:
   data_dir: {data}
   bin_dir: {bin}
   pgpass: {dir}/pgpass
+  basebackup:
+    - checkpoint: 'fast'
   authentication:
     superuser:
       username: postgres
@@ -220,15 +222,19 @@ fn wait(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) {
 /// etcd and two members: m1 bootstraps and leads, m2 streams from it through slot m2.
 /// The extension is created on the leader (and reaches m2 by replication).
 fn two_members(scope: &str) -> (Etcd, Member, Member) {
+    let t = Instant::now();
     let etcd = Etcd::start();
     let m1 = Member::new("m1", &etcd, scope);
     wait("m1 to lead", Duration::from_secs(60), || m1.is_leader());
+    let led = t.elapsed();
     m1.pg.exec("CREATE EXTENSION pgslotguard");
     let m2 = Member::new("m2", &etcd, scope);
     wait("m2 to stream from m1", Duration::from_secs(90), || m2.is_streaming_replica());
+    let streamed = t.elapsed();
     m1.pg.wait_for("slot m2 on the leader, active", Duration::from_secs(30), |c| {
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'm2' AND active") == 1).then_some(())
     });
+    eprintln!("{scope}: m1 leads at {led:?}, m2 streams at {streamed:?}, slot m2 active at {:?}", t.elapsed());
     (etcd, m1, m2)
 }
 
