@@ -673,6 +673,7 @@ fn record(d: &Decision, action: Outcome, reason: &str, actor: &str) -> Result<()
         lease_owner: d.lease_owner.as_deref(),
         freed_bytes: if drop { d.releases_bytes } else { None },
         pg_wal_bytes: None,
+        restart_lsn: if drop { d.restart_lsn } else { None },
     })
 }
 

@@ -213,6 +213,10 @@ fn barman_down_the_guard_drops_at_the_limit_and_the_runbook_brings_it_back() {
     assert!(reason.contains(&format!("restart_lsn at the drop {restart_lsn}: the first WAL its consumer will never get")), "{reason}");
     assert!(reason.contains("its consumer must start from a new base backup"), "{reason}");
     assert!(c.log().contains("its consumer must start from a new base backup"), "the log line lacks the cost");
+    assert!(
+        c.log().contains("dropped replication slot \"barman\": retains") && c.log().contains(&format!("restart_lsn at the drop {restart_lsn}")),
+        "the log line lacks restart_lsn"
+    );
     // The primary keeps its disk: the checkpoint the guard asks for brings pg_wal back
     // under the limit plus what recycling keeps (max_wal_size).
     c.wait_for("pg_wal to shrink after the drop", WAIT, |c| (c.pg_wal_bytes() <= (64 + 64 + 16) << 20).then_some(()));
