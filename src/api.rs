@@ -255,9 +255,9 @@ fn lease(
                 if s.temporary {
                     return Err(GuardError::TemporarySlot(name.into()));
                 }
-                if let Some(pid) = s.active_pid {
-                    return Err(GuardError::SlotActive { slot: name.into(), pid, action: "adopt" });
-                }
+                // An active slot may be adopted (Barman's streams all the time): the guard
+                // never drops an active slot for lease expiry or inactivity, and for a hard
+                // limit only with terminate_active, as for any leased slot.
                 not_being_dropped(name)?;
                 s.restart_lsn.map(crate::validate::format_lsn)
             }

@@ -247,7 +247,7 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
         let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
         state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
-        state::forget_dropped(&seen.slot_name)?;
+        state::forget_dropped(&seen.slot_name, action, false)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
         done.push(Done { slot_name: seen.slot_name.clone(), action, reason, retained_bytes: None });
     }
@@ -436,6 +436,7 @@ fn would_drop(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> 
         }
     }
     in_subtransaction(|| {
+        let reason = format!("{reason}; {}", d.drop_cost());
         log!("pgslotguard: would drop replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         record(d, Outcome::WouldDrop, &format!("{}: {}", breach.drop_action().as_str(), reason), actor.name)?;
         Ok(Step::Did(Outcome::WouldDrop))
@@ -456,15 +457,24 @@ fn drop_slot(
     reason: &str,
 ) -> Result<Step, String> {
     let action = breach.drop_action();
-    // On a standby the WAL a slot held goes only at a restartpoint, and a standby makes one
-    // only at a checkpoint record it replays from the primary: the record says so.
-    let standby_words;
-    let reason = if state::in_recovery() {
-        standby_words = format!("{reason}; {STANDBY_WAL_NOTE}");
-        standby_words.as_str()
-    } else {
-        reason
-    };
+    // What the drop costs the consumer (restart_lsn; a new base backup for a slot the guard
+    // did not make for a backup). On a standby the WAL a slot held goes only at a
+    // restartpoint, and a standby makes one only at a checkpoint record it replays from
+    // the primary: the record says so.
+    let mut words = format!("{reason}; {}", d.drop_cost());
+    if state::in_recovery() {
+        words = format!("{words}; {STANDBY_WAL_NOTE}");
+    }
+    let reason = words.as_str();
+    // A drop/recreate loop: said once an hour, before the drop (the drop goes ahead).
+    let loop_words = d.loop_warning(state::now_us());
+    if let Some(w) = &loop_words {
+        in_subtransaction(|| {
+            warning!("pgslotguard: {w}");
+            record(d, Outcome::Warn, w, actor.name)
+        })?;
+        commit_point(actor);
+    }
     let first = in_subtransaction(|| {
         // The second look and the intent under the store's writers' lock: a lease change
         // committing meanwhile is either seen by the second look or refused at its commit
@@ -508,7 +518,7 @@ fn drop_slot(
     in_subtransaction(|| {
         record(d, action, reason, actor.name)?;
         state::drop_slot(&d.slot_name)?;
-        state::forget_dropped(&d.slot_name)?;
+        state::forget_dropped(&d.slot_name, action, loop_words.is_some())?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         Ok(Step::Did(action))
     })
@@ -663,6 +673,7 @@ fn record(d: &Decision, action: Outcome, reason: &str, actor: &str) -> Result<()
         lease_owner: d.lease_owner.as_deref(),
         freed_bytes: if drop { d.releases_bytes } else { None },
         pg_wal_bytes: None,
+        restart_lsn: if drop { d.restart_lsn } else { None },
     })
 }
 

@@ -17,6 +17,9 @@ pub struct Event<'a> {
     pub freed_bytes: Option<i64>,
     /// Checkpoints: the size of pg_wal measured after it.
     pub pg_wal_bytes: Option<i64>,
+    /// Guard drops: the slot's restart_lsn at the drop (the first WAL its consumer will
+    /// never get); sent in the notification (the event's reason says it too).
+    pub restart_lsn: Option<u64>,
 }
 
 impl<'a> Event<'a> {
@@ -31,6 +34,7 @@ impl<'a> Event<'a> {
             lease_owner: None,
             freed_bytes: None,
             pg_wal_bytes: None,
+            restart_lsn: None,
         }
     }
 }

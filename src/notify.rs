@@ -4,7 +4,9 @@
 //! Schema 1, every key always present (null when it does not apply):
 //! `schema`, `id`, `at` (UTC, RFC 3339, microseconds), `slot`, `action` (the event word),
 //! `reason`, `retained_bytes`, `freed_bytes`, `actor`, `owner` and `holder` (of the lease),
-//! and `truncated` (true when the reason or the holder was cut to fit).
+//! `restart_lsn` (a guard drop: the slot's restart_lsn at the drop, as PostgreSQL prints an
+//! LSN), and `truncated` (true when the reason or the holder was cut to fit). Keys are
+//! only ever added within a schema number.
 
 use crate::event::Event;
 use serde_json::json;
@@ -29,6 +31,7 @@ pub fn payload(e: &Event, id: i64, at: &str, holder: Option<&str>) -> String {
             "actor": e.actor,
             "owner": e.lease_owner,
             "holder": holder,
+            "restart_lsn": e.restart_lsn.map(crate::validate::format_lsn),
             "truncated": truncated,
         })
         .to_string()
@@ -106,7 +109,11 @@ mod tests {
         assert_eq!(v["actor"], "pgslotguard guard");
         assert_eq!(v["owner"], "backup");
         assert_eq!(v["holder"], "b2 nightly");
+        assert!(v["restart_lsn"].is_null());
         assert_eq!(v["truncated"], false);
+        let dropped = Event { restart_lsn: Some(0x1_0500_0028), ..event("lease expired 1s ago") };
+        let v: serde_json::Value = serde_json::from_str(&payload(&dropped, 43, "t", None)).unwrap();
+        assert_eq!(v["restart_lsn"], "1/5000028");
     }
 
     #[test]

@@ -264,6 +264,39 @@ pub struct Lease {
     /// a lease's own limit only ever tightens the global one (`max_retained_wal`,
     /// `max_inactive_time`, `max_slot_age`, `max_xmin_age`), whatever the DBA sets it to later.
     pub limit_by_superuser: bool,
+    /// The lease adopted a slot someone else made (`adopt => true`): its consumer is not a
+    /// backup the lease started.
+    pub adopted: bool,
+}
+
+/// A slot the guard dropped within [`LOOP_WINDOW_US`]: kept per node (in the store) after
+/// the slot is gone, so that a slot made again under the name and over the same limit is
+/// seen as a drop/recreate loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentDrop {
+    pub slot_name: String,
+    /// When the guard last dropped a slot of this name.
+    pub at: i64,
+    /// The drop event of that drop (`retained_drop`, ...).
+    pub action: String,
+    /// Guard drops of this name within the window, the last included.
+    pub drops: u32,
+    /// When the guard last warned of a loop on this name.
+    pub loop_warned_at: Option<i64>,
+}
+
+/// How long the guard remembers a drop, and how often at most it warns of one loop.
+pub const LOOP_WINDOW_US: i64 = 3600 * 1_000_000;
+
+/// A drop that repeats one the guard made within [`LOOP_WINDOW_US`] (same name, same limit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropLoop {
+    /// Guard drops of this name within the window before this one.
+    pub drops: u32,
+    /// When the previous one was.
+    pub last_at: i64,
+    /// No loop warning on this name within the window: this drop warns (once an hour).
+    pub warn: bool,
 }
 
 /// What the guard has recorded of a slot over time (PostgreSQL 15 has no `inactive_since`).
@@ -311,6 +344,8 @@ pub struct Snapshot {
     /// The next full transaction ID (`ReadNextFullTransactionId`), read after the slots:
     /// what slot horizons are aged from. 0: not read (no ages).
     pub next_xid: u64,
+    /// Slots the guard dropped within [`LOOP_WINDOW_US`].
+    pub recent_drops: Rc<Vec<RecentDrop>>,
 }
 
 /// Why a slot is (not) dropped; also the event action name.
@@ -442,6 +477,13 @@ pub struct Decision {
     /// next transaction ID as `age()` counts ([`horizon::xid_age`]).
     pub xmin_age: Option<i64>,
     pub catalog_xmin_age: Option<i64>,
+    /// The slot's `restart_lsn`: at a drop, the first WAL its consumer will never get.
+    pub restart_lsn: Option<u64>,
+    /// Its consumer is not a backup a lease started (the slot is adopted or unleased): a
+    /// drop breaks it for good, and it must start again from a new base backup.
+    pub foreign_consumer: bool,
+    /// This drop repeats a recent guard drop of the same name for the same limit.
+    pub drop_loop: Option<DropLoop>,
 }
 
 impl Decision {
@@ -454,6 +496,44 @@ impl Decision {
     pub fn limit(&self, breach: Breach) -> Option<&Limit> {
         self.limits.iter().flatten().find(|l| l.breach == breach)
     }
+
+    /// What a drop of this slot costs its consumer, in words for the drop's event, log
+    /// line and notification.
+    pub fn drop_cost(&self) -> String {
+        let mut w = match self.restart_lsn {
+            Some(lsn) => format!("restart_lsn at the drop {}: the first WAL its consumer will never get", crate::validate::format_lsn(lsn)),
+            None => "it had reserved no WAL".to_string(),
+        };
+        if self.foreign_consumer {
+            w.push_str("; its consumer must start from a new base backup");
+        }
+        w
+    }
+
+    /// The warning of a drop/recreate loop, when this drop is one and the loop has not been
+    /// warned of within the hour.
+    pub fn loop_warning(&self, now: i64) -> Option<String> {
+        let l = self.drop_loop.as_ref().filter(|l| l.warn)?;
+        let Action::Drop { breach, .. } = &self.action else { return None };
+        Some(format!(
+            "drop/recreate loop: replication slot \"{}\" was dropped by the guard {} ago ({} in the last hour, {}) and was made again under the same name, which breaks the same limit; the guard drops it again each time (the disk comes first) and warns of this loop at most once an hour: stop whatever recreates it, or fix its consumer (README, \"Barman\" and \"Patroni\")",
+            self.slot_name,
+            fmt_us(now - l.last_at),
+            l.drops,
+            breach.drop_action().as_str(),
+        ))
+    }
+}
+
+/// The loop a drop decision is part of: the guard dropped a slot of this name for the same
+/// limit within [`LOOP_WINDOW_US`] before `now`.
+pub fn drop_loop(recent: &[RecentDrop], name: &str, breach: Breach, now: i64) -> Option<DropLoop> {
+    let r = recent.iter().find(|r| r.slot_name == name)?;
+    if r.action != breach.drop_action().as_str() || now - r.at >= LOOP_WINDOW_US {
+        return None;
+    }
+    let warn = r.loop_warned_at.is_none_or(|w| now - w >= LOOP_WINDOW_US);
+    Some(DropLoop { drops: r.drops, last_at: r.at, warn })
 }
 
 /// One limit as it applies to one slot: how far along it is (`frac`, 1.0 = at the limit).
@@ -852,6 +932,9 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             let name = slot.name.as_str();
             let mut d = decide_slot(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied());
             horizon::spare_synchronized_standby_slot(policy, &mut d);
+            if let Action::Drop { breach, .. } = d.action {
+                d.drop_loop = drop_loop(&snap.recent_drops, name, breach, snap.now);
+            }
             d
         })
         .collect();
@@ -882,6 +965,9 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
             invalidation: None,
             xmin_age: None,
             catalog_xmin_age: None,
+            restart_lsn: None,
+            foreign_consumer: lease.adopted,
+            drop_loop: None,
         });
     }
     // Names are unique (a lease without a slot has no slot of its name).
@@ -955,6 +1041,9 @@ fn decide_slot(
             invalidation: slot.invalidation,
             xmin_age,
             catalog_xmin_age,
+            restart_lsn: slot.restart_lsn,
+            foreign_consumer: lease.is_none_or(|l| l.adopted),
+            drop_loop: None,
         };
     }
     let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
@@ -979,6 +1068,9 @@ fn decide_slot(
         invalidation: slot.invalidation,
         xmin_age,
         catalog_xmin_age,
+        restart_lsn: slot.restart_lsn,
+        foreign_consumer: lease.is_none_or(|l| l.adopted),
+        drop_loop: None,
     };
     if !in_scope {
         horizon::name_out_of_scope_slot(policy, lease, &mut d);
@@ -1169,10 +1261,11 @@ mod tests {
             max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
+            adopted: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
-        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), seen: Rc::default(), warned: Rc::default(), restart_before: HashMap::default(), disk: None, held: HashSet::default(), next_xid: 0 }
+        Snapshot { now: NOW, current_lsn: 10 * MB as u64, slots, leases: leases.into(), ..Snapshot::default() }
     }
     fn one(policy: &Policy, s: &Snapshot) -> Decision {
         let d = decide(policy, s);
@@ -1184,6 +1277,73 @@ mod tests {
             Action::Drop { breach, .. } => Some(*breach),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_drop_says_what_it_costs_the_consumer() {
+        // (what, leased, adopted, restart_lsn, words expected, new base backup named)
+        type Case<'a> = (&'a str, bool, bool, Option<u64>, &'a str, bool);
+        let cases: [Case; 5] = [
+            ("a backup's own lease", true, false, Some(0x1_0000_0028), "restart_lsn at the drop 1/28: the first WAL its consumer will never get", false),
+            ("an adopted slot (Barman's)", true, true, Some(0x500_0000), "restart_lsn at the drop 0/5000000", true),
+            ("an unleased slot under scope = physical", false, false, Some(0x300_0000), "restart_lsn at the drop 0/3000000", true),
+            ("a slot that reserved no WAL", false, false, None, "it had reserved no WAL", true),
+            ("an adopted slot that reserved no WAL", true, true, None, "it had reserved no WAL", true),
+        ];
+        let policy = Policy { max_slot_age_us: Some(S), scope: Scope::Physical, ..Policy::default() };
+        for (what, leased, adopted, lsn, words, fresh_backup) in cases {
+            let mut sl = slot("a");
+            sl.restart_lsn = lsn;
+            let leases = if leased { vec![Lease { adopted, ..lease("a", 10 * S, 3600 * S) }] } else { vec![] };
+            let mut s = snap(vec![sl], leases);
+            s.seen = vec![Seen { slot_name: "a".into(), first_seen: NOW - 10 * S, inactive_since: Some(NOW - 10 * S), dropping: None, stalled: None }].into();
+            let d = one(&policy, &s);
+            assert_eq!(dropped(&d), Some(Breach::Age), "{what}");
+            let cost = d.drop_cost();
+            assert!(cost.starts_with(words), "{what}: {cost}");
+            assert_eq!(cost.contains("its consumer must start from a new base backup"), fresh_backup, "{what}: {cost}");
+        }
+    }
+
+    #[test]
+    fn a_slot_dropped_again_for_the_same_limit_within_the_hour_is_a_loop_warned_of_once_an_hour() {
+        let recent = |action: &str, ago: i64, warned_ago: Option<i64>| RecentDrop {
+            slot_name: "barman".into(),
+            at: NOW - ago,
+            action: action.into(),
+            drops: 1,
+            loop_warned_at: warned_ago.map(|w| NOW - w),
+        };
+        // (what, recent drop of the name, loop?, warn now?)
+        let cases: Vec<(&str, Option<RecentDrop>, bool, bool)> = vec![
+            ("never dropped before", None, false, false),
+            ("dropped 2 min ago for the same limit: the loop is said", Some(recent("retained_drop", 120 * S, None)), true, true),
+            ("said 10 min ago: not again", Some(recent("retained_drop", 60 * S, Some(600 * S))), true, false),
+            ("said an hour ago: said again", Some(recent("retained_drop", 60 * S, Some(3600 * S))), true, true),
+            ("dropped for another limit", Some(recent("inactive_drop", 60 * S, None)), false, false),
+            ("dropped over an hour ago", Some(recent("retained_drop", 3600 * S, None)), false, false),
+            ("dropped just under an hour ago", Some(recent("retained_drop", 3600 * S - 1, None)), true, true),
+        ];
+        let policy = Policy { max_retained_wal: Some(MB), scope: Scope::Physical, ..Policy::default() };
+        for (what, r, is_loop, warn) in cases {
+            let mut s = snap(vec![slot("barman")], vec![]);
+            s.recent_drops = r.into_iter().collect::<Vec<_>>().into();
+            let d = one(&policy, &s);
+            // The loop never changes the decision: the slot is dropped again (disk first).
+            assert_eq!(dropped(&d), Some(Breach::Retained), "{what}");
+            assert_eq!(d.drop_loop.is_some(), is_loop, "{what}: {:?}", d.drop_loop);
+            let w = d.loop_warning(NOW);
+            assert_eq!(w.is_some(), warn, "{what}: {w:?}");
+            if let Some(w) = w {
+                assert!(w.starts_with("drop/recreate loop: replication slot \"barman\""), "{w}");
+                assert!(w.contains("retained_drop"), "{w}");
+            }
+        }
+        // Out of scope (an unleased slot under scope = leased) nothing is dropped: no loop.
+        let mut s = snap(vec![slot("barman")], vec![]);
+        s.recent_drops = vec![recent("retained_drop", 60 * S, None)].into();
+        let d = one(&Policy { max_retained_wal: Some(MB), ..Policy::default() }, &s);
+        assert_eq!((dropped(&d), d.drop_loop), (None, None));
     }
 
     #[test]

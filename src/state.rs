@@ -128,6 +128,7 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
         disk: None,
         held: Default::default(),
         next_xid: crate::slots::next_full_xid(),
+        recent_drops: Rc::new(store.recent_drops),
     })
 }
 
@@ -146,6 +147,20 @@ pub fn snapshot_of(name: &str) -> Result<Snapshot> {
 /// something changed, so an idle pass writes nothing; `write = false` (dry run) writes
 /// nothing. Leaves the tracking as it now stands in `snap.seen`.
 pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -> Result<()> {
+    // A guard drop is remembered for an hour (the loop rule), then forgotten.
+    let window = crate::policy::LOOP_WINDOW_US;
+    if write && snap.recent_drops.iter().any(|r| snap.now - r.at >= window) {
+        let old: Vec<String> = snap.recent_drops.iter().filter(|r| snap.now - r.at >= window).map(|r| r.slot_name.clone()).collect();
+        crate::store::change(|w| {
+            for name in &old {
+                let mut rec = w.get(name);
+                rec.dropped = None;
+                w.put(&rec)?;
+            }
+            Ok(())
+        })?;
+        Rc::make_mut(&mut snap.recent_drops).retain(|r| snap.now - r.at < window);
+    }
     let Some(now_seen) = crate::policy::track(policy, snap) else { return Ok(()) };
     if write {
         let before: rustc_hash::FxHashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
@@ -192,10 +207,22 @@ pub fn mark_dropping(w: &mut crate::store::Writer, name: &str, action: Outcome, 
 }
 
 /// A slot the guard dropped: its lease ends and its record goes (its tracking, warnings
-/// and drop intent with it).
-pub fn forget_dropped(name: &str) -> Result<()> {
+/// and drop intent with it), but the drop itself is remembered for an hour
+/// (`policy::LOOP_WINDOW_US`): a slot made again under the name and dropped again for the
+/// same limit is a loop. `loop_warned`: this drop warned of a loop.
+pub fn forget_dropped(name: &str, action: Outcome, loop_warned: bool) -> Result<()> {
     crate::xact::discard(name);
-    crate::store::update(name, |r| *r = crate::store::SlotRecord::new(name))
+    let now = now_us();
+    crate::store::update(name, |r| {
+        let before = r.dropped.take().filter(|d| now - d.at < crate::policy::LOOP_WINDOW_US && d.action == action.as_str());
+        let dropped = crate::store::DroppedRec {
+            at: now,
+            action: action.as_str().to_string(),
+            drops: before.as_ref().map_or(0, |d| d.drops) + 1,
+            loop_warned_at: if loop_warned { Some(now) } else { before.and_then(|d| d.loop_warned_at) },
+        };
+        *r = crate::store::SlotRecord { dropped: Some(dropped), ..crate::store::SlotRecord::new(name) };
+    })
 }
 
 /// End the lease of a slot (the slot stays, or is already gone).

@@ -176,8 +176,10 @@ pub mod pgslotguard {
         if !node.is_empty() {
             records.insert(0, crate::store::SlotRecord { warned: node, ..crate::store::SlotRecord::new("") });
         }
+        // A record that only remembers a recent drop (the loop rule) has nothing to show here.
         let rows: Vec<_> = records
             .into_iter()
+            .filter(|r| r.lease.is_some() || r.seen.is_some() || !r.warned.is_empty())
             .map(|r| {
                 let seen = r.seen.unwrap_or_default();
                 let has_seen = seen.first_seen != 0;

@@ -78,18 +78,25 @@ fn lease_failing_half_way_leaves_nothing() {
 }
 
 #[test]
-fn adopt_refuses_logical_and_active_slots() {
+fn adopt_refuses_logical_slots_and_takes_active_ones() {
     let c = with_extension("adopt", &[]);
     c.exec("SELECT pg_create_logical_replication_slot('logical1', 'test_decoding')");
     assert_eq!(c.sqlstate("SELECT backup_slot_lease('logical1', '1h', adopt => true)").as_deref(), Some("55000"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log"), 0);
+    // An active slot (Barman's receive-wal streams all the time) may be adopted: the guard
+    // never drops an active slot for expiry alone.
     c.exec("SELECT pg_create_physical_replication_slot('busy', true)");
     let (_recv, dir) = c.receivewal("busy");
     c.wait_for("pg_receivewal to attach to the slot", Duration::from_secs(30), |c| {
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'busy' AND active") == 1).then_some(())
     });
-    assert_eq!(c.sqlstate("SELECT backup_slot_lease('busy', '1h', adopt => true)").as_deref(), Some("55006"));
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log"), 0);
+    assert_eq!(c.sqlstate("SELECT backup_slot_lease('busy', '1s', adopt => true)"), None);
+    assert_eq!(c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'busy' AND action = 'lease'"), "adopted existing slot for 00:00:01");
+    c.wait_for("the adopted active slot to show expired_active", WAIT, |c| {
+        (c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'busy'") == "expired_active").then_some(())
+    });
+    c.wait_passes(2);
+    assert!(c.slot_exists("busy"), "an active adopted slot was dropped for expiry\n{}", c.describe());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -151,6 +151,7 @@ mod tests {
             max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
+            adopted: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {

@@ -327,6 +327,7 @@ mod tests {
             max_xmin_age: None,
             renewed_at: None,
             limit_by_superuser: false,
+            adopted: false,
         }
     }
 
@@ -342,6 +343,7 @@ mod tests {
             disk: None,
             held: HashSet::default(),
             next_xid: 0,
+            recent_drops: Default::default(),
         }
     }
 

@@ -76,6 +76,21 @@ pub struct SeenRec {
     pub dropping: Option<IntentRec>,
 }
 
+/// The guard's last drop of a slot of this name, remembered for an hour after it
+/// (`policy::LOOP_WINDOW_US`) to see a drop/recreate loop, whether or not a slot of the
+/// name exists now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DroppedRec {
+    pub at: i64,
+    /// The drop event (`retained_drop`, ...).
+    pub action: String,
+    /// Guard drops of this name within the hour.
+    #[serde(default)]
+    pub drops: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_warned_at: Option<i64>,
+}
+
 /// Everything the store keeps about one slot name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct SlotRecord {
@@ -87,6 +102,9 @@ pub struct SlotRecord {
     /// Limits warned of (`Breach::limit_word`) and not re-armed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warned: Vec<String>,
+    /// A recent guard drop of this name (absent in files written before 0.2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<DroppedRec>,
 }
 
 impl SlotRecord {
@@ -95,7 +113,7 @@ impl SlotRecord {
     }
     /// Nothing left to keep: the file goes.
     pub fn is_empty(&self) -> bool {
-        self.lease.is_none() && self.seen.is_none() && self.warned.is_empty()
+        self.lease.is_none() && self.seen.is_none() && self.warned.is_empty() && self.dropped.is_none()
     }
 }
 
@@ -232,7 +250,19 @@ mod tests {
                 dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into() }),
             }),
             warned: vec!["expiry".into(), "retained".into()],
+            dropped: Some(DroppedRec { at: 11, action: "retained_drop".into(), drops: 2, loop_warned_at: Some(12) }),
         }
+    }
+
+    #[test]
+    fn a_file_without_a_recent_drop_still_reads() {
+        // content as 0.2.0 wrote it: no "dropped"
+        let old = SlotRecord { dropped: None, ..full() };
+        let bytes = encode(&old);
+        assert_eq!(decode(&bytes).map(|r| r.dropped), Ok(None));
+        let only_drop = SlotRecord { dropped: full().dropped, ..SlotRecord::new("gone") };
+        assert!(!only_drop.is_empty(), "a record that only remembers a drop is kept");
+        assert_eq!(decode(&encode(&only_drop)), Ok(only_drop));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod shmem;
 
 use crate::error::GuardError;
 use crate::policy::{Lease, Seen};
-pub use codec::{IntentRec, LeaseRec, SeenRec, SlotRecord};
+pub use codec::{DroppedRec, IntentRec, LeaseRec, SeenRec, SlotRecord};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -66,6 +66,8 @@ pub struct Contents {
     pub seen: Vec<Seen>,
     /// (slot name, or '' for the node; limit word).
     pub warned: Vec<(String, String)>,
+    /// Guard drops remembered for the loop rule.
+    pub recent_drops: Vec<crate::policy::RecentDrop>,
 }
 
 /// The policy's view of a lease record.
@@ -81,6 +83,7 @@ pub fn policy_lease(name: &str, l: &LeaseRec) -> Lease {
         max_age: l.max_age,
         max_xmin_age: l.max_xmin_age,
         limit_by_superuser: l.limit_by_superuser,
+        adopted: l.adopted,
     }
 }
 
@@ -100,6 +103,9 @@ pub fn read(only: Option<&str>) -> Result<Contents> {
         }
         for w in e.warned_words() {
             out.warned.push((e.name().to_string(), w));
+        }
+        if let Some(d) = e.recent_drop() {
+            out.recent_drops.push(d);
         }
     }
     if only.is_none() {
@@ -171,6 +177,13 @@ impl Writer {
             let entries = unsafe { self.sh.entries() };
             entries.iter().position(|e| e.is(&rec.name)).or_else(|| entries.iter().position(|e| !e.in_use()))
         };
+        // A full store makes room by forgetting the oldest recent drop (the loop rule is a
+        // courtesy; a lease or the tracking of a live slot is not).
+        let index = match index {
+            Some(i) => Some(i),
+            None if !rec.is_empty() => self.evict_a_drop()?,
+            None => None,
+        };
         if rec.is_empty() {
             file::remove(&rec.name).map_err(|e| io_error("remove", &rec.name, e))?;
         } else {
@@ -193,6 +206,29 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Forget the oldest record that only remembers a drop: its file goes, and its entry
+    /// is free. `None`: there is none.
+    fn evict_a_drop(&mut self) -> Result<Option<usize>> {
+        let oldest = {
+            let _lock = Held::take(self.sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
+            // SAFETY: the array lock is held shared; only writers (we hold the writers'
+            // lock) change which entries are in use.
+            let entries = unsafe { self.sh.entries() };
+            entries
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| e.only_a_drop().map(|at| (at, i, e.name().to_string())))
+                .min()
+        };
+        let Some((_, i, name)) = oldest else { return Ok(None) };
+        file::remove(&name).map_err(|e| io_error("remove", &name, e))?;
+        let _lock = Held::take(self.sh.array_lock(), pg_sys::LWLockMode::LW_EXCLUSIVE);
+        // SAFETY: the array lock is held exclusive; Entry is plain old data and all zeroes
+        // is an unused entry.
+        unsafe { self.sh.entries()[i] = std::mem::zeroed() };
+        Ok(Some(i))
     }
 
     fn put_node(&mut self, rec: &SlotRecord) -> Result<()> {

@@ -13,7 +13,7 @@
 //!   never wait on an fsync, and nothing holds it across a statement of a user's
 //!   transaction (lease calls apply their changes at commit, src/xact.rs).
 
-use super::codec::{IntentRec, LeaseRec, SeenRec, SlotRecord};
+use super::codec::{DroppedRec, IntentRec, LeaseRec, SeenRec, SlotRecord};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -87,6 +87,11 @@ pub struct Entry {
     intent_action: Text<WORD_LEN>,
     intent_reason: Text<REASON_LEN>,
     warned: u32,
+    has_dropped: bool,
+    dropped_at: i64,
+    dropped_action: Text<WORD_LEN>,
+    dropped_count: u32,
+    loop_warned_at: i64,
 }
 
 fn opt(v: i64) -> Option<i64> {
@@ -112,6 +117,11 @@ impl Entry {
     pub fn has_seen(&self) -> bool {
         self.has_seen
     }
+    /// The entry only remembers a recent guard drop (the loop rule): it gives way to a
+    /// record that needs the room.
+    pub fn only_a_drop(&self) -> Option<i64> {
+        (self.in_use && self.has_dropped && !self.has_lease && !self.has_seen && self.warned == 0).then_some(self.dropped_at)
+    }
     pub fn dropping(&self) -> bool {
         self.has_seen && self.has_intent
     }
@@ -120,7 +130,27 @@ impl Entry {
     pub fn record(&self) -> SlotRecord {
         let lease = self.has_lease.then(|| self.lease());
         let seen = self.has_seen.then(|| self.seen());
-        SlotRecord { name: self.name().to_string(), lease, seen, warned: self.warned_words() }
+        SlotRecord { name: self.name().to_string(), lease, seen, warned: self.warned_words(), dropped: self.dropped() }
+    }
+
+    pub fn dropped(&self) -> Option<DroppedRec> {
+        self.has_dropped.then(|| DroppedRec {
+            at: self.dropped_at,
+            action: self.dropped_action.as_str().to_string(),
+            drops: self.dropped_count,
+            loop_warned_at: opt(self.loop_warned_at),
+        })
+    }
+
+    pub fn recent_drop(&self) -> Option<crate::policy::RecentDrop> {
+        let d = self.dropped()?;
+        Some(crate::policy::RecentDrop {
+            slot_name: self.name().to_string(),
+            at: d.at,
+            action: d.action,
+            drops: d.drops,
+            loop_warned_at: d.loop_warned_at,
+        })
     }
 
     pub fn lease(&self) -> LeaseRec {
@@ -166,6 +196,7 @@ impl Entry {
             max_age: opt(self.max_age),
             max_xmin_age: opt(self.max_xmin_age),
             limit_by_superuser: self.limit_by_superuser,
+            adopted: self.adopted,
         }
     }
 
@@ -219,6 +250,12 @@ impl Entry {
             self.intent_reason.set(&i.reason);
         }
         self.warned = words_to_bits(&rec.warned);
+        self.has_dropped = rec.dropped.is_some();
+        let d = rec.dropped.clone().unwrap_or_default();
+        self.dropped_at = d.at;
+        self.dropped_action.set(&d.action);
+        self.dropped_count = d.drops;
+        self.loop_warned_at = or_none(d.loop_warned_at);
     }
 }
 

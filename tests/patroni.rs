@@ -1,0 +1,355 @@
+//! Patroni 3.0.2 with etcd 3.4 (Debian 12's `patroni` and `etcd-server`) beside
+//! pgslotguard, with the real programs: two members on loopback, the README's
+//! `ignore_slots` for lease names and `pgslotguard.*` in the DCS's `postgresql.parameters`.
+//! - a lease lives its term through a member restart and a pause/resume, and is dropped at
+//!   expiry;
+//! - the guard never drops a member's slot, under the default scope nor under
+//!   `scope = physical` with the README's exclude (while it drops an orphan);
+//! - a switchover: the old leader's lease stays on the old leader (now a standby), the new
+//!   leader has none, and the old leader's guard enforces it there.
+//!
+//! etcd runs as root, each Patroni as `postgres`; every daemon listens on 127.0.0.1 on a
+//! free port, keeps its files in a temp dir of its own and is stopped by its PID.
+//! PostgreSQL 15 only: the roots where 17 and 18 are tested have no Patroni.
+#![cfg(feature = "pg15")]
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The README's exclude pattern for Patroni's member slots (member names m1, m2, ...).
+const MEMBER_SLOTS: &str = "^m[0-9]+$";
+
+struct Etcd {
+    proc: Proc,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = temp_dir("etcd");
+        let (port, peer) = (free_port(), free_port());
+        let child = Command::new("etcd")
+            .args(["--name", "e1", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{port}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("e1=http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let e = Etcd { proc: Proc(child), dir, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        e
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.proc.stop();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One Patroni member: its process, and its PostgreSQL as a `Cluster` (for SQL, the log,
+/// and a last stop by data directory).
+struct Member {
+    conf: PathBuf,
+    rest: u16,
+    proc: Option<Proc>,
+    pg: Cluster,
+}
+
+impl Member {
+    fn new(name: &str, etcd: &Etcd, scope: &str) -> Member {
+        let dir = temp_dir(&format!("patroni-{name}"));
+        let (port, rest) = (free_port(), free_port());
+        let data = dir.join("data");
+        let conf = dir.join("patroni.yml");
+        let yml = format!(
+            r#"scope: {scope}
+name: {name}
+log:
+  level: INFO
+  dir: {dir}
+restapi:
+  listen: 127.0.0.1:{rest}
+  connect_address: 127.0.0.1:{rest}
+etcd3:
+  hosts: 127.0.0.1:{etcd}
+bootstrap:
+  dcs:
+    ttl: 10
+    loop_wait: 1
+    retry_timeout: 4
+    maximum_lag_on_failover: 104857600
+    ignore_slots:
+      - name: nightly
+        type: physical
+    postgresql:
+      use_slots: true
+      use_pg_rewind: false
+      parameters:
+        wal_level: replica
+        hot_standby: 'on'
+        max_wal_senders: 10
+        max_replication_slots: 10
+        wal_keep_size: 0
+        fsync: 'off'
+        shared_preload_libraries: pgslotguard
+        pgslotguard.database: postgres
+        pgslotguard.naptime: 1s
+        pgslotguard.warn_fraction: 0
+  initdb:
+    - encoding: UTF8
+postgresql:
+  listen: 127.0.0.1:{port}
+  connect_address: 127.0.0.1:{port}
+  data_dir: {data}
+  bin_dir: {bin}
+  pgpass: {dir}/pgpass
+  basebackup:
+    - checkpoint: 'fast'
+  authentication:
+    superuser:
+      username: postgres
+    replication:
+      username: postgres
+  parameters:
+    unix_socket_directories: '{dir}'
+    log_line_prefix: '%m [%p] %b '
+    logging_collector: 'on'
+    log_directory: '{dir}'
+    log_filename: 'server-data.log'
+  pg_hba:
+    - local all all trust
+    - host all all 127.0.0.1/32 trust
+    - host replication all 127.0.0.1/32 trust
+"#,
+            dir = dir.display(),
+            etcd = etcd.port,
+            data = data.display(),
+            bin = BIN,
+        );
+        std::fs::write(&conf, yml).unwrap();
+        let pg = Cluster { dir, data, port };
+        let mut m = Member { conf, rest, proc: None, pg };
+        m.start();
+        m
+    }
+
+    /// Start Patroni (as postgres); its output goes to patroni.out in the member's dir
+    /// (PostgreSQL's own log, to the file `Cluster::log` reads).
+    fn start(&mut self) {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(self.pg.dir.join("patroni.out")).unwrap();
+        let child = pg_cmd("patroni").arg(&self.conf).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
+        self.proc = Some(Proc(child));
+    }
+
+    /// SIGTERM to Patroni (it stops its PostgreSQL, fast), by PID; wait for it to exit.
+    fn stop(&mut self) {
+        let Some(mut p) = self.proc.take() else { return };
+        // sudo relays the signal to Patroni.
+        let _ = Command::new("kill").arg("-TERM").arg(p.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = p.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p.stop();
+    }
+
+    fn patroni_log(&self) -> String {
+        std::fs::read_to_string(self.pg.dir.join("patroni.out")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = pg_cmd("patronictl").arg("-c").arg(&self.conf).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "patronictl {args:?} failed:\n{text}");
+        text
+    }
+
+    /// The member's role as its REST API says (`GET /patroni`): "master"/"primary",
+    /// "replica", or "" while it does not answer.
+    fn role(&self) -> String {
+        let out = Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:{}/patroni", self.rest)]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .map(|v| format!("{}/{}", v["role"].as_str().unwrap_or(""), v["state"].as_str().unwrap_or("")))
+            .unwrap_or_default()
+    }
+
+    fn is_leader(&self) -> bool {
+        let r = self.role();
+        r == "master/running" || r == "primary/running"
+    }
+
+    fn is_streaming_replica(&self) -> bool {
+        self.role() == "replica/running"
+            && self.pg.try_sql("SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'").map(|r| r.len() == 1).unwrap_or(false)
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !probe() {
+        assert!(Instant::now() < deadline, "gave up after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// etcd and two members: m1 bootstraps and leads, m2 streams from it through slot m2.
+/// The extension is created on the leader (and reaches m2 by replication).
+fn two_members(scope: &str) -> (Etcd, Member, Member) {
+    let t = Instant::now();
+    let etcd = Etcd::start();
+    let m1 = Member::new("m1", &etcd, scope);
+    wait("m1 to lead", Duration::from_secs(60), || m1.is_leader());
+    let led = t.elapsed();
+    m1.pg.exec("CREATE EXTENSION pgslotguard");
+    let m2 = Member::new("m2", &etcd, scope);
+    wait("m2 to stream from m1", Duration::from_secs(90), || m2.is_streaming_replica());
+    let streamed = t.elapsed();
+    m1.pg.wait_for("slot m2 on the leader, active", Duration::from_secs(30), |c| {
+        (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'm2' AND active") == 1).then_some(())
+    });
+    eprintln!("{scope}: m1 leads at {led:?}, m2 streams at {streamed:?}, slot m2 active at {:?}", t.elapsed());
+    (etcd, m1, m2)
+}
+
+fn actions(c: &Cluster, slot: &str) -> Vec<String> {
+    c.sql(&format!("SELECT action FROM pgslotguard.events WHERE slot_name = '{slot}' ORDER BY at, id"))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+#[test]
+fn a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expiry() {
+    let started = Instant::now();
+    let (_etcd, m1, _m2) = two_members("pgsg-life");
+    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '5 min', 'test')");
+    let leased = Instant::now();
+
+    // A restart of the member: Patroni reads the slot list when PostgreSQL starts, and
+    // drops a slot it does not manage unless ignore_slots matches it.
+    m1.ctl(&["restart", "pgsg-life", "m1", "--force"]);
+    wait("m1 to lead again after its restart", Duration::from_secs(60), || m1.is_leader());
+    m1.pg.wait_passes(2);
+    assert!(m1.pg.slot_exists("nightly"), "the lease's slot did not survive a restart\n{}", m1.pg.describe());
+
+    // Pause and resume: at resume Patroni reads the slot list again.
+    m1.ctl(&["pause", "pgsg-life", "--wait"]);
+    m1.ctl(&["resume", "pgsg-life", "--wait"]);
+    m1.pg.wait_passes(3);
+    assert!(m1.pg.slot_exists("nightly"), "the lease's slot did not survive pause/resume\n{}", m1.pg.describe());
+    assert_eq!(m1.pg.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'nightly'"), "ok");
+    assert!(!m1.patroni_log().contains("Dropped unknown replication slot 'nightly'"), "{}", m1.patroni_log());
+    eprintln!("restart and pause/resume done {:?} into the lease", leased.elapsed());
+
+    // The backup is done early: its term is cut to 3 s, and at expiry the guard drops it.
+    m1.pg.exec("SELECT backup_slot_renew('nightly', '3s')");
+    let renewed = Instant::now();
+    m1.pg.wait_for("the guard to drop the slot at expiry", Duration::from_secs(60), |c| (!c.slot_exists("nightly")).then_some(()));
+    assert!(renewed.elapsed() >= Duration::from_secs(3), "dropped before expiry: {:?}", renewed.elapsed());
+    assert_eq!(actions(&m1.pg, "nightly"), ["lease", "renew", "expire_drop"]);
+    eprintln!("a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expiry: {:?}", started.elapsed());
+}
+
+#[test]
+fn the_guard_never_drops_a_member_slot() {
+    let started = Instant::now();
+    let (_etcd, m1, mut m2) = two_members("pgsg-members");
+    // Every limit that could hit a member's slot: inactivity of 2 s.
+    m1.ctl(&["edit-config", "pgsg-members", "--force", "-p", "pgslotguard.max_inactive_time=2s"]);
+    m1.pg.wait_for("the new limit on m1", Duration::from_secs(30), |c| (c.text("SHOW pgslotguard.max_inactive_time") == "2s").then_some(()));
+
+    // Default scope (leased): a member away for longer than the limit keeps its slot.
+    m2.stop();
+    m1.pg.wait_for("slot m2 to go inactive", Duration::from_secs(30), |c| {
+        (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'm2' AND NOT active") == 1).then_some(())
+    });
+    m1.pg.wait_for("the guard to see slot m2 inactive past the limit", Duration::from_secs(30), |c| {
+        (c.text("SELECT (inactive_for > interval '3s')::text FROM pgslotguard.slots WHERE slot_name = 'm2'") == "true").then_some(())
+    });
+    m1.pg.wait_passes(2);
+    assert!(m1.pg.slot_exists("m2"), "scope = leased: the guard dropped a member's slot\n{}", m1.pg.describe());
+    assert_eq!(m1.pg.text("SELECT scope_reason FROM pgslotguard.slots WHERE slot_name = 'm2'"), "not leased (scope = leased)");
+
+    // scope = physical with the README's exclude, through the DCS: the member's slot is
+    // excluded, and an orphan physical slot is dropped (the rule is on).
+    m1.ctl(&["edit-config", "pgsg-members", "--force", "-p", "pgslotguard.scope=physical", "-p", &format!("pgslotguard.exclude={MEMBER_SLOTS}")]);
+    m1.pg.wait_for("scope = physical on m1", Duration::from_secs(30), |c| (c.text("SHOW pgslotguard.scope") == "physical").then_some(()));
+    assert_eq!(m1.pg.text("SHOW pgslotguard.exclude"), MEMBER_SLOTS);
+    m1.pg.exec("SELECT pg_create_physical_replication_slot('orphan', true)");
+    m1.pg.wait_for("the guard to drop the orphan", Duration::from_secs(30), |c| (!c.slot_exists("orphan")).then_some(()));
+    m1.pg.wait_passes(2);
+    assert!(m1.pg.slot_exists("m2"), "scope = physical with the exclude: the guard dropped a member's slot\n{}", m1.pg.describe());
+    assert_eq!(m1.pg.text("SELECT scope_reason FROM pgslotguard.slots WHERE slot_name = 'm2'"), "excluded by pgslotguard.exclude");
+    assert_eq!(actions(&m1.pg, "m2"), Vec::<String>::new());
+
+    // m2 comes back and streams through its slot.
+    m2.start();
+    wait("m2 to stream again", Duration::from_secs(60), || m2.is_streaming_replica());
+    assert_eq!(m1.pg.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'm2' AND active"), 1);
+    eprintln!("the_guard_never_drops_a_member_slot: {:?}", started.elapsed());
+}
+
+#[test]
+fn after_a_switchover_the_old_leaders_lease_stays_and_is_enforced_there() {
+    let started = Instant::now();
+    let (_etcd, m1, m2) = two_members("pgsg-switch");
+    m1.pg.exec("SELECT * FROM backup_slot_lease('nightly', '5 min', 'test')");
+    let leased = Instant::now();
+    m1.ctl(&["switchover", "pgsg-switch", "--leader", "m1", "--candidate", "m2", "--force"]);
+    wait("m2 to lead", Duration::from_secs(60), || m2.is_leader());
+    wait("m1 to stream from m2", Duration::from_secs(60), || m1.is_streaming_replica());
+    eprintln!("switchover done {:?} after the lease", leased.elapsed());
+
+    // The lease and its slot stayed on the old leader, now a standby; the new leader has
+    // neither, and no "dropped outside pgslotguard" anywhere.
+    assert!(m1.pg.slot_exists("nightly"), "{}", m1.pg.describe());
+    assert_eq!(m1.pg.text("SELECT pg_is_in_recovery()::text"), "true");
+    assert_eq!(m1.pg.count("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'nightly'"), 1);
+    assert!(!m2.pg.slot_exists("nightly"));
+    assert_eq!(m2.pg.count("SELECT count(*) FROM pgslotguard.leases"), 0);
+    m2.pg.wait_passes(2);
+    assert_eq!(m2.pg.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'nightly' AND action <> 'lease'"), 0);
+
+    // The old leader's guard enforces the lease there: its term cut to 3 s (a renewal on
+    // the standby, where the lease lives), it is dropped at expiry (the event goes to the
+    // standby's ring: no table can be written in recovery).
+    m1.pg.exec("SELECT backup_slot_renew('nightly', '3s')");
+    let renewed = Instant::now();
+    m1.pg.wait_for("the standby's guard to drop the slot at expiry", Duration::from_secs(60), |c| {
+        (!c.slot_exists("nightly")).then_some(())
+    });
+    assert!(renewed.elapsed() >= Duration::from_secs(3));
+    m1.pg.wait_for("the expire_drop event on m1", Duration::from_secs(10), |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'nightly' AND action = 'expire_drop' AND kept_in = 'ring'") == 1).then_some(())
+    });
+    assert!(!m1.pg.log().contains("dropped outside pgslotguard"));
+    assert!(!m2.pg.log().contains("dropped outside pgslotguard"));
+    eprintln!("after_a_switchover_the_old_leaders_lease_stays_and_is_enforced_there: {:?}", started.elapsed());
+}
