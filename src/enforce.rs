@@ -246,6 +246,12 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         let action = Outcome::parse(&intent.action).unwrap_or(Outcome::ExpireDrop);
         let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
         let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
+        // Killed after the drop's event committed and before the intent went: the event
+        // is there; only the intent is left to forget.
+        if state::drop_recorded(&seen.slot_name, action, intent.at)? {
+            state::forget_dropped(&seen.slot_name, action, false)?;
+            continue;
+        }
         state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
         state::forget_dropped(&seen.slot_name, action, false)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
@@ -515,13 +521,20 @@ fn drop_slot(
     // is rolled back with it (the intent stays, and the next pass decides afresh). The
     // record of the slot goes last: a guard killed between the drop and the commit leaves
     // the intent, and its next pass records the drop (`finish_interrupted_drops`).
-    in_subtransaction(|| {
+    let dropped = in_subtransaction(|| {
         record(d, action, reason, actor.name)?;
         state::drop_slot(&d.slot_name)?;
-        state::forget_dropped(&d.slot_name, action, loop_words.is_some())?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         Ok(Step::Did(action))
-    })
+    })?;
+    // Only once the event has committed does the intent go: a guard killed before that
+    // leaves it, and its next pass records the drop (or, finding the event committed,
+    // only forgets the intent).
+    commit_point(actor);
+    if let Err(e) = in_subtransaction(|| state::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
+        warning!("pgslotguard: could not forget the dropped replication slot \"{}\": {e}; the next pass does", d.slot_name);
+    }
+    Ok(dropped)
 }
 
 /// What a drop on a standby frees, and when.

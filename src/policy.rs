@@ -318,6 +318,8 @@ pub struct Seen {
 pub struct DropIntent {
     pub action: String,
     pub reason: String,
+    /// When the guard decided it.
+    pub at: i64,
 }
 
 /// Everything a decision needs, taken at one instant.
@@ -2080,7 +2082,7 @@ mod tests {
                 slot_name: "dropped".into(),
                 first_seen: 5,
                 inactive_since: None,
-                dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into() }),
+                dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into(), at: 0 }),
                 stalled: None,
             },
         ]

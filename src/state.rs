@@ -202,8 +202,22 @@ pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -
 pub fn mark_dropping(w: &mut crate::store::Writer, name: &str, action: Outcome, reason: &str) -> Result<()> {
     let mut rec = w.get(name);
     let seen = rec.seen.get_or_insert_with(|| crate::store::SeenRec { first_seen: now_us(), ..Default::default() });
-    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string() });
+    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string(), at: now_us() });
     w.put(&rec)
+}
+
+/// Has the guard's drop of `name` for `action`, decided at `since`, been recorded already
+/// (in the event table, or in a standby's ring)?
+pub fn drop_recorded(name: &str, action: Outcome, since: i64) -> Result<bool> {
+    if in_recovery() {
+        let events = crate::store::ring_events()?;
+        return Ok(events.iter().any(|e| e.slot_name.as_deref() == Some(name) && e.action == action.as_str() && e.at >= since));
+    }
+    read(
+        "SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE slot_name = $1::name AND action = $2 AND at >= $3)",
+        &[name.into(), action.as_str().into(), ts(since).into()],
+        |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
+    )
 }
 
 /// A slot the guard dropped: its lease ends and its record goes (its tracking, warnings

@@ -61,6 +61,9 @@ pub struct LeaseRec {
 pub struct IntentRec {
     pub action: String,
     pub reason: String,
+    /// When the guard decided the drop (0 in a record written before this was kept).
+    #[serde(default)]
+    pub at: i64,
 }
 
 /// What the guard has tracked of a slot.
@@ -247,7 +250,7 @@ mod tests {
                 first_seen: 7,
                 inactive_since: Some(8),
                 stalled: Some((9, 10)),
-                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into() }),
+                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into(), at: 11 }),
             }),
             warned: vec!["expiry".into(), "retained".into()],
             dropped: Some(DroppedRec { at: 11, action: "retained_drop".into(), drops: 2, loop_warned_at: Some(12) }),

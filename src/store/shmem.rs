@@ -85,6 +85,7 @@ pub struct Entry {
     stalled_lsn: i64,
     stalled_since: i64,
     intent_action: Text<WORD_LEN>,
+    intent_at: i64,
     intent_reason: Text<REASON_LEN>,
     warned: u32,
     has_dropped: bool,
@@ -179,6 +180,7 @@ impl Entry {
             dropping: self.has_intent.then(|| IntentRec {
                 action: self.intent_action.as_str().to_string(),
                 reason: self.intent_reason.as_str().to_string(),
+                at: self.intent_at,
             }),
         }
     }
@@ -208,6 +210,7 @@ impl Entry {
             dropping: self.has_intent.then(|| crate::policy::DropIntent {
                 action: self.intent_action.as_str().to_string(),
                 reason: self.intent_reason.as_str().to_string(),
+                at: self.intent_at,
             }),
             stalled: opt(self.stalled_lsn).zip(opt(self.stalled_since)).map(|(l, s)| (l as u64, s)),
         }
@@ -247,6 +250,7 @@ impl Entry {
         self.has_intent = seen.dropping.is_some();
         if let Some(i) = &seen.dropping {
             self.intent_action.set(&i.action);
+            self.intent_at = i.at;
             self.intent_reason.set(&i.reason);
         }
         self.warned = words_to_bits(&rec.warned);
