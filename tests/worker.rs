@@ -335,9 +335,27 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
         }
     };
     signal("-STOP");
-    // More WAL than the socket buffers hold (a few MB): the walsender's sent position stops
-    // short of it, so the stream is behind and stands still.
-    c.make_wal(24);
+    // More WAL than the socket buffers hold: the walsender's sent position stops short of
+    // it, so the stream is behind and stands still. How much they hold depends on TCP
+    // autotuning (net.ipv4.tcp_rmem allows 32 MB on this machine kind), so write WAL until
+    // the walsender's sent position stands more than a segment short of the flushed WAL
+    // and stays there.
+    let sent = |c: &Cluster| {
+        c.sql(
+            "SELECT (r.sent_lsn - '0/0')::int8, (pg_current_wal_flush_lsn() - r.sent_lsn)::int8
+               FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = 'stuck'",
+        )
+        .first()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+    };
+    c.wait_for("the walsender to stand short of the WAL", WAIT, |c| {
+        c.make_wal(8);
+        let before = sent(c)?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let after = sent(c)?;
+        (after.0 == before.0 && after.1 > 16 << 20).then_some(())
+    });
     // First the warning at warn_fraction of the limit, then the breach itself.
     let warns = c.wait_for("a warning that the slot is stalled", WAIT, |c| {
         let r = c.text("SELECT COALESCE(string_agg(reason, ' | ' ORDER BY id), '') FROM pgslotguard.events WHERE slot_name = 'stuck' AND action = 'warn'");
