@@ -236,6 +236,12 @@ fn lease(
         not_above(name, "max_age", max_age, "pgslotguard.max_slot_age", policy.max_slot_age_us, pretty_duration)?;
         not_above(name, "max_xmin_age", max_xmin_age, "pgslotguard.max_xmin_age", policy.max_xmin_age, |v| format!("{v} transactions"))?;
     }
+    // pgslotguard.exclude names slots the guard never touches: a lease there would be a
+    // promise the guard does not keep (a lease taken before the name was excluded stays,
+    // and can still be renewed, released or kept; the views show it out of scope).
+    if let Some(re) = crate::guc::exclude().filter(|re| re.is_match(name)) {
+        return Err(GuardError::ExcludedName { slot: name.into(), pattern: re.as_str().into() });
+    }
     let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some() || max_xmin_age.is_some();
     let times = lease_times(name, ttl)?;
 
@@ -377,8 +383,10 @@ fn enforce(dry_run: bool) -> Result<Vec<crate::enforce::Done>> {
         });
     }
     let name = state::role_name(me);
+    // A dry run by a role that may not act records nothing (events, notifications, log).
+    let records = is_superuser(me);
     state::as_owner(|| {
-        let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, warned: None, clock: None, restarts: None };
+        let mut actor = crate::enforce::Actor { name: &name, own_transaction: false, records, warned: None, clock: None, restarts: None };
         Ok(crate::enforce::run_pass(&mut actor, dry_run)?.done)
     })
 }

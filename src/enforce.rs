@@ -56,6 +56,10 @@ pub struct Actor<'a> {
     pub name: &'a str,
     /// The pass may commit between actions (the worker, which owns its transaction).
     pub own_transaction: bool,
+    /// The pass records what it finds (events, notifications, warnings remembered, log
+    /// lines). Off for a dry run by a role that may not act (a pg_monitor member): it
+    /// returns what a pass would do and leaves no trace, so it can be run at will.
+    pub records: bool,
     /// Warnings already given in an earlier pass (the worker keeps them so a waiting slot
     /// is reported once, not every naptime). `None`: report every time.
     pub warned: Option<&'a mut HashSet<WarnKey>>,
@@ -198,7 +202,7 @@ fn read_state(
     state::track(&mut snap, policy, !dry_run)?;
     let mut held_due = None;
     if let Some(watch) = clock {
-        let (held, due) = watch.hold(snap.now, state::mono_us(), &timing::time_deadlines(policy, &snap));
+        let (held, due) = watch.hold(snap.now, snap.mono, &timing::time_deadlines(policy, &snap));
         if !held.is_empty() && !watch.held_logged {
             log!(
                 "pgslotguard: the system clock was set forward; time limits of {} slot(s) wait until that much time has really passed",
@@ -237,18 +241,38 @@ fn read_state(
 /// on a slot that still exists means the drop never happened: forget it and decide afresh.
 fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<Vec<Done>, GuardError> {
     let present: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
-    let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) =
-        snap.seen.iter().filter(|s| s.dropping.is_some()).partition(|s| !present.contains(s.slot_name.as_str()));
+    // A drop made by backup_slot_enforce() in a transaction still running is that
+    // transaction's: its record commits with it, or is made here once it has rolled back.
+    let running: HashSet<String> = snap
+        .seen
+        .iter()
+        .filter(|s| s.dropping.as_ref().and_then(|i| i.xid).is_some_and(|x| state::xid_state(x) == state::XidState::Running))
+        .map(|s| s.slot_name.clone())
+        .collect();
+    let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) = snap
+        .seen
+        .iter()
+        .filter(|s| s.dropping.is_some() && !running.contains(&s.slot_name))
+        .partition(|s| !present.contains(s.slot_name.as_str()));
     let stale: Vec<String> = stale.iter().map(|s| s.slot_name.clone()).collect();
     let mut done = vec![];
     for seen in gone {
         let Some(intent) = &seen.dropping else { continue };
         let action = Outcome::parse(&intent.action).unwrap_or(Outcome::ExpireDrop);
-        let reason = format!("{} (recorded at the next pass: the guard was stopped after it dropped the slot)", intent.reason);
+        let why = match intent.xid {
+            Some(_) => "the transaction of the backup_slot_enforce() call that dropped the slot rolled back",
+            None => "the guard was stopped after it dropped the slot",
+        };
+        let reason = format!("{} (recorded at the next pass: {why})", intent.reason);
         let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
         // Killed after the drop's event committed and before the intent went: the event
-        // is there; only the intent is left to forget.
-        if state::drop_recorded(&seen.slot_name, action, intent.at)? {
+        // is there; only the intent is left to forget. (A caller's transaction that wrote
+        // it has committed.)
+        let recorded = match intent.xid {
+            Some(x) => state::xid_state(x) == state::XidState::Committed,
+            None => state::drop_recorded(&seen.slot_name, action, intent.at)?,
+        };
+        if recorded {
             state::forget_dropped(&seen.slot_name, action, false)?;
             continue;
         }
@@ -260,9 +284,11 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
     if !stale.is_empty() {
         state::clear_drop_marks(&stale)?;
     }
-    // Copied (from the read the backend keeps) only when there is something to change.
-    if !done.is_empty() {
-        let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).collect();
+    // Copied (from the read the backend keeps) only when there is something to change. A
+    // slot a running transaction dropped is left out of this pass too: its lease is not
+    // one whose slot went missing.
+    if !done.is_empty() || !running.is_empty() {
+        let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).chain(running.iter().map(String::as_str)).collect();
         Rc::make_mut(&mut snap.leases).retain(|l| !finished.contains(l.slot_name.as_str()));
         Rc::make_mut(&mut snap.seen).retain(|s| !finished.contains(s.slot_name.as_str()));
     }
@@ -308,6 +334,7 @@ impl PassSummary {
                 }
                 self.done.push(Done { slot_name: d.slot_name.clone(), action, reason, retained_bytes: d.retained_bytes });
             }
+            Err(msg) if !actor.records => self.failed(Some(d), &msg, None),
             Err(msg) => {
                 // Record the error in its own subtransaction; if even that fails, the log has it.
                 let recorded = in_subtransaction(|| record(d, Outcome::Error, &msg, actor.name));
@@ -341,6 +368,9 @@ impl PassSummary {
 /// A breach on a slot that may not be touched now: one WARNING and one `warn` event, once
 /// for as long as it lasts (when the actor keeps a memory of warnings).
 fn warn_once(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+    if !actor.records {
+        return Ok(Step::Did(Outcome::Warn));
+    }
     if let Some(warned) = actor.warned.as_deref_mut() {
         if !warned.insert((Some(d.slot_name.clone()), breach)) {
             return Ok(Step::Skipped);
@@ -358,6 +388,9 @@ fn warn_once(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> R
 /// a restarted worker does not warn again; a warning re-arms once its value is back
 /// under the threshold. Given in dry run too: a warning touches no slot.
 fn warn_near_limits(policy: &Policy, actor: &Actor, verdict: &policy::Verdict, before: &[(String, String)]) {
+    if !actor.records {
+        return;
+    }
     let now = policy::warnings(policy, verdict, policy.warn_fraction);
     let crossed: HashSet<(String, &str)> = now.iter().map(|w| w.key()).collect();
     for w in &now {
@@ -400,6 +433,9 @@ fn warn_near_limits(policy: &Policy, actor: &Actor, verdict: &policy::Verdict, b
 
 /// Free space is below the floor and no slot the guard may drop can give more back.
 fn stuck_floor(actor: &mut Actor, why: &str) {
+    if !actor.records {
+        return;
+    }
     if let Some(warned) = actor.warned.as_deref_mut() {
         if !warned.insert((None, Breach::Space)) {
             return;
@@ -416,7 +452,9 @@ fn stuck_floor(actor: &mut Actor, why: &str) {
 fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run: bool) -> Result<Step, String> {
     in_subtransaction(|| {
         if dry_run {
-            log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
+            if actor.records {
+                log!("pgslotguard: would end lease of replication slot \"{}\": {}", d.slot_name, reason);
+            }
             return Ok(Step::Skipped);
         }
         let stop = crate::store::change(|w| {
@@ -436,6 +474,9 @@ fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run
 }
 
 fn would_drop(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> Result<Step, String> {
+    if !actor.records {
+        return Ok(Step::Did(Outcome::WouldDrop));
+    }
     if let Some(warned) = actor.warned.as_deref_mut() {
         if !warned.insert((Some(d.slot_name.clone()), breach)) {
             return Ok(Step::Skipped);
@@ -521,7 +562,14 @@ fn drop_slot(
     // is rolled back with it (the intent stays, and the next pass decides afresh). The
     // record of the slot goes last: a guard killed between the drop and the commit leaves
     // the intent, and its next pass records the drop (`finish_interrupted_drops`).
+    // A pass run in a caller's transaction cannot commit its record: the intent notes the
+    // transaction ID that writes the event, and goes only once that has committed
+    // (`xact::forget_at_commit`); if the caller rolls back, the next pass records the drop.
+    let in_callers_transaction = !actor.own_transaction && !state::in_recovery();
     let dropped = in_subtransaction(|| {
+        if in_callers_transaction {
+            state::note_intent_xid(&d.slot_name)?;
+        }
         record(d, action, reason, actor.name)?;
         state::drop_slot(&d.slot_name)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
@@ -531,11 +579,19 @@ fn drop_slot(
     // leaves it, and its next pass records the drop (or, finding the event committed,
     // only forgets the intent).
     commit_point(actor);
-    if let Err(e) = in_subtransaction(|| state::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
+    if in_callers_transaction {
+        crate::xact::forget_at_commit(&d.slot_name, action, loop_words.is_some());
+    } else if let Err(e) = in_subtransaction(|| state::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
         warning!("pgslotguard: could not forget the dropped replication slot \"{}\": {e}; the next pass does", d.slot_name);
     }
     Ok(dropped)
 }
+
+/// A checkpoint the guard requested for the floor alone (no drop) that freed less than a
+/// segment: the next one for the floor alone waits this long. What keeps the WAL is not
+/// something a checkpoint removes (an archiver that fails, a slot the guard may not drop),
+/// and a checkpoint every pass would only add I/O to a full disk. Drops still get theirs.
+pub const CHECKPOINT_BACKOFF_US: i64 = 60_000_000;
 
 /// What a drop on a standby frees, and when.
 pub const STANDBY_WAL_NOTE: &str =
@@ -589,6 +645,9 @@ fn request_checkpoint(policy: &Policy, v: &DiskVerdict, summary: &PassSummary) {
     if mode == CheckpointMode::Off {
         return;
     }
+    if dropped.is_empty() && crate::shmem::read().is_some_and(|s| state::now_us() < s.ckpt_quiet_until) {
+        return;
+    }
     let before = match in_subtransaction(|| state::last_checkpoint_lsn()) {
         Ok(lsn) => lsn,
         Err(e) => {
@@ -640,15 +699,13 @@ fn follow_up_checkpoint(actor: &Actor, summary: &mut PassSummary) {
             return Ok(None);
         }
         let disk = state::wal_disk()?;
-        let freed = st.ckpt_pg_wal_before - disk.pg_wal;
+        let (freed, change) = crate::policy::disk::checkpoint_freed(st.ckpt_pg_wal_before, disk.pg_wal);
         let reason = format!(
-            "{} checkpoint requested after {} drop(s) completed within {}: pg_wal {} → {} (freed {}, projected {}); {} free of {}",
+            "{} checkpoint requested after {} drop(s) completed within {}: {}, projected {}); {} free of {}",
             if st.ckpt_fast { "fast" } else { "spread" },
             st.ckpt_drops,
             pretty_duration(state::now_us() - st.ckpt_requested_at),
-            pretty_size(st.ckpt_pg_wal_before),
-            pretty_size(disk.pg_wal),
-            pretty_size(freed),
+            change,
             pretty_size(st.ckpt_projected),
             pretty_size(disk.free),
             pretty_size(disk.total),
@@ -658,15 +715,23 @@ fn follow_up_checkpoint(actor: &Actor, summary: &mut PassSummary) {
             pg_wal_bytes: Some(disk.pg_wal),
             ..Event::new(Outcome::Checkpoint, &reason, actor.name)
         })?;
-        Ok(Some(reason))
+        Ok(Some((reason, freed, disk.segment_size)))
     });
     match r {
         Ok(None) => {}
-        Ok(Some(reason)) => {
+        Ok(Some((reason, freed, segment))) => {
             log!("pgslotguard: {reason}");
+            let idle = st.ckpt_drops == 0 && freed < segment;
+            if idle {
+                log!(
+                    "pgslotguard: the checkpoint requested for pgslotguard.min_free_wal_space freed nothing; the next one for the floor alone waits {}",
+                    pretty_duration(CHECKPOINT_BACKOFF_US)
+                );
+            }
             crate::shmem::update(|s| {
                 s.ckpt_pending = false;
                 s.ckpt_fast = false;
+                s.ckpt_quiet_until = if idle { state::now_us() + CHECKPOINT_BACKOFF_US } else { 0 };
             });
             summary.done.push(Done { slot_name: String::new(), action: Outcome::Checkpoint, reason, retained_bytes: None });
         }

@@ -37,6 +37,8 @@ pub enum GuardError {
     NoSlot(String),
     #[error("replication slot \"{slot}\" of lease no longer exists")]
     LeasedSlotGone { slot: String },
+    #[error("replication slot name \"{slot}\" matches pgslotguard.exclude ('{pattern}'): the guard never touches it, so a lease on it would never be enforced")]
+    ExcludedName { slot: String, pattern: String },
     #[error("replication slot \"{0}\" is a logical slot")]
     LogicalSlot(String),
     #[error("replication slot \"{0}\" is temporary")]
@@ -86,6 +88,7 @@ impl GuardError {
             SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
             NoLease(_) | NoSlot(_) | LeasedSlotGone { .. } => ERRCODE_UNDEFINED_OBJECT,
             LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ExcludedName { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
             PermissionDenied { .. } | LimitRaise { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Disk(_) => ERRCODE_IO_ERROR,
@@ -120,6 +123,7 @@ impl GuardError {
             NoSlot(_) => "Call backup_slot_lease() without adopt to create the slot.".into(),
             LeasedSlotGone { .. } => "The slot was dropped outside pgslotguard; the guard worker ends such leases at its next pass.".into(),
             LogicalSlot(_) => "Only physical slots can be leased.".into(),
+            ExcludedName { .. } => "Choose a name that pgslotguard.exclude does not match, or narrow pgslotguard.exclude (SELECT current_setting('pgslotguard.exclude')).".into(),
             TemporarySlot(_) => "A temporary slot ends with its session; it cannot be leased.".into(),
             SlotActive { action, .. } => format!("Stop the client that streams from it before you {action} the slot, or call backup_slot_keep() to keep the slot and end the lease."),
             PermissionDenied { hint, .. } => (*hint).into(),

@@ -28,6 +28,14 @@ pub enum CheckpointGuc {
     Fast,
 }
 
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NotifyPayloadGuc {
+    #[name = c"minimal"]
+    Minimal,
+    #[name = c"full"]
+    Full,
+}
+
 /// The default of pgslotguard.database (as cron.database_name defaults to postgres).
 const DEFAULT_DATABASE: &CStr = c"postgres";
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_DATABASE));
@@ -74,6 +82,7 @@ pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400
 /// a size ('20GB') or a share of the filesystem ('10%'); -1 = off
 pub static MIN_FREE_WAL_SPACE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"-1"));
 pub static CHECKPOINT_AFTER_DROP: GucSetting<CheckpointGuc> = GucSetting::<CheckpointGuc>::new(CheckpointGuc::Fast);
+pub static NOTIFY_PAYLOAD: GucSetting<NotifyPayloadGuc> = GucSetting::<NotifyPayloadGuc>::new(NotifyPayloadGuc::Minimal);
 
 use crate::validate::US_PER_S;
 
@@ -271,6 +280,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"pgslotguard.notify_payload",
+        c"What a notification on channel pgslotguard carries: minimal (the event's id, time, slot and action) or full (every column of the event).",
+        c"Any role can LISTEN on any channel, so full shows holders and reasons to roles that the events view hides them from. Any role can also NOTIFY: check a notification against pgslotguard.events by its id.",
+        &NOTIFY_PAYLOAD,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"pgslotguard".as_ptr());
     }
@@ -367,12 +384,27 @@ fn opt_limit(v: i32, scale: i64) -> Option<i64> {
     (v >= 0).then_some(v as i64 * scale)
 }
 
+thread_local! {
+    /// `pgslotguard.exclude` as last compiled, with its text: compiled again only when
+    /// the setting changes (a lease call checks it too).
+    static EXCLUDE_RE: std::cell::RefCell<(String, Option<regex::Regex>)> = const { std::cell::RefCell::new((String::new(), None)) };
+}
+
+/// `pgslotguard.exclude`, compiled (`None`: excludes nothing).
+pub fn exclude() -> Option<regex::Regex> {
+    let text = EXCLUDE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    EXCLUDE_RE.with_borrow_mut(|cached| {
+        if cached.0 != text {
+            cached.1 = compile_exclude(&text).ok().flatten();
+            cached.0 = text;
+        }
+        cached.1.clone()
+    })
+}
+
 /// The policy in force now. Read once at the start of a pass.
 pub fn policy() -> Policy {
-    let exclude = EXCLUDE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .and_then(|p| compile_exclude(&p).ok().flatten());
+    let exclude = exclude();
     Policy {
         max_retained_wal: max_retained_wal(),
         max_slot_age_us: opt_limit(MAX_SLOT_AGE.get(), US_PER_S),
@@ -421,6 +453,11 @@ pub fn min_free_wal_space() -> Option<Floor> {
 pub fn database() -> String {
     DATABASE.get().unwrap_or_else(|| DEFAULT_DATABASE.to_owned()).to_string_lossy().into_owned()
 }
+/// Notifications carry every column of the event (`pgslotguard.notify_payload = full`).
+pub fn notify_full() -> bool {
+    NOTIFY_PAYLOAD.get() == NotifyPayloadGuc::Full
+}
+
 pub fn enabled() -> bool {
     ENABLED.get()
 }

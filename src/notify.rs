@@ -1,7 +1,13 @@
 //! The JSON every event is sent as on channel `pgslotguard` (state::record). PURE:
 //! unit-tested without PostgreSQL.
 //!
-//! Schema 1, every key always present (null when it does not apply):
+//! Any role may LISTEN on any channel, and NOTIFY on it. So by default
+//! (`pgslotguard.notify_payload = minimal`) a notification says only what anyone may know
+//! — schema 2: `schema`, `id`, `at`, `slot`, `action` — and a listener reads the rest from
+//! `pgslotguard.events` by `id`, which also tells a real event from a forged notification.
+//!
+//! With `notify_payload = full`, schema 1, every key always present (null when it does not
+//! apply):
 //! `schema`, `id`, `at` (UTC, RFC 3339, microseconds), `slot`, `action` (the event word),
 //! `reason`, `retained_bytes`, `freed_bytes`, `actor`, `owner` and `holder` (of the lease),
 //! `restart_lsn` (a guard drop: the slot's restart_lsn at the drop, as PostgreSQL prints an
@@ -12,6 +18,20 @@ use crate::event::Event;
 use serde_json::json;
 
 pub const SCHEMA: u32 = 1;
+/// The minimal payload's schema.
+pub const MINIMAL_SCHEMA: u32 = 2;
+
+/// The notification for a recorded event by default: what the event is, not what it says.
+pub fn minimal(e: &Event, id: i64, at: &str) -> String {
+    json!({
+        "schema": MINIMAL_SCHEMA,
+        "id": id,
+        "at": at,
+        "slot": e.slot_name,
+        "action": e.action.as_str(),
+    })
+    .to_string()
+}
 
 /// PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
 pub const MAX_PAYLOAD: usize = 7999;
@@ -92,6 +112,19 @@ mod tests {
             lease_owner: Some("backup"),
             ..Event::new(Outcome::ExpireDrop, reason, "pgslotguard guard")
         }
+    }
+
+    #[test]
+    fn the_minimal_payload_says_which_event_and_nothing_it_says() {
+        let p = minimal(&event("lease expired 1s ago"), 42, "2026-11-30T01:02:03.000004Z");
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["action", "at", "id", "schema", "slot"]);
+        assert_eq!(v["schema"], 2);
+        assert_eq!(v["id"], 42);
+        assert_eq!(v["slot"], "nightly");
+        assert_eq!(v["action"], "expire_drop");
+        assert!(!p.contains("backup") && !p.contains("expired"), "{p}");
     }
 
     #[test]

@@ -320,12 +320,18 @@ pub struct DropIntent {
     pub reason: String,
     /// When the guard decided it.
     pub at: i64,
+    /// Made by `backup_slot_enforce()` in the caller's transaction: the transaction ID
+    /// that wrote its event (`store::IntentRec::xid`).
+    pub xid: Option<u32>,
 }
 
 /// Everything a decision needs, taken at one instant.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub now: i64,
+    /// The monotonic clock, read together with `now` (`timing::ClockWatch` compares the
+    /// two clocks, so they must be read at the same instant; 0 where no one compares).
+    pub mono: i64,
     /// Current WAL position (on a standby: last replayed).
     pub current_lsn: u64,
     pub slots: Vec<SlotInfo>,
@@ -778,8 +784,9 @@ pub fn warnings(policy: &Policy, verdict: &Verdict, fraction: f64) -> Vec<Warnin
             out.push(Warning { slot_name: Some(d.slot_name.clone()), limit: l.breach, frac: l.frac, words: l.warn_words() });
         }
     }
-    if let (Some(v), Some(floor)) = (&verdict.disk, policy.min_free_wal) {
-        let floor = floor.bytes(v.disk.total);
+    // (A floor the filesystem cannot meet is reported as such by judge(), not as a share.)
+    let floor = verdict.disk.as_ref().zip(policy.min_free_wal).map(|(v, f)| (v, f.bytes(v.disk.total)));
+    if let Some((v, floor)) = floor.filter(|(v, f)| *f < v.disk.total) {
         let usable = (v.disk.total - floor).max(1);
         let used = v.disk.total - v.disk.free;
         let frac = ratio(used, usable);
@@ -794,7 +801,7 @@ pub fn warnings(policy: &Policy, verdict: &Verdict, fraction: f64) -> Vec<Warnin
                     fmt_bytes(v.disk.total),
                     fmt_bytes((v.disk.free - floor).max(0)),
                     fmt_bytes(floor),
-                    frac * 100.0
+                    frac.min(1.0) * 100.0
                 ),
             });
         }
@@ -858,6 +865,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             Some(disk::Pin { name: s.name.clone(), restart_lsn: r, droppable, why_not })
         })
         .collect();
+    let pins = disk::with_archiver(pins, wal);
     for (name, frees) in disk::frees_per_slot(wal, &pins) {
         if let Some(&i) = index.get(&name) {
             decisions[i].frees_bytes = Some(frees);
@@ -868,9 +876,18 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
         .filter(|d| matches!(d.action, Action::Drop { .. }))
         .map(|d| d.slot_name.as_str())
         .collect();
-    let plan = policy.min_free_wal.map(|floor| disk::plan(wal, floor, &pins, &already));
+    // A floor as large as the filesystem can never be met: the guard says so (once) and
+    // does not act on it, rather than drop every slot it may for nothing.
+    let unmeetable = policy.min_free_wal.map(|f| f.bytes(wal.total)).filter(|&f| f >= wal.total);
+    let plan = policy.min_free_wal.filter(|_| unmeetable.is_none()).map(|floor| disk::plan(wal, floor, &pins, &already));
     let mut dropping: HashSet<String> = already.iter().map(|s| s.to_string()).collect();
-    let mut stuck = None;
+    let mut stuck = unmeetable.map(|f| {
+        format!(
+            "pgslotguard.min_free_wal_space ({}) is not below the size of the filesystem of pg_wal ({}): the floor can never be met, and the guard does not act on it; lower it",
+            fmt_bytes(f),
+            fmt_bytes(wal.total)
+        )
+    });
     if let Some(p) = plan.as_ref().filter(|p| p.below) {
         let why = format!(
             "free space on the filesystem of pg_wal is {} of {}, below pgslotguard.min_free_wal_space ({})",
@@ -889,12 +906,19 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             decisions[i].action = Action::Drop { breach: Breach::Space, terminate: pid, reason };
             dropping.insert(name.clone());
         }
-        if let Some((name, not_why, extra)) = &p.blocker {
+        if let Some((_, _, extra)) = p.blocker.as_ref().filter(|b| b.0 == disk::ARCHIVER) {
+            stuck = Some(format!(
+                "{why}; pg_wal holds {} and {} of it waits for the archiver (WAL from {} on is not archived yet; see pg_stat_archiver and archive_command): no slot drop frees it, so none is made",
+                fmt_bytes(wal.pg_wal),
+                fmt_bytes(*extra),
+                crate::validate::format_lsn(wal.unarchived.unwrap_or(0))
+            ));
+        } else if let Some((name, not_why, extra)) = &p.blocker {
             if let Some(d) = index.get(name).map(|&i| &mut decisions[i]).filter(|d| d.action == Action::None) {
                 d.action = Action::Wait {
                     breach: Breach::Space,
                     reason: format!(
-                        "{why}; this slot holds back {} that a checkpoint could free, and is not dropped: {not_why}",
+                        "{why}; this slot holds back {} of pg_wal that the floor needs, and is not dropped: {not_why}",
                         fmt_bytes(*extra)
                     ),
                 };
@@ -1949,6 +1973,7 @@ mod tests {
             wal_keep: 0,
             max_wal: 4 * SEG,
             max_slot_keep: None,
+            unarchived: None,
         });
         s
     }
@@ -2003,7 +2028,7 @@ mod tests {
         match &find(&v, "standby").action {
             Action::Wait { breach: Breach::Space, reason } => {
                 assert!(reason.contains("not dropped: not leased (scope = leased)"), "{reason}");
-                assert!(reason.contains("holds back 240 MB"), "{reason}");
+                assert!(reason.contains("holds back 880 MB of pg_wal that the floor needs"), "{reason}");
             }
             other => panic!("{other:?}"),
         }
@@ -2015,6 +2040,65 @@ mod tests {
         let s = disk_snap(10 * MB, vec![pinned("keep_me", 55)], vec![]);
         let v = judge(&p, &s);
         assert!(matches!(find(&v, "keep_me").action, Action::Wait { breach: Breach::Space, .. }));
+    }
+
+    #[test]
+    fn the_excluded_slot_in_the_way_is_named_even_with_a_droppable_slot_just_younger() {
+        // scope = all; the excluded standby slot is the oldest, and a leased slot sits a
+        // few bytes after it, in the same segment: dropping the leased one frees nothing
+        // while the excluded one stays, and it is the excluded one that is in the way.
+        let p = Policy { exclude: Some(Regex::new("^standby").unwrap()), scope: Scope::All, ..floor(200 * MB) };
+        let mut young = pinned("orphan", 55);
+        young.restart_lsn = young.restart_lsn.map(|r| r + 4096);
+        let s = disk_snap(10 * MB, vec![pinned("standby_1", 55), young], vec![lease("orphan", S, 3600 * S)]);
+        let v = judge(&p, &s);
+        assert_eq!(find(&v, "orphan").action, Action::None, "dropping it alone frees nothing");
+        match &find(&v, "standby_1").action {
+            Action::Wait { breach: Breach::Space, reason } => {
+                assert!(reason.contains("not dropped: excluded by pgslotguard.exclude"), "{reason}");
+                assert!(reason.contains("holds back"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(v.disk.unwrap().stuck.is_none(), "the slot in the way is named, not \"something else\"");
+    }
+
+    #[test]
+    fn wal_waiting_for_the_archiver_is_no_reason_to_drop_a_slot_and_is_named() {
+        // A failing archiver: WAL from 60 segments back is not archived; the leased slot
+        // pins from 50 back. Dropping it frees nothing: no drop, and the archiver is named.
+        let mut s = disk_snap(10 * MB, vec![pinned("nightly", 50)], vec![lease("nightly", S, 3600 * S)]);
+        s.disk.as_mut().unwrap().unarchived = Some((40 * SEG) as u64);
+        let v = judge(&floor(100 * MB), &s);
+        assert_eq!(find(&v, "nightly").action, Action::None);
+        assert_eq!(find(&v, "nightly").frees_bytes, Some(0));
+        let d = v.disk.unwrap();
+        assert_eq!(d.freed, 0, "a checkpoint frees nothing while the archiver holds the WAL");
+        let stuck = d.stuck.unwrap();
+        assert!(stuck.contains("waits for the archiver") && stuck.contains("pg_stat_archiver"), "{stuck}");
+        // Archived up to just past the slot: the slot is what holds the WAL, and goes.
+        let mut s = disk_snap(10 * MB, vec![pinned("nightly", 50)], vec![lease("nightly", S, 3600 * S)]);
+        s.disk.as_mut().unwrap().unarchived = Some((95 * SEG) as u64);
+        let v = judge(&floor(100 * MB), &s);
+        assert_eq!(dropped(find(&v, "nightly")), Some(Breach::Space));
+    }
+
+    #[test]
+    fn a_floor_the_filesystem_cannot_meet_is_reported_and_drops_nothing() {
+        // a 1 GB filesystem and a 2 GB floor: said once, and nothing dropped for it
+        let s = disk_snap(500 * MB, vec![pinned("fresh", 1)], vec![lease("fresh", S, 3600 * S)]);
+        let p = Policy { warn_fraction: 0.8, ..floor(2048 * MB) };
+        let v = judge(&p, &s);
+        assert_eq!(find(&v, "fresh").action, Action::None);
+        let stuck = v.disk.clone().unwrap().stuck.unwrap();
+        assert!(stuck.contains("(2048 MB) is not below the size of the filesystem of pg_wal (1024 MB)"), "{stuck}");
+        assert!(v.disk.as_ref().unwrap().plan.is_none());
+        assert!(warnings(&p, &v, 0.8).is_empty(), "no share of a space the floor does not leave");
+        // a floor that leaves room: the share used is a sane percentage, at most 100%
+        let p = Policy { warn_fraction: 0.8, ..floor(1000 * MB) };
+        let s = disk_snap(500 * MB, vec![], vec![]);
+        let w = warnings(&p, &judge(&p, &s), 0.8);
+        assert!(w[0].words.ends_with(": 100% of the space it leaves is used"), "{}", w[0].words);
     }
 
     #[test]
@@ -2082,7 +2166,7 @@ mod tests {
                 slot_name: "dropped".into(),
                 first_seen: 5,
                 inactive_since: None,
-                dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into(), at: 0 }),
+                dropping: Some(DropIntent { action: "expire_drop".into(), reason: "r".into(), at: 0, xid: None }),
                 stalled: None,
             },
         ]

@@ -42,6 +42,9 @@ pub struct WorkerStatus {
     pub ckpt_projected: i64,
     pub ckpt_drops: i64,
     pub ckpt_requested_at: i64,
+    /// A checkpoint requested for the floor alone freed nothing: the next such request
+    /// waits until then (`enforce::CHECKPOINT_BACKOFF_US`).
+    pub ckpt_quiet_until: i64,
     /// A lease call committed and woke the worker (`wake_worker`); the worker clears it.
     pub wake_requested: bool,
     /// Probes of the WAL position between passes (policy::timing).
@@ -74,6 +77,7 @@ impl Default for WorkerStatus {
             ckpt_projected: 0,
             ckpt_drops: 0,
             ckpt_requested_at: 0,
+            ckpt_quiet_until: 0,
             wake_requested: false,
             probes: 0,
             last_error_len: 0,

@@ -100,7 +100,8 @@ pub fn in_recovery() -> bool {
 /// the two reads would look like a lease whose slot is missing. (A slot created after the
 /// store was read is simply new to the tracking.)
 fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
-    let now = now_us();
+    // Both clocks at one instant: the worker's clock rule compares them.
+    let (now, mono) = (now_us(), mono_us());
     let current_lsn = current_lsn();
     let mut store = crate::store::read(only)?;
     // This transaction's own lease calls, not yet committed, as it sees them.
@@ -119,6 +120,7 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
     };
     Ok(Snapshot {
         now,
+        mono,
         current_lsn,
         slots,
         leases: Rc::new(store.leases),
@@ -202,8 +204,53 @@ pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -
 pub fn mark_dropping(w: &mut crate::store::Writer, name: &str, action: Outcome, reason: &str) -> Result<()> {
     let mut rec = w.get(name);
     let seen = rec.seen.get_or_insert_with(|| crate::store::SeenRec { first_seen: now_us(), ..Default::default() });
-    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string(), at: now_us() });
+    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string(), at: now_us(), xid: None });
     w.put(&rec)
+}
+
+/// A drop made in a caller's transaction (`backup_slot_enforce()`): note on its intent the
+/// transaction ID that writes its event, assigning one now, before the event is written
+/// (`store::IntentRec::xid`).
+pub fn note_intent_xid(name: &str) -> Result<()> {
+    // SAFETY: assigns (or returns) the current (sub)transaction's ID; called inside a
+    // transaction on a primary, where the event about to be written needs one anyway.
+    let xid = u32::from(unsafe { pg_sys::GetCurrentTransactionId() });
+    crate::store::update(name, |r| {
+        if let Some(i) = r.seen.as_mut().and_then(|s| s.dropping.as_mut()) {
+            i.xid = Some(xid);
+        }
+    })
+}
+
+/// Where the transaction that wrote a drop's event stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XidState {
+    Running,
+    Committed,
+    /// Rolled back, or cut short by a crash.
+    Aborted,
+}
+
+/// Has this transaction ID committed? (In the commit callback of its own transaction,
+/// where it still counts as running, the commit log already says so.)
+pub fn xid_committed(xid: u32) -> bool {
+    // SAFETY: a plain lookup in the commit log, for a recent transaction ID.
+    unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid)) }
+}
+
+pub fn xid_state(xid: u32) -> XidState {
+    let x = pg_sys::TransactionId::from(xid);
+    // SAFETY: plain lookups in the proc array and the commit log, for a transaction ID a
+    // drop intent noted moments to hours ago (far inside the commit log's horizon).
+    unsafe {
+        if pg_sys::TransactionIdIsInProgress(x) {
+            XidState::Running
+        } else if pg_sys::TransactionIdDidCommit(x) {
+            XidState::Committed
+        } else {
+            XidState::Aborted
+        }
+    }
 }
 
 /// Has the guard's drop of `name` for `action`, decided at `since`, been recorded already
@@ -361,7 +408,11 @@ pub fn record(e: &Event) -> Result<()> {
             Ok((t.get::<i64>(1)?.unwrap_or(0), t.get::<String>(2)?.unwrap_or_default()))
         },
     )?;
-    let payload = crate::notify::payload(e, id, &at, holder.as_deref());
+    let payload = if crate::guc::notify_full() {
+        crate::notify::payload(e, id, &at, holder.as_deref())
+    } else {
+        crate::notify::minimal(e, id, &at)
+    };
     write("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), payload.into()], |_| Ok(()))
 }
 
@@ -512,6 +563,18 @@ pub fn wal_disk() -> Result<WalDisk> {
             pg_sys::max_slot_wal_keep_size_mb as i64,
         )
     };
+    // Segments waiting for the archiver: `.ready` status files (core writes them only
+    // while archiving is on, and turns them to `.done` once archived).
+    let unarchived = std::fs::read_dir("pg_wal/archive_status")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".ready").and_then(|seg_name| disk::segment_start(seg_name, seg))
+                })
+                .min()
+        })
+        .unwrap_or(None);
     Ok(WalDisk {
         free: st.f_bavail as i64 * unit,
         total: st.f_blocks as i64 * unit,
@@ -521,6 +584,7 @@ pub fn wal_disk() -> Result<WalDisk> {
         wal_keep: keep_mb * MB,
         max_wal: max_mb * MB,
         max_slot_keep: (slot_keep_mb >= 0).then_some(slot_keep_mb * MB),
+        unarchived,
     })
 }
 

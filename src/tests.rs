@@ -449,6 +449,21 @@ mod tests {
         assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.slots')"), "00000");
         assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM pgslotguard.status')"), "00000");
         run("RESET ROLE");
+        // A monitor's dry run says what a pass would do and records nothing: no event, no
+        // notification, however often it runs. A superuser's dry run records would_drop.
+        run("SELECT * FROM backup_slot_lease('mon_dry', '1h')");
+        run("SELECT pgslotguard.test_set_lease_times('mon_dry', 3600, -60)");
+        let events = || one::<i64>("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'mon_dry'").unwrap_or(0);
+        let before = events();
+        run("SET ROLE sg_mon");
+        for _ in 0..3 {
+            assert_eq!(text("SELECT string_agg(action, ',') FROM backup_slot_enforce(true) WHERE slot_name = 'mon_dry'"), "would_drop");
+        }
+        run("RESET ROLE");
+        assert_eq!(events(), before, "a monitor's dry run recorded events");
+        assert_eq!(text("SELECT string_agg(action, ',') FROM backup_slot_enforce(true) WHERE slot_name = 'mon_dry'"), "would_drop");
+        assert_eq!(events(), before + 1);
+        assert_eq!(text("SELECT action FROM pgslotguard.event_log WHERE slot_name = 'mon_dry' ORDER BY id DESC LIMIT 1"), "would_drop");
         run("CREATE ROLE sg_nobody LOGIN");
         run("SET ROLE sg_nobody");
         assert_eq!(text("SELECT pg_temp.sqlstate_of('SELECT * FROM backup_slot_enforce(true)')"), "42501");
@@ -464,7 +479,8 @@ mod tests {
         assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_ttl'"), "s");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_ttl')"), "7d");
         assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.scope'"), "{leased,physical,all}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(18));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(19));
+        assert_eq!(text("SELECT setting || ' ' || context || ' ' || enumvals::text FROM pg_settings WHERE name = 'pgslotguard.notify_payload'"), "minimal superuser {minimal,full}");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_xmin_age')"), "-1");
         assert_eq!(text("SELECT min_val || ' ' || max_val FROM pg_settings WHERE name = 'pgslotguard.max_xmin_age'"), "-1 2000000000");
         assert_eq!(text("SELECT current_setting('pgslotguard.warn_fraction')"), "0.8");

@@ -71,7 +71,7 @@ fn import() -> Result<i64, crate::error::GuardError> {
                 first_seen: ts(row.get(2)?).unwrap_or(0),
                 inactive_since: ts(row.get(3)?),
                 stalled: stalled_lsn.zip(ts(row.get(7)?)),
-                dropping: action.map(|action| IntentRec { action, reason: reason.unwrap_or_default(), at: 0 }),
+                dropping: action.map(|action| IntentRec { action, reason: reason.unwrap_or_default(), at: 0, xid: None }),
             };
             records.entry(name.clone()).or_insert_with(|| SlotRecord::new(&name)).seen = Some(seen);
         }

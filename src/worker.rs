@@ -81,7 +81,7 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
         let mut next = Next::default();
         if guc::enabled() {
             disabled_logged = false;
-            let mut actor = enforce::Actor { name: "worker", own_transaction: true, warned: Some(&mut warned), clock: Some(&mut clock), restarts: Some(&mut restarts) };
+            let mut actor = enforce::Actor { name: "worker", own_transaction: true, records: true, warned: Some(&mut warned), clock: Some(&mut clock), restarts: Some(&mut restarts) };
             next = one_pass(&db, &mut actor, &mut missing_logged);
         } else if !disabled_logged {
             log!("pgslotguard: pgslotguard.enabled is off; the guard worker idles");

@@ -14,9 +14,13 @@
 //!   fails the commit with a clear error instead of being silently overwritten;
 //! * a released slot is dropped at that same moment, so a rolled-back release keeps slot
 //!   and lease; a change applied at pre-commit whose transaction still aborts afterwards
-//!   is put back at abort.
+//!   is put back at abort;
+//! * a guard drop made by `backup_slot_enforce()` in this transaction keeps its intent
+//!   until the transaction has committed its event ([`forget_at_commit`]); rolled back,
+//!   the intent stays and the guard's next pass records the drop.
 
 use crate::error::GuardError;
+use crate::policy::Outcome;
 use crate::store::{self, LeaseRec, SlotRecord};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -51,6 +55,9 @@ thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// A lease call in this transaction changed a lease: wake the guard at commit.
     static WAKE: Cell<bool> = const { Cell::new(false) };
+    /// Guard drops made in this transaction (`backup_slot_enforce()`): (slot, event,
+    /// whether the drop warned of a loop), forgotten once the transaction has committed.
+    static FORGET: RefCell<Vec<(String, Outcome, bool)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn register() {
@@ -128,6 +135,39 @@ pub fn staged() -> Vec<(String, Option<LeaseRec>)> {
         }
         out
     })
+}
+
+/// A guard drop this transaction made and recorded: its intent goes once the transaction
+/// has committed, if the (sub)transaction that wrote the event committed with it; in any
+/// other case the intent stays and the guard's next pass records the drop
+/// (`enforce::finish_interrupted_drops`).
+pub fn forget_at_commit(name: &str, action: Outcome, loop_warned: bool) {
+    register();
+    FORGET.with_borrow_mut(|f| f.push((name.to_string(), action, loop_warned)));
+}
+
+/// After the commit: forget the intents whose events committed.
+fn forget_committed() {
+    let drops = FORGET.with_borrow_mut(std::mem::take);
+    for (name, action, loop_warned) in drops {
+        let r = PgTryBuilder::new(|| {
+            let committed = store::record(&name)
+                .map_err(|e| e.to_string())?
+                .and_then(|r| r.seen)
+                .and_then(|s| s.dropping)
+                .and_then(|i| i.xid)
+                .is_some_and(crate::state::xid_committed);
+            if committed {
+                crate::state::forget_dropped(&name, action, loop_warned).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .catch_others(|e| Err(crate::error::caught_message(&e)))
+        .execute();
+        if let Err(e) = r {
+            warning!("pgslotguard: could not forget the dropped replication slot \"{name}\": {e}; the guard's next pass does");
+        }
+    }
 }
 
 /// Forget this transaction's staged changes to `name`: the guard, run by hand in this same
@@ -277,6 +317,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => apply_staged(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             WAKE.set(false);
+            // The drops' events rolled back: their intents stay for the guard to record.
+            FORGET.with_borrow_mut(|f| f.clear());
             STAGED.with_borrow_mut(|s| s.clear());
             undo_applied();
             let pending = PENDING.with_borrow_mut(std::mem::take);
@@ -296,6 +338,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
             PENDING.with_borrow_mut(|p| p.clear());
             APPLIED.with_borrow_mut(|a| a.clear());
+            forget_committed();
             if WAKE.replace(false) {
                 crate::shmem::wake_worker();
             }

@@ -151,6 +151,47 @@ fn a_slot_out_of_scope_in_the_way_of_the_floor_is_named_once_and_never_dropped()
     eprintln!("floor {floor_mb} MB of {} MB: {reason}", total >> 20);
 }
 
+/// Issue 25, item 3: with the archiver failing, the WAL it has not archived stays
+/// whatever the slots: dropping the lease's slot would free nothing. The guard says so
+/// once, naming the archiver, drops nothing and requests no checkpoint loop; once the
+/// archiver works again, the slot is what holds the WAL, and the floor drops it.
+#[test]
+fn a_failing_archiver_is_named_and_costs_no_slot_until_it_archives_again() {
+    let fs = Tmpfs::mount("walfs-archiver", FS_MB);
+    let c = orphaned(
+        "archiver",
+        &fs,
+        &["archive_mode = on", "archive_command = '/bin/false'", "pgslotguard.min_free_wal_space = '30%'"],
+    );
+    let (_, total) = fs.space();
+    let floor = total * 30 / 100;
+    // Write WAL until free space is below the floor (well before the disk is full).
+    c.wait_for("free space to fall below the floor", Duration::from_secs(120), |c| {
+        if fs.space().0 < floor {
+            return Some(());
+        }
+        c.make_wal(8);
+        None
+    });
+    let said = |c: &Cluster| c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'warn' AND reason LIKE '%waits for the archiver%'");
+    c.wait_for("the guard to name the archiver", WAIT, |c| (said(c) >= 1).then_some(()));
+    c.wait_passes(15);
+    assert!(c.slot_exists("orphan"), "the floor dropped a slot whose drop frees nothing\n{}", c.describe());
+    assert_eq!(said(&c), 1, "said more than once\n{}", c.describe());
+    let checkpoints = c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'");
+    assert!(checkpoints <= 1, "{checkpoints} checkpoint events while the archiver failed\n{}", c.log_tail(30));
+    assert_eq!(c.count("SELECT frees_bytes FROM pgslotguard.slots WHERE slot_name = 'orphan'"), 0);
+
+    // The archiver works again: what it archived goes, and the slot's WAL is what is left.
+    c.set_policy(&[("archive_command", "/bin/true")]);
+    c.wait_for("the floor to drop the slot once the archiver is back", Duration::from_secs(120), |c| {
+        (!c.slot_exists("orphan")).then_some(())
+    });
+    assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'orphan' ORDER BY id DESC LIMIT 1"), "space_drop");
+    c.wait_for("free space back above the floor", WAIT, |_| (fs.space().0 >= floor).then_some(()));
+    assert!(!c.log().contains("PANIC"), "{}", c.log_tail(30));
+}
+
 /// A cluster with a small max_wal_size and no timed checkpoint in sight, and a lease
 /// `pinning` that holds 200 MB of WAL and is older than a checkpoint (its WAL is really
 /// pinned, not just not yet removed).

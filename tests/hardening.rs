@@ -209,3 +209,119 @@ fn dump_and_restore_keeps_events_and_their_owners_but_no_leases() {
     assert!(b.slot_exists("fresh"));
     assert_eq!(a.count("SELECT count(*) FROM pgslotguard.leases"), 2, "the source keeps its leases");
 }
+
+/// Issue 25, item 7: pgslotguard.exclude names slots the guard never touches, so a lease
+/// on such a name would be a promise it does not keep: refused with a hint, nothing left.
+#[test]
+fn a_lease_on_an_excluded_name_is_refused_with_a_hint() {
+    let c = with_extension("exclname", &["pgslotguard.exclude = '^standby'"]);
+    let err = c.client().batch_execute("SELECT backup_slot_lease('standby_backup', '1h')").unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "22023", "{db:?}");
+    assert!(db.message().contains("matches pgslotguard.exclude ('^standby')"), "{db:?}");
+    assert!(db.hint().is_some_and(|h| h.contains("pgslotguard.exclude")), "{db:?}");
+    assert!(!c.slot_exists("standby_backup"), "a refused lease left its slot behind");
+    // adopting an existing slot under an excluded name: the same
+    c.exec("SELECT pg_create_physical_replication_slot('standby_1', true)");
+    assert_eq!(c.sqlstate("SELECT backup_slot_lease('standby_1', '1h', adopt => true)").as_deref(), Some("22023"));
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events"), 0);
+    // a name it does not match is leased as ever
+    c.exec("SELECT backup_slot_lease('nightly', '1h')");
+    assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'nightly'"), "ok");
+}
+
+/// Issue 25, item 10: drops are not transactional, so backup_slot_enforce() in a
+/// transaction that rolls back must not lose the record of the drops it made. The drop
+/// intent notes the transaction that writes the event; rolled back (whole, or to a
+/// savepoint), the guard's next pass records the drop; committed, it is recorded once.
+#[test]
+fn a_rolled_back_manual_enforcement_keeps_the_record_of_its_drops() {
+    let c = with_extension("manualrb", &["pgslotguard.enabled = off"]);
+    for slot in ["rb_whole", "rb_savepoint", "committed"] {
+        c.exec(&format!("SELECT backup_slot_lease('{slot}', '1h')"));
+        c.exec(&format!("SELECT pgslotguard.test_set_lease_times('{slot}', NULL, 0)"));
+    }
+    let drops = |c: &Cluster, slot: &str| c.count(&format!("SELECT count(*) FROM pgslotguard.events WHERE slot_name = '{slot}' AND action = 'expire_drop'"));
+    let mut s = c.client();
+    s.batch_execute("BEGIN").unwrap();
+    let rows = s.query("SELECT slot_name, action FROM backup_slot_enforce() ORDER BY slot_name", &[]).unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    // While the transaction is open, the drops are its own: the guard leaves them be.
+    c.set_policy(&[("pgslotguard.enabled", "on")]);
+    c.wait_passes(2);
+    assert_eq!(drops(&c, "rb_whole"), 0, "{}", c.describe());
+    assert!(!c.log().contains("dropped outside pgslotguard"), "{}", c.log_tail(20));
+    s.batch_execute("ROLLBACK").unwrap();
+    assert!(!c.slot_exists("rb_whole"), "a drop is not undone by a rollback");
+
+    c.wait_for("the guard to record the rolled-back drops", WAIT, |c| (drops(c, "rb_whole") == 1).then_some(()));
+    let reason = c.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'rb_whole' AND action = 'expire_drop'");
+    assert!(reason.contains("backup_slot_enforce() call that dropped the slot rolled back"), "{reason}");
+    assert_eq!(c.text("SELECT actor FROM pgslotguard.events WHERE slot_name = 'rb_whole' AND action = 'expire_drop'"), "worker");
+    for slot in ["rb_savepoint", "committed"] {
+        assert_eq!(drops(&c, slot), 1, "{slot}");
+    }
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0, "{}", c.describe());
+
+    // Rolled back to a savepoint, in a transaction that commits: recorded by the guard.
+    let idle = |c: &Cluster, times: usize| {
+        c.set_policy(&[("pgslotguard.enabled", "off")]);
+        c.wait_for("the guard to idle", WAIT, |c| (c.log().matches("pgslotguard.enabled is off").count() >= times).then_some(()));
+    };
+    idle(&c, 2);
+    c.exec("SELECT backup_slot_lease('sp', '1h')");
+    c.exec("SELECT pgslotguard.test_set_lease_times('sp', NULL, 0)");
+    s.batch_execute("BEGIN; SAVEPOINT a; SELECT * FROM backup_slot_enforce(); ROLLBACK TO SAVEPOINT a; COMMIT;").unwrap();
+    assert!(!c.slot_exists("sp"));
+    assert_eq!(drops(&c, "sp"), 0, "rolled back to the savepoint");
+    c.set_policy(&[("pgslotguard.enabled", "on")]);
+    c.wait_for("the guard to record the drop rolled back to a savepoint", WAIT, |c| (drops(c, "sp") == 1).then_some(()));
+
+    // A drop in a transaction that commits: recorded once, by the caller.
+    idle(&c, 3);
+    c.exec("SELECT backup_slot_lease('once', '1h')");
+    c.exec("SELECT pgslotguard.test_set_lease_times('once', NULL, 0)");
+    s.batch_execute("BEGIN; SELECT * FROM backup_slot_enforce(); COMMIT;").unwrap();
+    assert_eq!(drops(&c, "once"), 1);
+    let actor = c.text("SELECT actor FROM pgslotguard.events WHERE slot_name = 'once' AND action = 'expire_drop'");
+    assert_eq!(actor, "postgres");
+    c.set_policy(&[("pgslotguard.enabled", "on")]);
+    c.wait_passes(3);
+    assert_eq!(drops(&c, "once"), 1, "recorded twice\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.tracking WHERE slot_name = 'once'"), 0);
+}
+
+/// Issue 25, item 8: 300 leases taken in one statement make the guard's first pass long
+/// (300 tracking records written); the wall clock and the monotonic one must be read
+/// together, or the pass after looks like the clock was set forward.
+#[test]
+fn many_leases_at_once_make_no_false_clock_jump() {
+    let c = with_extension("manyleases", &["pgslotguard.naptime = '10s'", "max_replication_slots = 320"]);
+    c.exec("SELECT count(*) FROM generate_series(1, 300) i, backup_slot_lease('many_' || i, '3s')");
+    c.wait_for("the 300 expired leases to be dropped", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'many_%'") == 0).then_some(())
+    });
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'"), 300);
+    let log = c.log();
+    assert!(!log.contains("system clock was set forward") && !log.contains("the system clock moved"), "{}", c.log_tail(30));
+}
+
+/// Issue 25, item 6: a floor the filesystem of pg_wal cannot meet (larger than it) is
+/// said once, loudly, and acted on never: no fresh lease is dropped for it.
+#[test]
+fn a_floor_larger_than_the_filesystem_is_reported_once_and_drops_nothing() {
+    let c = with_extension("hugefloor", &["pgslotguard.naptime = '200ms'"]);
+    c.exec("SELECT backup_slot_lease('fresh', '1h')");
+    c.set_policy(&[("pgslotguard.min_free_wal_space", "1000000TB")]);
+    c.wait_for("the warning that the floor cannot be met", WAIT, |c| {
+        (c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'warn' AND reason LIKE '%can never be met%'") == 1).then_some(())
+    });
+    c.wait_passes(10);
+    assert!(c.slot_exists("fresh"), "a fresh lease was dropped for a floor no filesystem here can meet\n{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'warn'"), 1, "said more than once\n{}", c.describe());
+    let reason = c.text("SELECT reason FROM pgslotguard.events WHERE action = 'warn'");
+    assert!(reason.starts_with("pgslotguard.min_free_wal_space (") && !reason.contains('%'), "{reason}");
+    assert_eq!(c.log().matches("the floor can never be met").count(), 1, "{}", c.log_tail(20));
+    assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'fresh'"), "ok");
+}

@@ -30,7 +30,7 @@ fn listen_until(l: &mut postgres::Client, last: &str, within: Duration) -> Vec<(
 
 #[test]
 fn a_listener_gets_the_lease_its_warning_and_its_drop_as_json_in_order() {
-    let c = with_extension("notify", &["pgslotguard.warn_fraction = 0.5"]);
+    let c = with_extension("notify", &["pgslotguard.warn_fraction = 0.5", "pgslotguard.notify_payload = full"]);
     let mut l = c.client();
     l.batch_execute("LISTEN pgslotguard").unwrap();
 
@@ -67,6 +67,56 @@ fn a_listener_gets_the_lease_its_warning_and_its_drop_as_json_in_order() {
     assert_eq!(got[2].1["actor"], "worker");
     assert!(got[2].1["retained_bytes"].is_i64());
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'rolled_back'"), 0);
+}
+
+/// By default a notification names the event and nothing it says: a role that may not
+/// read another's events learns nothing from LISTEN that pg_replication_slots would not
+/// tell it. And anyone may NOTIFY on the channel: a listener checks each notification
+/// against pgslotguard.events by its id, as the README says, and a forged one fails that.
+#[test]
+fn by_default_a_notification_leaks_nothing_and_a_forged_one_fails_the_check() {
+    let c = with_extension("notifymin", &[]);
+    c.exec("CREATE ROLE nosy LOGIN");
+    let mut nosy = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=nosy dbname=postgres", c.port), postgres::NoTls).unwrap();
+    nosy.batch_execute("LISTEN pgslotguard").unwrap();
+    let mut monitor = c.client();
+    monitor.batch_execute("LISTEN pgslotguard").unwrap();
+
+    c.exec("SELECT backup_slot_lease('payroll', '2s', holder => 'payroll host 10.1.2.3 ticket SEC-42')");
+    let got = listen_until(&mut nosy, "expire_drop", Duration::from_secs(30));
+    for (payload, v) in &got {
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["action", "at", "id", "schema", "slot"], "{payload}");
+        assert_eq!(v["schema"], 2);
+        assert!(!payload.contains("10.1.2.3") && !payload.contains("postgres"), "{payload}");
+    }
+    assert_eq!(
+        nosy.query_one("SELECT count(*) FROM pgslotguard.events", &[]).unwrap().get::<_, i64>(0),
+        0,
+        "the events view hides other roles' events from nosy"
+    );
+
+    // The check the README gives a listener: the event by id, with the same action and slot.
+    let check = |v: &Value| {
+        c.count(&format!(
+            "SELECT count(*) FROM pgslotguard.events WHERE id = {} AND action = '{}' AND slot_name IS NOT DISTINCT FROM {}",
+            v["id"].as_i64().unwrap_or(-1),
+            v["action"].as_str().unwrap_or_default().replace('\'', "''"),
+            v["slot"].as_str().map_or("NULL".into(), |s| format!("'{s}'"))
+        )) == 1
+    };
+    let real = listen_until(&mut monitor, "expire_drop", Duration::from_secs(5));
+    assert!(real.iter().all(|(_, v)| check(v)), "{real:?}");
+    // nosy forges a drop, with an id that exists (the lease's) and one that does not
+    for id in [real[0].1["id"].as_i64().unwrap(), 999_999] {
+        nosy.batch_execute(&format!(
+            r#"NOTIFY pgslotguard, '{{"schema":2,"id":{id},"at":"2026-12-01T00:00:00Z","slot":"payroll","action":"space_drop"}}'"#
+        ))
+        .unwrap();
+        let forged = listen_until(&mut monitor, "space_drop", Duration::from_secs(5));
+        let (payload, v) = forged.last().unwrap();
+        assert!(!check(v), "a forged notification passed the check: {payload}");
+    }
 }
 
 #[test]

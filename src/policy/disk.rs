@@ -38,6 +38,10 @@ pub struct WalDisk {
     pub max_wal: i64,
     /// `max_slot_wal_keep_size`, if set: core never keeps more for a slot.
     pub max_slot_keep: Option<i64>,
+    /// The start of the oldest segment waiting for the archiver (a `.ready` file in
+    /// `pg_wal/archive_status`): a checkpoint removes nothing from there on, whatever the
+    /// slots, until it is archived.
+    pub unarchived: Option<u64>,
 }
 
 /// `pgslotguard.min_free_wal_space`: a size, or a share of the filesystem.
@@ -88,6 +92,32 @@ pub fn headroom(floor: i64, segment_size: i64) -> i64 {
 /// A WAL segment file name in `pg_wal`: 24 upper-case hex digits (timeline, log, seg).
 pub fn is_segment_name(name: &str) -> bool {
     name.len() == 24 && name.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// The LSN a WAL segment starts at, from its file name (`XLogFromFileName`: the log and
+/// seg parts; the timeline does not matter).
+pub fn segment_start(name: &str, segment_size: i64) -> Option<u64> {
+    if !is_segment_name(name) || segment_size <= 0 {
+        return None;
+    }
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
+    let per_log = 0x1_0000_0000u64 / segment_size as u64;
+    Some((log * per_log + seg) * segment_size as u64)
+}
+
+/// The pseudo-pin of WAL the archiver has not archived yet ([`WalDisk::unarchived`]):
+/// nothing the guard may drop, it holds back like the oldest slot. Its name is empty (no
+/// slot has that name).
+pub const ARCHIVER: &str = "";
+pub const ARCHIVER_WHY: &str = "it waits for the archiver (archive_command)";
+
+/// The pins the projection works with: the slots', and the archiver's when WAL waits for it.
+pub fn with_archiver(mut pins: Vec<Pin>, disk: &WalDisk) -> Vec<Pin> {
+    if let Some(lsn) = disk.unarchived {
+        pins.push(Pin { name: ARCHIVER.into(), restart_lsn: lsn, droppable: false, why_not: ARCHIVER_WHY });
+    }
+    pins
 }
 
 /// A slot as the projection sees it.
@@ -262,18 +292,42 @@ pub fn plan(disk: &WalDisk, floor: Floor, pins: &[Pin], already: &HashSet<&str>)
     out.freed = best;
     out.restores = disk.free + best >= target;
     if !out.restores {
-        for (name, _) in &out.drops {
-            h.drop_pin(name);
+        // What stands in the way: the oldest pin the guard may not drop once every one it
+        // may drop is gone (a droppable slot just younger than it frees nothing while it
+        // stays, so it is not what is in the way). What it holds back: what goes with it,
+        // or, when another such pin sits right beside it, what goes with all of them.
+        for p in &candidates {
+            h.drop_pin(&p.name);
         }
         if let Some(p) = h.oldest().filter(|p| !p.droppable) {
-            h.drop_pin(&p.name);
-            let extra = h.freed(disk) - best;
+            let mut without = h.clone();
+            without.drop_pin(&p.name);
+            let mut extra = without.freed(disk) - best;
+            if extra <= 0 {
+                for q in pins {
+                    without.drop_pin(&q.name);
+                }
+                extra = without.freed(disk) - best;
+            }
             if extra > 0 {
                 out.blocker = Some((p.name.clone(), p.why_not, extra));
             }
         }
     }
     out
+}
+
+/// What a checkpoint the guard requested gave back, from `pg_wal`'s size before the
+/// request and after the checkpoint: the bytes freed (never negative) and the words for
+/// its `checkpoint` event. WAL written while the checkpoint ran can leave `pg_wal` larger
+/// than before: that is reported as growth, with nothing freed, not as a negative "freed".
+pub fn checkpoint_freed(before: i64, after: i64) -> (i64, String) {
+    let size = crate::validate::pretty_size;
+    if after > before {
+        (0, format!("pg_wal {} → {} (freed nothing: pg_wal grew by {} while it ran", size(before), size(after), size(after - before)))
+    } else {
+        (before - after, format!("pg_wal {} → {} (freed {}", size(before), size(after), size(before - after)))
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +349,7 @@ mod tests {
             wal_keep: 0,
             max_wal: 64 * MB,
             max_slot_keep: None,
+            unarchived: None,
         }
     }
     /// A slot whose restart LSN lies `segs_back` segments behind the insert position.
@@ -314,6 +369,24 @@ mod tests {
     /// frees once the slots named in `dropped` are gone.
     fn freed(disk: &WalDisk, pins: &[Pin], dropped: &HashSet<&str>) -> i64 {
         freed_at(disk, pins.iter().filter(|p| !dropped.contains(p.name.as_str())).map(|p| p.restart_lsn).min())
+    }
+
+    #[test]
+    fn a_checkpoint_that_pg_wal_outgrew_frees_nothing_and_says_it_grew() {
+        assert_eq!(checkpoint_freed(144 * MB, 96 * MB), (48 * MB, "pg_wal 144 MB → 96 MB (freed 48 MB".to_string()));
+        let (freed, words) = checkpoint_freed(128 * MB, 144 * MB);
+        assert_eq!(freed, 0);
+        assert_eq!(words, "pg_wal 128 MB → 144 MB (freed nothing: pg_wal grew by 16 MB while it ran");
+        assert!(!words.contains('-'), "{words}");
+    }
+
+    #[test]
+    fn a_segment_name_gives_the_lsn_it_starts_at() {
+        assert_eq!(segment_start("000000010000000000000003", SEG), Some(3 * SEG as u64));
+        assert_eq!(segment_start("0000000200000001000000FE", SEG), Some((0x1_0000_0000u64) + 0xFE * SEG as u64));
+        assert_eq!(segment_start("000000010000000100000001", 64 * MB), Some(0x1_0000_0000u64 + 64 * MB as u64));
+        assert_eq!(segment_start("00000001.history", SEG), None);
+        assert_eq!(segment_start("000000010000000000000003.partial", SEG), None);
     }
 
     #[test]
@@ -482,9 +555,9 @@ mod tests {
         let (name, why, extra) = p.blocker.unwrap();
         assert_eq!(name, "standby");
         assert_eq!(why, "not leased (scope = leased)");
-        // with the standby slot gone too, the orphan (40 back) is the horizon: 60 - 44 = 16
-        // segments freed instead of 60 - 59 = 1
-        assert_eq!(extra, 15 * SEG);
+        // what it holds back from the floor: with it gone, the orphan's drop frees too, and
+        // the horizon is the insert position: 60 - 5 = 55 segments instead of 60 - 59 = 1
+        assert_eq!(extra, 55 * SEG);
     }
 
     #[test]

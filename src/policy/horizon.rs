@@ -462,6 +462,7 @@ mod tests {
             wal_keep: 0,
             max_wal: 4 * SEG,
             max_slot_keep: None,
+            unarchived: None,
         });
         match &judge(&p, &s).decisions[0].action {
             Action::Wait { breach: Breach::Space, reason } => assert!(reason.contains("not dropped: named in synchronized_standby_slots"), "{reason}"),

@@ -334,6 +334,7 @@ mod tests {
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {
         Snapshot {
             now: 10 * S,
+            mono: 0,
             current_lsn: 100 * MB as u64,
             slots,
             leases: leases.into(),
@@ -379,6 +380,7 @@ mod tests {
             wal_keep: 0,
             max_wal: 1024 * MB,
             max_slot_keep: None,
+            unarchived: None,
         });
         assert_eq!(wal_budget(&judge(&p, &s)), Some(30 * MB));
         // below the floor: the pass did what it could; no budget from the floor
@@ -402,6 +404,7 @@ mod tests {
             wal_keep: 0,
             max_wal: 32 * MB,
             max_slot_keep: None,
+            unarchived: None,
         });
         assert_eq!(wal_budget(&judge(&p, &s)), Some(0));
         assert_eq!(next_probe(0, 8192, None), Probe::PassNow);

@@ -64,6 +64,11 @@ pub struct IntentRec {
     /// When the guard decided the drop (0 in a record written before this was kept).
     #[serde(default)]
     pub at: i64,
+    /// A drop made by `backup_slot_enforce()` inside the caller's transaction: the
+    /// transaction ID that wrote its event. The event exists once that commits; while it
+    /// runs, the worker leaves the intent alone; if it aborted, the worker records the drop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u32>,
 }
 
 /// What the guard has tracked of a slot.
@@ -250,7 +255,7 @@ mod tests {
                 first_seen: 7,
                 inactive_since: Some(8),
                 stalled: Some((9, 10)),
-                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into(), at: 11 }),
+                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into(), at: 11, xid: Some(742) }),
             }),
             warned: vec!["expiry".into(), "retained".into()],
             dropped: Some(DroppedRec { at: 11, action: "retained_drop".into(), drops: 2, loop_warned_at: Some(12) }),

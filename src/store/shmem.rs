@@ -87,6 +87,8 @@ pub struct Entry {
     intent_action: Text<WORD_LEN>,
     intent_at: i64,
     intent_reason: Text<REASON_LEN>,
+    /// 0: none (`IntentRec::xid`).
+    intent_xid: u32,
     warned: u32,
     has_dropped: bool,
     dropped_at: i64,
@@ -181,6 +183,7 @@ impl Entry {
                 action: self.intent_action.as_str().to_string(),
                 reason: self.intent_reason.as_str().to_string(),
                 at: self.intent_at,
+                xid: (self.intent_xid != 0).then_some(self.intent_xid),
             }),
         }
     }
@@ -211,6 +214,7 @@ impl Entry {
                 action: self.intent_action.as_str().to_string(),
                 reason: self.intent_reason.as_str().to_string(),
                 at: self.intent_at,
+                xid: (self.intent_xid != 0).then_some(self.intent_xid),
             }),
             stalled: opt(self.stalled_lsn).zip(opt(self.stalled_since)).map(|(l, s)| (l as u64, s)),
         }
@@ -253,6 +257,7 @@ impl Entry {
             self.intent_at = i.at;
             self.intent_reason.set(&i.reason);
         }
+        self.intent_xid = seen.dropping.as_ref().and_then(|i| i.xid).unwrap_or(0);
         self.warned = words_to_bits(&rec.warned);
         self.has_dropped = rec.dropped.is_some();
         let d = rec.dropped.clone().unwrap_or_default();
