@@ -12,6 +12,7 @@ use crate::error::{caught_message, GuardError};
 use crate::policy::timing::{self, ClockWatch};
 use crate::policy::{self, Action, Breach, CheckpointMode, Decision, DiskVerdict, Outcome, Policy, Verdict};
 use crate::state::{self, Event};
+use crate::xact;
 use crate::validate::{pretty_duration, pretty_size};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -246,7 +247,7 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
     let running: HashSet<String> = snap
         .seen
         .iter()
-        .filter(|s| s.dropping.as_ref().and_then(|i| i.xid).is_some_and(|x| state::xid_state(x) == state::XidState::Running))
+        .filter(|s| s.dropping.as_ref().and_then(|i| i.xid).is_some_and(|x| xact::xid_state(x) == xact::XidState::Running))
         .map(|s| s.slot_name.clone())
         .collect();
     let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) = snap
@@ -269,7 +270,7 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         // is there; only the intent is left to forget. (A caller's transaction that wrote
         // it has committed.)
         let recorded = match intent.xid {
-            Some(x) => state::xid_state(x) == state::XidState::Committed,
+            Some(x) => xact::xid_state(x) == xact::XidState::Committed,
             None => state::drop_recorded(&seen.slot_name, action, intent.at)?,
         };
         if recorded {
@@ -580,7 +581,7 @@ fn drop_slot(
     // only forgets the intent).
     commit_point(actor);
     if in_callers_transaction {
-        crate::xact::forget_at_commit(&d.slot_name, action, loop_words.is_some());
+        crate::xact::forget_at_commit(&d.slot_name, action, loop_words.is_some(), state::forget_dropped);
     } else if let Err(e) = in_subtransaction(|| state::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
         warning!("pgslotguard: could not forget the dropped replication slot \"{}\": {e}; the next pass does", d.slot_name);
     }

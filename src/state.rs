@@ -222,36 +222,6 @@ pub fn note_intent_xid(name: &str) -> Result<()> {
     })
 }
 
-/// Where the transaction that wrote a drop's event stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XidState {
-    Running,
-    Committed,
-    /// Rolled back, or cut short by a crash.
-    Aborted,
-}
-
-/// Has this transaction ID committed? (In the commit callback of its own transaction,
-/// where it still counts as running, the commit log already says so.)
-pub fn xid_committed(xid: u32) -> bool {
-    // SAFETY: a plain lookup in the commit log, for a recent transaction ID.
-    unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid)) }
-}
-
-pub fn xid_state(xid: u32) -> XidState {
-    let x = pg_sys::TransactionId::from(xid);
-    // SAFETY: plain lookups in the proc array and the commit log, for a transaction ID a
-    // drop intent noted moments to hours ago (far inside the commit log's horizon).
-    unsafe {
-        if pg_sys::TransactionIdIsInProgress(x) {
-            XidState::Running
-        } else if pg_sys::TransactionIdDidCommit(x) {
-            XidState::Committed
-        } else {
-            XidState::Aborted
-        }
-    }
-}
 
 /// Has the guard's drop of `name` for `action`, decided at `since`, been recorded already
 /// (in the event table, or in a standby's ring)?

@@ -57,7 +57,7 @@ thread_local! {
     static WAKE: Cell<bool> = const { Cell::new(false) };
     /// Guard drops made in this transaction (`backup_slot_enforce()`): (slot, event,
     /// whether the drop warned of a loop), forgotten once the transaction has committed.
-    static FORGET: RefCell<Vec<(String, Outcome, bool)>> = const { RefCell::new(Vec::new()) };
+    static FORGET: RefCell<Vec<(String, Outcome, bool, Forget)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn register() {
@@ -137,28 +137,64 @@ pub fn staged() -> Vec<(String, Option<LeaseRec>)> {
     })
 }
 
+/// How a committed drop's intent is forgotten (`state::forget_dropped`, handed down by
+/// the caller: this module sits below the state).
+pub type Forget = fn(&str, Outcome, bool) -> Result<(), GuardError>;
+
 /// A guard drop this transaction made and recorded: its intent goes once the transaction
 /// has committed, if the (sub)transaction that wrote the event committed with it; in any
 /// other case the intent stays and the guard's next pass records the drop
 /// (`enforce::finish_interrupted_drops`).
-pub fn forget_at_commit(name: &str, action: Outcome, loop_warned: bool) {
+pub fn forget_at_commit(name: &str, action: Outcome, loop_warned: bool, forget: Forget) {
     register();
-    FORGET.with_borrow_mut(|f| f.push((name.to_string(), action, loop_warned)));
+    FORGET.with_borrow_mut(|f| f.push((name.to_string(), action, loop_warned, forget)));
 }
+
+/// Where the transaction that wrote a drop's event stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XidState {
+    Running,
+    Committed,
+    /// Rolled back, or cut short by a crash.
+    Aborted,
+}
+
+/// Has this transaction ID committed? (In the commit callback of its own transaction,
+/// where it still counts as running, the commit log already says so.)
+pub fn xid_committed(xid: u32) -> bool {
+    // SAFETY: a plain lookup in the commit log, for a recent transaction ID.
+    unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid)) }
+}
+
+pub fn xid_state(xid: u32) -> XidState {
+    let x = pg_sys::TransactionId::from(xid);
+    // SAFETY: plain lookups in the proc array and the commit log, for a transaction ID a
+    // drop intent noted moments to hours ago (far inside the commit log's horizon).
+    unsafe {
+        if pg_sys::TransactionIdIsInProgress(x) {
+            XidState::Running
+        } else if pg_sys::TransactionIdDidCommit(x) {
+            XidState::Committed
+        } else {
+            XidState::Aborted
+        }
+    }
+}
+
 
 /// After the commit: forget the intents whose events committed.
 fn forget_committed() {
     let drops = FORGET.with_borrow_mut(std::mem::take);
-    for (name, action, loop_warned) in drops {
+    for (name, action, loop_warned, forget) in drops {
         let r = PgTryBuilder::new(|| {
             let committed = store::record(&name)
                 .map_err(|e| e.to_string())?
                 .and_then(|r| r.seen)
                 .and_then(|s| s.dropping)
                 .and_then(|i| i.xid)
-                .is_some_and(crate::state::xid_committed);
+                .is_some_and(xid_committed);
             if committed {
-                crate::state::forget_dropped(&name, action, loop_warned).map_err(|e| e.to_string())?;
+                forget(&name, action, loop_warned).map_err(|e| e.to_string())?;
             }
             Ok(())
         })

@@ -91,7 +91,9 @@ etcd3:
   hosts: 127.0.0.1:{etcd}
 bootstrap:
   dcs:
-    ttl: 10
+    # A stopped member's key lives this long; Patroni 3 drops the slot of a member whose key
+    # has gone. 30 s (Patroni's default) leaves the member-slot test time on a loaded machine.
+    ttl: 30
     loop_wait: 1
     retry_timeout: 4
     maximum_lag_on_failover: 104857600
