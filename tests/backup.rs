@@ -146,9 +146,11 @@ fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
     let dir2 = c.dir.join("backup5");
     let out = basebackup(&c, "no_heartbeat", &dir2, &["--max-rate=8M"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Expired while streaming: reported (warn), not dropped (pg_basebackup succeeded, and
+    // nothing terminated it). The guard's next pass (every second here) may already have
+    // dropped it since pg_basebackup let go of it.
     let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'no_heartbeat'");
-    // expired while streaming: reported (warn), not dropped
-    assert_eq!(ev, "lease,warn", "dropped while streaming? {ev}\n{}", c.describe());
+    assert!(ev == "lease,warn" || ev == "lease,warn,expire_drop", "dropped while streaming? {ev}\n{}", c.describe());
     c.wait_for("the slot to be dropped once the backup stopped", WAIT, |c| (!c.slot_exists("no_heartbeat")).then_some(()));
 }
 
