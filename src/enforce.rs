@@ -697,6 +697,14 @@ fn follow_up_checkpoint(actor: &Actor, summary: &mut PassSummary) {
     let Some(st) = crate::shmem::read().filter(|s| s.ckpt_pending) else { return };
     let r = in_subtransaction(|| {
         if state::last_checkpoint_lsn()? == st.ckpt_lsn_before {
+            // A standby makes a restartpoint only at a checkpoint record it has replayed
+            // from the primary: the one requested right after the drop was skipped if none
+            // had come since the last. Ask again at every look (a skipped request costs the
+            // checkpointer a comparison), so that it is made as soon as one has been
+            // replayed, not at the standby's own checkpoint_timeout.
+            if state::in_recovery() {
+                state::request_checkpoint(if st.ckpt_fast { CheckpointMode::Fast } else { CheckpointMode::Spread });
+            }
             return Ok(None);
         }
         let disk = state::wal_disk()?;

@@ -189,6 +189,48 @@ fn the_floor_keeps_a_standby_replaying_past_an_orphaned_lease() {
     eprintln!("standby with the floor: replayed all, {} of {} MB free", free >> 20, total >> 20);
 }
 
+/// A standby removes WAL only at a restartpoint, and makes one only at a checkpoint record
+/// replayed from the primary: the restartpoint the guard requests right after a drop is
+/// skipped when none has come since the last. The guard asks again while it waits, so the
+/// WAL goes as soon as the primary's next checkpoint is replayed, not at the standby's own
+/// checkpoint_timeout (an hour here).
+#[test]
+fn on_a_standby_a_drop_frees_its_wal_at_the_primarys_next_checkpoint() {
+    let quiet = ["checkpoint_timeout = '1h'", "max_wal_size = '32MB'", "min_wal_size = '32MB'"];
+    let (p, s) = primary_and_standby("sb-restart", &quiet, &quiet);
+    s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
+    s.exec("SELECT * FROM backup_slot_lease('pinning', '1h')");
+    p.make_wal(160);
+    p.exec("CHECKPOINT");
+    let target = p.text("SELECT pg_current_wal_lsn()::text");
+    s.wait_for("the standby to replay it all", Duration::from_secs(60), |s| {
+        (s.count(&format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::int::int8")) == 1).then_some(())
+    });
+    s.exec("CHECKPOINT"); // the restartpoint at the checkpoint just replayed
+    let before = s.pg_wal_bytes();
+    assert!(before > 128 << 20, "the lease pins {before} bytes of the standby's pg_wal");
+
+    // The lease ends: the guard drops the slot and requests a restartpoint, which is
+    // skipped: no checkpoint record has come since the last restartpoint.
+    s.exec("SELECT pgslotguard.test_set_lease_times('pinning', NULL, 0)");
+    s.wait_for("the standby's guard to drop the slot", WAIT, |s| (!s.slot_exists("pinning")).then_some(()));
+    s.wait_passes(3);
+    assert!(s.pg_wal_bytes() > before - (16 << 20), "pg_wal shrank with no checkpoint record from the primary");
+
+    // The primary's next checkpoint, replayed: the restartpoint follows within a pass.
+    let t0 = Instant::now();
+    p.exec("CHECKPOINT");
+    s.wait_for("the standby's pg_wal to shrink after the primary's checkpoint", WAIT, |s| {
+        (s.pg_wal_bytes() < before / 2).then_some(())
+    });
+    let took = t0.elapsed();
+    eprintln!("standby pg_wal {before} → {} bytes {took:?} after the primary's CHECKPOINT", s.pg_wal_bytes());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    s.wait_for("the checkpoint event of the restartpoint", WAIT, |s| {
+        (s.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'") == 1).then_some(())
+    });
+}
+
 /// 17+: a slot synchronized from the primary (sync_replication_slots) is the primary's,
 /// whatever the scope: never dropped on the standby.
 #[cfg(any(feature = "pg17", feature = "pg18"))]
