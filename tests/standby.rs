@@ -196,8 +196,12 @@ fn the_floor_keeps_a_standby_replaying_past_an_orphaned_lease() {
 /// checkpoint_timeout (an hour here).
 #[test]
 fn on_a_standby_a_drop_frees_its_wal_at_the_primarys_next_checkpoint() {
+    // The primary keeps what the standby has not received yet (the standby streams through
+    // no slot); the standby, whose copy of the settings says the same, keeps nothing extra.
     let quiet = ["checkpoint_timeout = '1h'", "max_wal_size = '32MB'", "min_wal_size = '32MB'"];
-    let (p, s) = primary_and_standby("sb-restart", &quiet, &quiet);
+    let primary: Vec<&str> = quiet.iter().copied().chain(["wal_keep_size = '512MB'"]).collect();
+    let standby: Vec<&str> = quiet.iter().copied().chain(["wal_keep_size = 0"]).collect();
+    let (p, s) = primary_and_standby("sb-restart", &primary, &standby);
     s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
     s.exec("SELECT * FROM backup_slot_lease('pinning', '1h')");
     p.make_wal(160);
