@@ -62,10 +62,6 @@ fn write<T>(query: &'static str, args: &[DatumWithOid], f: impl FnOnce(SpiTupleT
     run(query, args, true, f)
 }
 
-fn update(query: &'static str, args: &[DatumWithOid]) -> Result<usize> {
-    write(query, args, |t| Ok(t.len()))
-}
-
 /// The slot named `name`, read from shared memory (src/slots.rs).
 pub fn slot(name: &str) -> Result<Option<SlotInfo>> {
     Ok(crate::slots::one(name))
@@ -417,13 +413,20 @@ pub fn purge_events(older_than_us: i64) -> Result<usize> {
         return Ok(0);
     }
     let cutoff = ts(now_us() - older_than_us);
-    let any = read("SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE at < $1)", &[cutoff.into()], |t| {
-        Ok(t.first().get::<bool>(1)?.unwrap_or(false))
+    // min(at) is one step down the index on `at`, whatever the table holds. (EXISTS with
+    // `at < $1` got a generic plan that scanned the whole table when nothing was old
+    // enough: 25 ms a pass at 137 000 events.)
+    let oldest = read("SELECT pg_catalog.min(at) FROM pgslotguard.event_log", &[], |t| {
+        Ok(t.first().get::<TimestampWithTimeZone>(1)?)
     })?;
-    if !any {
+    if !oldest.is_some_and(|o| pg_sys::TimestampTz::from(o) < pg_sys::TimestampTz::from(cutoff)) {
         return Ok(0);
     }
-    update("DELETE FROM pgslotguard.event_log WHERE at < $1", &[cutoff.into()])
+    // Planned for this cutoff, not kept: a generic plan guesses a third of the table for
+    // `at < $1`, where a purge each pass deletes the few events that aged out since the last.
+    Ok(Spi::connect_mut(|c| {
+        c.update("DELETE FROM pgslotguard.event_log WHERE at < $1", None, &[cutoff.into()]).map(|t| t.len())
+    })?)
 }
 
 /// Pin the session's search_path (the worker's SPI queries must not resolve anything
