@@ -492,6 +492,9 @@ pub struct Decision {
     pub foreign_consumer: bool,
     /// This drop repeats a recent guard drop of the same name for the same limit.
     pub drop_loop: Option<DropLoop>,
+    /// When the first of the slot's time-driven limits falls due (`timing::slot_deadline`),
+    /// for a slot in scope; what [`next_due`] wakes the worker for.
+    pub time_due: Option<i64>,
 }
 
 impl Decision {
@@ -719,15 +722,11 @@ fn idle_since(slot: &SlotInfo, now: i64) -> i64 {
 /// above it, so age and inactivity are due one microsecond after the limit.) The worker
 /// sleeps until then rather than a whole naptime.
 pub fn next_due(policy: &Policy, snap: &Snapshot, decisions: &[Decision]) -> Option<i64> {
-    let waiting: HashSet<&str> = decisions
+    let limits = decisions
         .iter()
         .filter(|d| d.slot_exists && d.in_scope && d.action == Action::None)
-        .map(|d| d.slot_name.as_str())
-        .collect();
-    let limits = timing::time_deadlines(policy, snap)
-        .into_iter()
-        .filter(|(name, _)| waiting.contains(name))
-        .map(|(_, deadline)| deadline - snap.now);
+        .filter_map(|d| d.time_due)
+        .map(|deadline| deadline - snap.now);
     // and when a time limit comes within the warn fraction (pgslotguard.warn_fraction)
     let warns = decisions
         .iter()
@@ -840,19 +839,22 @@ pub fn decide(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
 pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
     let mut decisions = decide_limits(policy, snap);
     let Some(wal) = &snap.disk else { return Verdict { decisions, disk: None } };
-    // Decisions of existing slots by name (decisions of leases without a slot have no pin).
-    let index: HashMap<String, usize> = decisions
+    // Decisions of existing slots by name (decisions of leases without a slot have no
+    // pin), the names borrowed from the snapshot: the decisions are in name order.
+    let index: HashMap<&str, usize> = snap
+        .slots
         .iter()
-        .enumerate()
-        .filter(|(_, d)| d.slot_exists)
-        .map(|(i, d)| (d.slot_name.clone(), i))
+        .filter_map(|s| {
+            let i = decisions.binary_search_by(|d| d.slot_name.as_str().cmp(s.name.as_str())).ok()?;
+            decisions[i].slot_exists.then_some((s.name.as_str(), i))
+        })
         .collect();
     let pins: Vec<disk::Pin> = snap
         .slots
         .iter()
         .filter_map(|s| {
             let r = s.restart_lsn?;
-            let d = &decisions[*index.get(&s.name)?];
+            let d = &decisions[*index.get(s.name.as_str())?];
             let (droppable, why_not) = if !d.in_scope {
                 (false, d.scope_reason)
             } else if horizon::is_synchronized_standby_slot(policy, &s.name) {
@@ -867,7 +869,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
         .collect();
     let pins = disk::with_archiver(pins, wal);
     for (name, frees) in disk::frees_per_slot(wal, &pins) {
-        if let Some(&i) = index.get(&name) {
+        if let Some(&i) = index.get(name.as_str()) {
             decisions[i].frees_bytes = Some(frees);
         }
     }
@@ -896,7 +898,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             fmt_bytes(p.floor)
         );
         for (name, marginal) in &p.drops {
-            let Some(&i) = index.get(name) else { continue };
+            let Some(&i) = index.get(name.as_str()) else { continue };
             let pid = snap.slots.iter().find(|s| &s.name == name).and_then(|s| s.active_pid);
             let mut reason = format!("{why}; dropping it frees about {} of pg_wal", fmt_bytes(*marginal));
             if let Some(pid) = pid {
@@ -914,7 +916,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
                 crate::validate::format_lsn(wal.unarchived.unwrap_or(0))
             ));
         } else if let Some((name, not_why, extra)) = &p.blocker {
-            if let Some(d) = index.get(name).map(|&i| &mut decisions[i]).filter(|d| d.action == Action::None) {
+            if let Some(d) = index.get(name.as_str()).map(|&i| &mut decisions[i]).filter(|d| d.action == Action::None) {
                 d.action = Action::Wait {
                     breach: Breach::Space,
                     reason: format!(
@@ -938,7 +940,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
     for name in order {
         horizon.drop_pin(&name);
         let now = horizon.freed(wal);
-        if let Some(&i) = index.get(&name) {
+        if let Some(&i) = index.get(name.as_str()) {
             decisions[i].releases_bytes = Some(now - so_far);
         }
         so_far = now;
@@ -948,57 +950,78 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
 
 /// The per-slot limits: scope, expiry, retained WAL, age, inactivity.
 fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
-    let leases: HashMap<&str, &Lease> = snap.leases.iter().map(|l| (l.slot_name.as_str(), l)).collect();
+    let leases: HashMap<&str, usize> = snap.leases.iter().enumerate().map(|(i, l)| (l.slot_name.as_str(), i)).collect();
     let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
-    let slots: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
-    let mut out: Vec<Decision> = snap
-        .slots
-        .iter()
-        .map(|slot| {
-            let name = slot.name.as_str();
-            let mut d = decide_slot(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied());
-            horizon::spare_synchronized_standby_slot(policy, &mut d);
-            if let Action::Drop { breach, .. } = d.action {
-                d.drop_loop = drop_loop(&snap.recent_drops, name, breach, snap.now);
-            }
-            d
-        })
-        .collect();
-
-    for lease in snap.leases.iter() {
-        if slots.contains(lease.slot_name.as_str()) {
-            continue;
+    // Every slot, then every lease whose slot is gone, in name order (names are unique: a
+    // lease without a slot has no slot of its name). The order is made on names and
+    // indices, and each decision is made in place once: a decision is over 500 bytes, and
+    // sorting a thousand of them cost more than judging them.
+    let mut with_slot = vec![false; snap.leases.len()];
+    let mut order: Vec<(u128, &str, Result<usize, usize>)> = Vec::with_capacity(snap.slots.len() + snap.leases.len());
+    for (i, slot) in snap.slots.iter().enumerate() {
+        if let Some(&j) = leases.get(slot.name.as_str()) {
+            with_slot[j] = true;
         }
-        out.push(Decision {
-            slot_name: lease.slot_name.clone(),
-            slot_exists: false,
-            leased: true,
-            lease_owner: Some(lease.owner.clone()),
-            in_scope: true,
-            scope_reason: "leased",
-            retained_bytes: None,
-            age_us: Some(snap.now - lease.leased_at),
-            inactive_us: None,
-            nearest: None,
-            limits: [None; 6],
-            state: "slot_missing",
-            action: Action::EndLease {
-                reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into(),
-            },
-            frees_bytes: None,
-            releases_bytes: None,
-            retained_limit: None,
-            invalidation: None,
-            xmin_age: None,
-            catalog_xmin_age: None,
-            restart_lsn: None,
-            foreign_consumer: lease.adopted,
-            drop_loop: None,
-        });
+        order.push((name_prefix(&slot.name), slot.name.as_str(), Ok(i)));
     }
-    // Names are unique (a lease without a slot has no slot of its name).
-    out.sort_unstable_by(|a, b| a.slot_name.cmp(&b.slot_name));
-    out
+    for (j, lease) in snap.leases.iter().enumerate().filter(|(j, _)| !with_slot[*j]) {
+        order.push((name_prefix(&lease.slot_name), lease.slot_name.as_str(), Err(j)));
+    }
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    order
+        .into_iter()
+        .map(|(_, name, what)| match what {
+            Ok(i) => {
+                let lease = leases.get(name).map(|&j| &snap.leases[j]);
+                let mut d = decide_slot(policy, snap, &snap.slots[i], lease, seen.get(name).copied());
+                horizon::spare_synchronized_standby_slot(policy, &mut d);
+                if let Action::Drop { breach, .. } = d.action {
+                    d.drop_loop = drop_loop(&snap.recent_drops, name, breach, snap.now);
+                }
+                d
+            }
+            Err(j) => missing_slot(snap, &snap.leases[j]),
+        })
+        .collect()
+}
+
+/// The first 16 bytes of a name as a number that orders as the bytes do (names hold no
+/// NUL, so a shorter name padded with zeroes orders before a longer one it begins): most
+/// names compare whole on it, without reading the strings.
+fn name_prefix(name: &str) -> u128 {
+    let mut b = [0u8; 16];
+    let n = name.len().min(16);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    u128::from_be_bytes(b)
+}
+
+/// The decision on a lease whose slot no longer exists: end the lease.
+fn missing_slot(snap: &Snapshot, lease: &Lease) -> Decision {
+    Decision {
+        slot_name: lease.slot_name.clone(),
+        slot_exists: false,
+        leased: true,
+        lease_owner: Some(lease.owner.clone()),
+        in_scope: true,
+        scope_reason: "leased",
+        retained_bytes: None,
+        age_us: Some(snap.now - lease.leased_at),
+        inactive_us: None,
+        nearest: None,
+        limits: [None; 6],
+        state: "slot_missing",
+        action: Action::EndLease { reason: "slot no longer exists (dropped outside pgslotguard); lease ended".into() },
+        frees_bytes: None,
+        releases_bytes: None,
+        retained_limit: None,
+        invalidation: None,
+        xmin_age: None,
+        catalog_xmin_age: None,
+        restart_lsn: None,
+        foreign_consumer: lease.adopted,
+        drop_loop: None,
+        time_due: None,
+    }
 }
 
 fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static str) {
@@ -1070,6 +1093,7 @@ fn decide_slot(
             restart_lsn: slot.restart_lsn,
             foreign_consumer: lease.is_none_or(|l| l.adopted),
             drop_loop: None,
+            time_due: None,
         };
     }
     let (in_scope, scope_reason) = scope_of(policy, slot, lease.is_some());
@@ -1097,6 +1121,7 @@ fn decide_slot(
         restart_lsn: slot.restart_lsn,
         foreign_consumer: lease.is_none_or(|l| l.adopted),
         drop_loop: None,
+        time_due: None,
     };
     if !in_scope {
         horizon::name_out_of_scope_slot(policy, lease, &mut d);
@@ -1105,6 +1130,7 @@ fn decide_slot(
 
     let retained_limit = retained_limit(policy, lease);
     d.retained_limit = retained_limit;
+    d.time_due = timing::slot_deadline(policy, snap, slot, lease, seen);
 
     // A slot core has invalidated can never be used again: it is dropped at once, whatever
     // its limits, and the event says why core invalidated it.
@@ -1946,6 +1972,17 @@ mod tests {
         let p = Policy { max_retained_wal: Some(11 * MB), ..Policy::default() };
         let d = one(&p, &snap(vec![slot("a")], vec![lease("a", 60 * S, 3600 * S)]));
         assert_eq!(d.nearest_limit().as_deref(), Some("retained WAL 10 MB of 11 MB"));
+    }
+
+    #[test]
+    fn the_name_prefix_orders_as_the_names_do() {
+        let names = ["", "a", "a_", "ab", "abcdefghijklmnop", "abcdefghijklmnopq", "abcdefghijklmnopr", "b", "bench_p_10", "bench_p_9", "é"];
+        for a in names {
+            for b in names {
+                let by_key = name_prefix(a).cmp(&name_prefix(b)).then_with(|| a.cmp(b));
+                assert_eq!(by_key, a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
     }
 
     #[test]

@@ -48,7 +48,8 @@ fn read(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
 }
 
 fn slots(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
-    let mut out = Vec::new();
+    // SAFETY: a PGC_POSTMASTER setting, fixed while the server runs.
+    let mut out = Vec::with_capacity(unsafe { pg_sys::max_replication_slots }.max(0) as usize);
     // SAFETY: ReplicationSlotCtl points to the slot array in shared memory, set up by the
     // postmaster before any backend or worker starts, with max_replication_slots entries
     // (a PGC_POSTMASTER setting, fixed while the server runs). Holding
@@ -72,11 +73,11 @@ fn slots(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
             if !(*slot).in_use || !want(name_bytes(&(*slot).data.name)) {
                 continue;
             }
-            pg_sys::SpinLockAcquire(&raw mut (*slot).mutex);
+            spin_acquire(&raw mut (*slot).mutex);
             let active_pid = (*slot).active_pid;
             let data = (*slot).data;
             let inactive_since = core_inactive_since(&*slot);
-            pg_sys::SpinLockRelease(&raw mut (*slot).mutex);
+            spin_release(&raw mut (*slot).mutex);
             out.push(info(&data, active_pid, inactive_since));
         }
         pg_sys::LWLockRelease(lock);
@@ -117,15 +118,55 @@ fn walsenders(send_limit: u64) -> Vec<(pg_sys::pid_t, Sender)> {
         let base = (&raw mut (*ctl).walsnds).cast::<pg_sys::WalSnd>();
         for i in 0..max as usize {
             let w = base.add(i);
-            pg_sys::SpinLockAcquire(&raw mut (*w).mutex);
+            spin_acquire(&raw mut (*w).mutex);
             let (pid, sent, write, flush) = ((*w).pid, (*w).sentPtr, (*w).write, (*w).flush);
-            pg_sys::SpinLockRelease(&raw mut (*w).mutex);
+            spin_release(&raw mut (*w).mutex);
             if pid != 0 {
                 out.push((pid, Sender { sent, write, flush, send_limit }));
             }
         }
     }
     out
+}
+
+// A spinlock taken as core's S_LOCK takes it: one test-and-set (an atomic swap with
+// acquire ordering, what `__sync_lock_test_and_set` is), and core's own s_lock() to spin
+// and back off only when it is held. Released as S_UNLOCK does, by a store of zero with
+// release ordering. pgrx's SpinLockAcquire wraps each call in a sigsetjmp, which at a
+// thousand slots was a tenth of what reading them cost.
+const _: () = assert!(std::mem::size_of::<pg_sys::slock_t>() == 1 || std::mem::size_of::<pg_sys::slock_t>() == 4);
+
+/// # Safety
+/// `lock` points to an initialised spinlock in shared memory.
+unsafe fn spin_acquire(lock: *mut pg_sys::slock_t) {
+    use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+    // SAFETY: slock_t is a byte (x86) or an int (other platforms), as the assertion above
+    // checks; core only ever changes it atomically.
+    let was_held = unsafe {
+        if std::mem::size_of::<pg_sys::slock_t>() == 1 {
+            AtomicU8::from_ptr(lock.cast()).swap(1, Ordering::Acquire) != 0
+        } else {
+            AtomicI32::from_ptr(lock.cast()).swap(1, Ordering::Acquire) != 0
+        }
+    };
+    if was_held {
+        // SAFETY: core's slow path, as S_LOCK calls it; it returns holding the lock.
+        unsafe { pg_sys::s_lock(lock, c"slots.rs".as_ptr(), line!() as i32, c"spin_acquire".as_ptr()) };
+    }
+}
+
+/// # Safety
+/// The caller holds `lock` (taken with [`spin_acquire`]).
+unsafe fn spin_release(lock: *mut pg_sys::slock_t) {
+    use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+    // SAFETY: as in spin_acquire.
+    unsafe {
+        if std::mem::size_of::<pg_sys::slock_t>() == 1 {
+            AtomicU8::from_ptr(lock.cast()).store(0, Ordering::Release);
+        } else {
+            AtomicI32::from_ptr(lock.cast()).store(0, Ordering::Release);
+        }
+    }
 }
 
 /// Core's `inactive_since` (PostgreSQL 17 and later), 0 when unset.

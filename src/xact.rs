@@ -265,7 +265,11 @@ fn apply_staged() {
                     rec.warned.clear();
                 }
             }
-            w.put(&rec)?;
+            if c.drop_slot {
+                w.put_dropped(&rec)?;
+            } else {
+                w.put(&rec)?;
+            }
         }
         Ok(())
     });

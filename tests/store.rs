@@ -139,3 +139,42 @@ fn an_open_transaction_on_a_lease_never_holds_up_the_guard() {
     assert_eq!(c.text("SELECT (expires_at < now() + interval '90 min')::text FROM pgslotguard.leases WHERE slot_name = 'zzafbjmh9'"), "true");
     assert!(c.slot_exists("zzafbjmh9"));
 }
+
+/// Shared memory keeps its entries packed where they are freed and reused, and readers
+/// stop after the last entry in use: whatever the order of leases and releases, every
+/// lease is seen, by the views and by the guard, which enforces the last one taken.
+#[test]
+fn leases_released_out_of_order_leave_every_other_lease_seen_and_enforced() {
+    let c = with_extension("entries", &[]);
+    let leases = |c: &Cluster| {
+        c.text("SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pgslotguard.leases")
+    };
+    for s in ["a", "b", "c", "d"] {
+        c.exec(&format!("SELECT * FROM backup_slot_lease('{s}', '1h')"));
+    }
+    // The last entry, then one in the middle: the used part shrinks past the first only.
+    c.exec("SELECT backup_slot_release('d')");
+    c.exec("SELECT backup_slot_release('b')");
+    assert_eq!(leases(&c), "a,c");
+    // New leases fill the hole, then grow the used part again.
+    c.exec("SELECT * FROM backup_slot_lease('e', '1h')");
+    c.exec("SELECT * FROM backup_slot_lease('f', '1h')");
+    assert_eq!(leases(&c), "a,c,e,f");
+    // Free the entries above and below a: a is still the first and only one in use.
+    for s in ["c", "e", "f"] {
+        c.exec(&format!("SELECT backup_slot_release('{s}')"));
+    }
+    assert_eq!(leases(&c), "a");
+    c.exec("SELECT * FROM backup_slot_lease('g', '1h')");
+    assert_eq!(leases(&c), "a,g");
+    // The guard reads the same entries: it enforces g, the last one taken, and keeps a.
+    c.exec("SELECT pgslotguard.test_set_lease_times('g', NULL, -1)");
+    c.wait_for("the guard to drop g's expired slot", WAIT, |c| {
+        (!c.slot_exists("g")).then_some(())
+    });
+    assert_eq!(leases(&c), "a", "{}", c.describe());
+    assert!(c.slot_exists("a"));
+    for s in ["b", "c", "d", "e", "f"] {
+        assert!(!c.slot_exists(s), "{s}");
+    }
+}

@@ -134,21 +134,31 @@ pub fn time_deadlines<'a>(policy: &super::Policy, snap: &'a Snapshot) -> Vec<(&'
     let mut out = Vec::with_capacity(snap.slots.len());
     for slot in &snap.slots {
         let name = slot.name.as_str();
-        let lease = leases.get(name).copied();
-        let seen = seen.get(name).copied();
-        let expiry = lease.map(|l| l.expires_at);
-        let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
-        let age = super::age_limit(policy, lease).zip(born).map(|(limit, born)| born + limit + 1);
-        let idle = match (super::inactive_limit(policy, lease), seen.and_then(|s| s.inactive_since)) {
-            (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
-            _ => None,
-        };
-        let stalled = policy.max_stalled_us.zip(super::stalled_since(snap, slot, seen)).map(|(limit, since)| since + limit + 1);
-        if let Some(d) = [expiry, age, idle, stalled].into_iter().flatten().min() {
+        if let Some(d) = slot_deadline(policy, snap, slot, leases.get(name).copied(), seen.get(name).copied()) {
             out.push((name, d));
         }
     }
     out
+}
+
+/// The first time one of a slot's time-driven limits falls due (lease expiry, age,
+/// inactivity, stall), on the wall clock.
+pub(super) fn slot_deadline(
+    policy: &super::Policy,
+    snap: &Snapshot,
+    slot: &super::SlotInfo,
+    lease: Option<&super::Lease>,
+    seen: Option<&super::Seen>,
+) -> Option<i64> {
+    let expiry = lease.map(|l| l.expires_at);
+    let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
+    let age = super::age_limit(policy, lease).zip(born).map(|(limit, born)| born + limit + 1);
+    let idle = match (super::inactive_limit(policy, lease), seen.and_then(|s| s.inactive_since)) {
+        (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
+        _ => None,
+    };
+    let stalled = policy.max_stalled_us.zip(super::stalled_since(snap, slot, seen)).map(|(limit, since)| since + limit + 1);
+    [expiry, age, idle, stalled].into_iter().flatten().min()
 }
 
 /// The rule for a wall-clock jump. The database clock says when a lease expires or a

@@ -86,9 +86,16 @@ pub fn write(rec: &SlotRecord) -> std::io::Result<()> {
 
 /// Remove the file of `name` durably (nothing left to keep of that slot).
 pub fn remove(name: &str) -> std::io::Result<()> {
+    remove_as(name, true)
+}
+
+/// Remove the file of `name`; `durable`: fsync the directory, so that the removal
+/// survives a crash of the operating system too.
+pub fn remove_as(name: &str, durable: bool) -> std::io::Result<()> {
     let path = record_path(name);
     match std::fs::remove_file(&path) {
-        Ok(()) => sync_dir(parent(&path)),
+        Ok(()) if durable => sync_dir(parent(&path)),
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }

@@ -93,7 +93,9 @@ pub fn read(only: Option<&str>) -> Result<Contents> {
     let mut out = Contents::default();
     let _lock = Held::take(sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
     // SAFETY: the array lock is held shared; entries are only read.
-    let entries = unsafe { sh.entries() };
+    let entries = unsafe { sh.used() };
+    out.leases.reserve(entries.len());
+    out.seen.reserve(entries.len());
     for e in entries.iter().filter(|e| e.in_use() && only.is_none_or(|n| e.is(n))) {
         if e.has_lease() {
             out.leases.push(e.policy_lease());
@@ -126,7 +128,7 @@ pub fn records() -> Result<Vec<SlotRecord>> {
     let mut out: Vec<SlotRecord> = {
         let _lock = Held::take(sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
         // SAFETY: the array lock is held shared.
-        unsafe { sh.entries() }.iter().filter(|e| e.in_use()).map(|e| e.record()).collect()
+        unsafe { sh.used() }.iter().filter(|e| e.in_use()).map(|e| e.record()).collect()
     };
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -137,7 +139,7 @@ pub fn record(name: &str) -> Result<Option<SlotRecord>> {
     let sh = shared()?;
     let _lock = Held::take(sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
     // SAFETY: the array lock is held shared.
-    Ok(unsafe { sh.entries() }.iter().find(|e| e.is(name)).map(|e| e.record()))
+    Ok(unsafe { sh.used() }.iter().find(|e| e.is(name)).map(|e| e.record()))
 }
 
 /// The lease of a slot, if it has one.
@@ -161,12 +163,24 @@ impl Writer {
     pub fn get(&self, name: &str) -> SlotRecord {
         let _lock = Held::take(self.sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
         // SAFETY: the array lock is held shared.
-        unsafe { self.sh.entries() }.iter().find(|e| e.is(name)).map(|e| e.record()).unwrap_or_else(|| SlotRecord::new(name))
+        unsafe { self.sh.used() }.iter().find(|e| e.is(name)).map(|e| e.record()).unwrap_or_else(|| SlotRecord::new(name))
     }
 
     /// Make `rec` the record of its name: its file is written durably (or removed, when
     /// nothing is left to keep), then shared memory follows.
     pub fn put(&mut self, rec: &SlotRecord) -> Result<()> {
+        self.put_as(rec, true)
+    }
+
+    /// [`Writer::put`] for the record of a slot that was just dropped (a release): when
+    /// nothing is left to keep, its file is removed without an fsync of the directory.
+    /// Core's drop is durable, so a file that an operating-system crash brings back names
+    /// a slot that is gone, and that lease ends quietly at the next start (load_at_startup).
+    pub fn put_dropped(&mut self, rec: &SlotRecord) -> Result<()> {
+        self.put_as(rec, false)
+    }
+
+    fn put_as(&mut self, rec: &SlotRecord, durable_removal: bool) -> Result<()> {
         if rec.name.is_empty() {
             return self.put_node(rec);
         }
@@ -175,7 +189,8 @@ impl Writer {
             // SAFETY: the array lock is held shared; only writers (we hold the writers'
             // lock) change which entries are in use, so the index stays valid.
             let entries = unsafe { self.sh.entries() };
-            entries.iter().position(|e| e.is(&rec.name)).or_else(|| entries.iter().position(|e| !e.in_use()))
+            let used = unsafe { self.sh.used() }.len();
+            entries[..used].iter().position(|e| e.is(&rec.name)).or_else(|| entries.iter().position(|e| !e.in_use()))
         };
         // A full store makes room by forgetting the oldest recent drop (the loop rule is a
         // courtesy; a lease or the tracking of a live slot is not).
@@ -185,7 +200,7 @@ impl Writer {
             None => None,
         };
         if rec.is_empty() {
-            file::remove(&rec.name).map_err(|e| io_error("remove", &rec.name, e))?;
+            file::remove_as(&rec.name, durable_removal).map_err(|e| io_error("remove", &rec.name, e))?;
         } else {
             if index.is_none() {
                 return Err(GuardError::StoreFull { capacity: self.sh.capacity() });
@@ -198,11 +213,17 @@ impl Writer {
             let e = &mut unsafe { self.sh.entries() }[i];
             if rec.is_empty() {
                 if e.is(&rec.name) {
-                    // SAFETY: Entry is plain old data; all zeroes is an unused entry.
-                    *e = unsafe { std::mem::zeroed() };
+                    // SAFETY: Entry is plain old data; all zeroes is an unused entry. The
+                    // array lock is held exclusive.
+                    unsafe {
+                        *e = std::mem::zeroed();
+                        self.sh.note_cleared();
+                    }
                 }
             } else {
                 e.set(rec);
+                // SAFETY: the array lock is held exclusive.
+                unsafe { self.sh.note_set(i) };
             }
         }
         Ok(())
@@ -215,7 +236,7 @@ impl Writer {
             let _lock = Held::take(self.sh.array_lock(), pg_sys::LWLockMode::LW_SHARED);
             // SAFETY: the array lock is held shared; only writers (we hold the writers'
             // lock) change which entries are in use.
-            let entries = unsafe { self.sh.entries() };
+            let entries = unsafe { self.sh.used() };
             entries
                 .iter()
                 .enumerate()
@@ -227,7 +248,10 @@ impl Writer {
         let _lock = Held::take(self.sh.array_lock(), pg_sys::LWLockMode::LW_EXCLUSIVE);
         // SAFETY: the array lock is held exclusive; Entry is plain old data and all zeroes
         // is an unused entry.
-        unsafe { self.sh.entries()[i] = std::mem::zeroed() };
+        unsafe {
+            self.sh.entries()[i] = std::mem::zeroed();
+            self.sh.note_cleared();
+        }
         Ok(Some(i))
     }
 
@@ -347,6 +371,8 @@ pub(crate) fn load_at_startup() {
         }
         kept += rec.lease.is_some() as usize;
         entries[next].set(&rec);
+        // SAFETY: as above.
+        unsafe { sh.note_set(next) };
         next += 1;
     }
     if !ended.is_empty() {

@@ -278,6 +278,9 @@ pub struct Header {
     pub capacity: u32,
     /// Warnings about the node as a whole (the floor), as limit bits.
     pub node_warned: u32,
+    /// One past the last entry in use: entries from here on are all unused, so readers
+    /// stop here instead of walking the whole array (an entry is over 2 kB).
+    pub used_to: u32,
 }
 
 /// The store's shared memory, once attached.
@@ -390,6 +393,37 @@ impl Shared {
     pub unsafe fn entries(&self) -> &mut [Entry] {
         // SAFETY: `capacity` entries follow the header (see `size_for`).
         unsafe { std::slice::from_raw_parts_mut(self.entries, self.capacity()) }
+    }
+    /// The entries up to the last one in use (every entry in use is among them).
+    ///
+    /// # Safety
+    /// As for [`Shared::entries`].
+    pub unsafe fn used(&self) -> &mut [Entry] {
+        // SAFETY: as for `entries`; `used_to` never exceeds the capacity.
+        unsafe {
+            let n = ((*self.header).used_to as usize).min(self.capacity());
+            std::slice::from_raw_parts_mut(self.entries, n)
+        }
+    }
+    /// Entry `i` was set: the used part reaches it.
+    ///
+    /// # Safety
+    /// The caller holds the array lock exclusive (or is the postmaster loading the store).
+    pub unsafe fn note_set(&self, i: usize) {
+        // SAFETY: as the caller holds the lock exclusive.
+        let h = unsafe { &mut *self.header };
+        h.used_to = h.used_to.max(i as u32 + 1);
+    }
+    /// An entry was cleared: the used part ends after the last entry still in use.
+    ///
+    /// # Safety
+    /// As for [`Shared::note_set`].
+    pub unsafe fn note_cleared(&self) {
+        // SAFETY: as the caller holds the lock exclusive.
+        unsafe {
+            let n = self.used().iter().rposition(|e| e.in_use()).map_or(0, |i| i + 1);
+            (*self.header).used_to = n as u32;
+        }
     }
     /// # Safety
     /// As for [`Shared::entries`].
