@@ -29,10 +29,13 @@ fn no_role_can_stall_the_guard_with_an_advisory_lock() {
     backup.batch_execute("SELECT backup_slot_lease('z_other', '1s')").unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2), "leasing waited {:?} behind the rogue's lock", t0.elapsed());
 
-    c.wait_for("both expired slots to be dropped while the rogue holds its locks", Duration::from_secs(15), |c| {
-        (!c.slot_exists("a_victim") && !c.slot_exists("z_other")).then_some(())
+    // A drop commits its event just after its slot goes: wait for both.
+    c.wait_for("both expired slots to be dropped and recorded while the rogue holds its locks", Duration::from_secs(15), |c| {
+        (!c.slot_exists("a_victim")
+            && !c.slot_exists("z_other")
+            && c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'") == 2)
+            .then_some(())
     });
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'"), 2, "{}", c.describe());
     assert_eq!(c.count("SELECT busy_skips FROM pgslotguard.status"), 0);
     drop(rogue);
 }
@@ -48,8 +51,13 @@ fn a_renewal_held_open_in_a_transaction_neither_stalls_the_guard_nor_survives_th
     let mut tx = owner.transaction().unwrap();
     tx.batch_execute("SELECT backup_slot_renew('held', '1 hour')").unwrap();
 
-    c.wait_for("both expired slots to be dropped", WAIT, |c| (!c.slot_exists("other") && !c.slot_exists("held")).then_some(()));
-    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'"), 2, "{}", c.describe());
+    // A drop commits its event just after its slot goes: wait for both.
+    c.wait_for("both expired slots to be dropped and recorded", WAIT, |c| {
+        (!c.slot_exists("other")
+            && !c.slot_exists("held")
+            && c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'") == 2)
+            .then_some(())
+    });
     assert_eq!(c.count("SELECT busy_skips FROM pgslotguard.status"), 0);
 
     // Another session's call on the same name waits for nothing: the lease is gone.
