@@ -145,3 +145,20 @@ BEGIN
         PERFORM pg_sleep(0.02);
     END LOOP;
 END $$;
+
+-- B1's second reference: the events table alone. The shape of pgslotguard.event_log (an
+-- identity key, the time with its index, the action checked against a list), so that
+-- "create + drop + an event row per call" costs what issue 20's item 7 adds to a round
+-- trip, without the store or the extension's code.
+CREATE TABLE bench_events (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    slot_name name,
+    action    text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
+                   'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
+                   'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
+    reason    text,
+    actor     text NOT NULL,
+    lease_owner name
+);
+CREATE INDEX ON bench_events (at);
