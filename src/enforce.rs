@@ -198,7 +198,7 @@ fn read_state(
     let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
     if let Some(r) = restarts {
         snap.restart_before = std::mem::take(r);
-        *r = snap.slots.iter().filter_map(|s| Some((s.name.clone(), s.restart_lsn?))).collect();
+        *r = snap.slots.iter().filter_map(|s| Some((s.name.to_string(), s.restart_lsn?))).collect();
     }
     state::track(&mut snap, policy, !dry_run)?;
     let mut held_due = None;
@@ -248,14 +248,14 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         .seen
         .iter()
         .filter(|s| s.dropping.as_ref().and_then(|i| i.xid).is_some_and(|x| xact::xid_state(x) == xact::XidState::Running))
-        .map(|s| s.slot_name.clone())
+        .map(|s| s.slot_name.to_string())
         .collect();
     let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) = snap
         .seen
         .iter()
-        .filter(|s| s.dropping.is_some() && !running.contains(&s.slot_name))
+        .filter(|s| s.dropping.is_some() && !running.contains(s.slot_name.as_str()))
         .partition(|s| !present.contains(s.slot_name.as_str()));
-    let stale: Vec<String> = stale.iter().map(|s| s.slot_name.clone()).collect();
+    let stale: Vec<String> = stale.iter().map(|s| s.slot_name.to_string()).collect();
     let mut done = vec![];
     for seen in gone {
         let Some(intent) = &seen.dropping else { continue };
@@ -280,7 +280,7 @@ fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<
         state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
         state::forget_dropped(&seen.slot_name, action, false)?;
         log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
-        done.push(Done { slot_name: seen.slot_name.clone(), action, reason, retained_bytes: None });
+        done.push(Done { slot_name: seen.slot_name.to_string(), action, reason, retained_bytes: None });
     }
     if !stale.is_empty() {
         state::clear_drop_marks(&stale)?;
@@ -333,7 +333,7 @@ impl PassSummary {
                 if action.is_guard_drop() {
                     self.drops += 1;
                 }
-                self.done.push(Done { slot_name: d.slot_name.clone(), action, reason, retained_bytes: d.retained_bytes });
+                self.done.push(Done { slot_name: d.slot_name.to_string(), action, reason, retained_bytes: d.retained_bytes });
             }
             Err(msg) if !actor.records => self.failed(Some(d), &msg, None),
             Err(msg) => {
@@ -357,7 +357,7 @@ impl PassSummary {
         self.last_error = Some(text);
         if let Some(d) = d {
             self.done.push(Done {
-                slot_name: d.slot_name.clone(),
+                slot_name: d.slot_name.to_string(),
                 action: Outcome::Error,
                 reason: msg.to_string(),
                 retained_bytes: d.retained_bytes,
@@ -373,7 +373,7 @@ fn warn_once(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> R
         return Ok(Step::Did(Outcome::Warn));
     }
     if let Some(warned) = actor.warned.as_deref_mut() {
-        if !warned.insert((Some(d.slot_name.clone()), breach)) {
+        if !warned.insert((Some(d.slot_name.to_string()), breach)) {
             return Ok(Step::Skipped);
         }
     }
@@ -479,7 +479,7 @@ fn would_drop(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> 
         return Ok(Step::Did(Outcome::WouldDrop));
     }
     if let Some(warned) = actor.warned.as_deref_mut() {
-        if !warned.insert((Some(d.slot_name.clone()), breach)) {
+        if !warned.insert((Some(d.slot_name.to_string()), breach)) {
             return Ok(Step::Skipped);
         }
     }

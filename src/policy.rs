@@ -23,6 +23,10 @@ pub mod timing;
 use disk::{Floor, WalDisk};
 use regex::Regex;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+/// A slot or role name as a pass holds it: inline up to 24 bytes (most names), so a pass
+/// at a thousand slots makes no allocation per name it reads or copies.
+pub type Name = compact_str::CompactString;
 use std::rc::Rc;
 
 /// Which slots the limits cover (`pgslotguard.scope`).
@@ -188,7 +192,7 @@ impl Outcome {
 /// A row of `pg_replication_slots`, as the guard needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotInfo {
-    pub name: String,
+    pub name: Name,
     pub physical: bool,
     pub temporary: bool,
     pub active_pid: Option<i32>,
@@ -245,10 +249,10 @@ impl Sender {
 /// A lease row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
-    pub slot_name: String,
+    pub slot_name: Name,
     /// The role that holds the lease, by name (names survive pg_dump and restore; OIDs
     /// do not), carried into decisions so the events and views can say whose lease it was.
-    pub owner: String,
+    pub owner: Name,
     pub leased_at: i64,
     /// When the lease was last renewed; its current term runs from then (or from
     /// `leased_at`) to `expires_at`.
@@ -302,7 +306,7 @@ pub struct DropLoop {
 /// What the guard has recorded of a slot over time (PostgreSQL 15 has no `inactive_since`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
-    pub slot_name: String,
+    pub slot_name: Name,
     pub first_seen: i64,
     pub inactive_since: Option<i64>,
     /// The guard committed its intent to drop this slot (the event it will record and
@@ -450,12 +454,12 @@ pub enum Action {
 /// The guard's verdict on one slot, with everything the `slots` view shows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
-    pub slot_name: String,
+    pub slot_name: Name,
     /// False for a lease whose slot no longer exists.
     pub slot_exists: bool,
     pub leased: bool,
     /// Owner of the lease, if leased.
-    pub lease_owner: Option<String>,
+    pub lease_owner: Option<Name>,
     pub in_scope: bool,
     /// Why the slot is in scope or not, in words.
     pub scope_reason: &'static str,
@@ -704,7 +708,7 @@ fn stall(policy: &Policy, snap: &Snapshot, s: &SlotInfo, known: Option<&Seen>) -
     let p = behind(snap, s)?;
     match known.and_then(|k| k.stalled) {
         Some((lsn, since)) if lsn == p => Some((lsn, since)),
-        _ => (s.restart_lsn.is_some() && snap.restart_before.get(&s.name) == s.restart_lsn.as_ref()).then_some((p, snap.now)),
+        _ => (s.restart_lsn.is_some() && snap.restart_before.get(s.name.as_str()) == s.restart_lsn.as_ref()).then_some((p, snap.now)),
     }
 }
 
@@ -780,7 +784,7 @@ pub fn warnings(policy: &Policy, verdict: &Verdict, fraction: f64) -> Vec<Warnin
             continue;
         }
         for l in d.limits.iter().flatten().filter(|l| l.frac >= fraction) {
-            out.push(Warning { slot_name: Some(d.slot_name.clone()), limit: l.breach, frac: l.frac, words: l.warn_words() });
+            out.push(Warning { slot_name: Some(d.slot_name.to_string()), limit: l.breach, frac: l.frac, words: l.warn_words() });
         }
     }
     // (A floor the filesystem cannot meet is reported as such by judge(), not as a share.)
@@ -864,7 +868,7 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
             } else {
                 (true, "")
             };
-            Some(disk::Pin { name: s.name.clone(), restart_lsn: r, droppable, why_not })
+            Some(disk::Pin { name: s.name.to_string(), restart_lsn: r, droppable, why_not })
         })
         .collect();
     let pins = disk::with_archiver(pins, wal);
@@ -1156,7 +1160,7 @@ fn decide_slot(
     // then inactivity); words are made only for the ones shown. On the stack: a pass
     // judges every slot.
     // A slot held by a forward clock jump has its time-driven limits shown but not breached.
-    let timely = snap.held.is_empty() || !snap.held.contains(&slot.name);
+    let timely = snap.held.is_empty() || !snap.held.contains(slot.name.as_str());
     // A limit breached when its value exceeds it; `applies` is false while a clock jump holds it.
     let exceeds = |breach, applies: bool, (limit, used): (i64, i64)| Limit { breach, over: applies && used > limit, frac: ratio(used, limit), used, limit };
     // The horizon a slot holds is the older of its xmin and catalog_xmin.

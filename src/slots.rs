@@ -221,7 +221,10 @@ fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static
 fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t, inactive_since: i64) -> SlotInfo {
     use pg_sys::ReplicationSlotPersistency::{RS_EPHEMERAL, RS_TEMPORARY};
     SlotInfo {
-        name: String::from_utf8_lossy(name_bytes(&data.name)).into_owned(),
+        name: match std::str::from_utf8(name_bytes(&data.name)) {
+            Ok(s) => crate::policy::Name::from(s),
+            Err(_) => crate::policy::Name::from(String::from_utf8_lossy(name_bytes(&data.name))),
+        },
         // A physical slot belongs to no database (core's SlotIsPhysical).
         physical: data.database == pg_sys::InvalidOid,
         // An ephemeral slot is a logical slot its creator has not finished making (it is

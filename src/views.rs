@@ -67,7 +67,7 @@ pub mod pgslotguard {
                     Action::EndLease { reason } => ("end_lease".to_string(), Some(reason.clone())),
                 };
                 (
-                    d.slot_name,
+                    d.slot_name.to_string(),
                     d.slot_exists,
                     d.leased,
                     d.in_scope,

@@ -73,8 +73,8 @@ pub struct Contents {
 /// The policy's view of a lease record.
 pub fn policy_lease(name: &str, l: &LeaseRec) -> Lease {
     Lease {
-        slot_name: name.to_string(),
-        owner: l.owner.clone(),
+        slot_name: name.into(),
+        owner: l.owner.as_str().into(),
         leased_at: l.leased_at,
         renewed_at: l.renewed_at,
         expires_at: l.expires_at,

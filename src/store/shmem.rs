@@ -191,8 +191,8 @@ impl Entry {
     /// The policy's view of the lease, without the holder (the pass has no use for it).
     pub fn policy_lease(&self) -> crate::policy::Lease {
         crate::policy::Lease {
-            slot_name: self.name().to_string(),
-            owner: self.owner.as_str().to_string(),
+            slot_name: self.name().into(),
+            owner: self.owner.as_str().into(),
             leased_at: self.leased_at,
             renewed_at: opt(self.renewed_at),
             expires_at: self.expires_at,
@@ -207,7 +207,7 @@ impl Entry {
 
     pub fn policy_seen(&self) -> crate::policy::Seen {
         crate::policy::Seen {
-            slot_name: self.name().to_string(),
+            slot_name: self.name().into(),
             first_seen: self.first_seen,
             inactive_since: opt(self.inactive_since),
             dropping: self.has_intent.then(|| crate::policy::DropIntent {
