@@ -954,8 +954,15 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
 
 /// The per-slot limits: scope, expiry, retained WAL, age, inactivity.
 fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
-    let leases: HashMap<&str, usize> = snap.leases.iter().enumerate().map(|(i, l)| (l.slot_name.as_str(), i)).collect();
-    let seen: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    // Each name's lease and tracking, in one map: one lookup per slot.
+    let mut by_name: HashMap<&str, (Option<usize>, Option<&Seen>)> = HashMap::default();
+    by_name.reserve(snap.leases.len().max(snap.seen.len()));
+    for (i, l) in snap.leases.iter().enumerate() {
+        by_name.entry(l.slot_name.as_str()).or_default().0 = Some(i);
+    }
+    for s in snap.seen.iter() {
+        by_name.entry(s.slot_name.as_str()).or_default().1 = Some(s);
+    }
     // Every slot, then every lease whose slot is gone, in name order (names are unique: a
     // lease without a slot has no slot of its name). The order is made on names and
     // indices, and each decision is made in place once: a decision is over 500 bytes, and
@@ -963,7 +970,7 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
     let mut with_slot = vec![false; snap.leases.len()];
     let mut order: Vec<(u128, &str, Result<usize, usize>)> = Vec::with_capacity(snap.slots.len() + snap.leases.len());
     for (i, slot) in snap.slots.iter().enumerate() {
-        if let Some(&j) = leases.get(slot.name.as_str()) {
+        if let Some(&(Some(j), _)) = by_name.get(slot.name.as_str()) {
             with_slot[j] = true;
         }
         order.push((name_prefix(&slot.name), slot.name.as_str(), Ok(i)));
@@ -972,21 +979,24 @@ fn decide_limits(policy: &Policy, snap: &Snapshot) -> Vec<Decision> {
         order.push((name_prefix(&lease.slot_name), lease.slot_name.as_str(), Err(j)));
     }
     order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    order
-        .into_iter()
-        .map(|(_, name, what)| match what {
+    // Each decision goes straight into its place and is finished there: a decision is
+    // copied once, not once more for every step that touches it.
+    let mut out: Vec<Decision> = Vec::with_capacity(order.len());
+    for (_, name, what) in order {
+        match what {
             Ok(i) => {
-                let lease = leases.get(name).map(|&j| &snap.leases[j]);
-                let mut d = decide_slot(policy, snap, &snap.slots[i], lease, seen.get(name).copied());
-                horizon::spare_synchronized_standby_slot(policy, &mut d);
+                let (lease, seen) = by_name.get(name).copied().unwrap_or_default();
+                out.push(decide_slot(policy, snap, &snap.slots[i], lease.map(|j| &snap.leases[j]), seen));
+                let Some(d) = out.last_mut() else { continue };
+                horizon::spare_synchronized_standby_slot(policy, d);
                 if let Action::Drop { breach, .. } = d.action {
                     d.drop_loop = drop_loop(&snap.recent_drops, name, breach, snap.now);
                 }
-                d
             }
-            Err(j) => missing_slot(snap, &snap.leases[j]),
-        })
-        .collect()
+            Err(j) => out.push(missing_slot(snap, &snap.leases[j])),
+        }
+    }
+    out
 }
 
 /// The first 16 bytes of a name as a number that orders as the bytes do (names hold no
@@ -1053,6 +1063,7 @@ fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static s
     }
 }
 
+#[inline]
 fn decide_slot(
     policy: &Policy,
     snap: &Snapshot,

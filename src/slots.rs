@@ -217,14 +217,22 @@ fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static
     (data.restart_lsn == 0 && data.invalidated_at != 0).then_some("wal_removed")
 }
 
+/// A slot's name as a pass keeps it: ASCII names (most) without a UTF-8 check; a byte
+/// that is not UTF-8 becomes U+FFFD.
+fn name_of(b: &[u8]) -> crate::policy::Name {
+    if b.is_ascii() {
+        // SAFETY: ASCII bytes are UTF-8.
+        crate::policy::Name::from(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        crate::policy::Name::from(String::from_utf8_lossy(b))
+    }
+}
+
 /// What `pg_replication_slots` shows of a slot, from its copied contents.
 fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t, inactive_since: i64) -> SlotInfo {
     use pg_sys::ReplicationSlotPersistency::{RS_EPHEMERAL, RS_TEMPORARY};
     SlotInfo {
-        name: match std::str::from_utf8(name_bytes(&data.name)) {
-            Ok(s) => crate::policy::Name::from(s),
-            Err(_) => crate::policy::Name::from(String::from_utf8_lossy(name_bytes(&data.name))),
-        },
+        name: name_of(name_bytes(&data.name)),
         // A physical slot belongs to no database (core's SlotIsPhysical).
         physical: data.database == pg_sys::InvalidOid,
         // An ephemeral slot is a logical slot its creator has not finished making (it is

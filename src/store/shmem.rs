@@ -49,8 +49,14 @@ impl<const N: usize> Text<N> {
     }
     fn as_str(&self) -> &str {
         let b = &self.bytes[..(self.len as usize).min(N)];
-        // Only ever set from a &str cut at a character boundary.
-        std::str::from_utf8(b).unwrap_or("")
+        // Only ever set from a &str cut at a character boundary; checked all the same,
+        // ASCII (most names) by the quicker test.
+        if b.is_ascii() {
+            // SAFETY: ASCII bytes are UTF-8.
+            unsafe { std::str::from_utf8_unchecked(b) }
+        } else {
+            std::str::from_utf8(b).unwrap_or("")
+        }
     }
     fn eq(&self, s: &str) -> bool {
         self.as_str() == s
