@@ -629,15 +629,18 @@ fn fmt_us(us: i64) -> String {
 /// be recorded. PostgreSQL 15 tracks none of this itself. `None`: the tracking is the
 /// snapshot's own, unchanged (the usual pass).
 pub fn track(policy: &Policy, snap: &Snapshot) -> Option<Vec<Seen>> {
-    let known: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
+    let unchanged = |s: &SlotInfo, k: &Seen| k.inactive_since.is_none() == s.active() && k.stalled == stall(policy, snap, s, Some(k));
     // The usual pass: every slot known, none turned active or idle, none stalled or
-    // moving again, none gone.
+    // moving again, none gone. The store and core fill their arrays in the order slots
+    // are made, so the tracking is often in the slots' own order: then no map is needed.
+    if snap.seen.len() == snap.slots.len()
+        && snap.slots.iter().zip(snap.seen.iter()).all(|(s, k)| s.name == k.slot_name && unchanged(s, k))
+    {
+        return None;
+    }
+    let known: HashMap<&str, &Seen> = snap.seen.iter().map(|s| (s.slot_name.as_str(), s)).collect();
     let same = snap.seen.len() == snap.slots.len()
-        && snap.slots.iter().all(|s| {
-            known.get(s.name.as_str()).is_some_and(|k| {
-                k.inactive_since.is_none() == s.active() && k.stalled == stall(policy, snap, s, Some(k))
-            })
-        });
+        && snap.slots.iter().all(|s| known.get(s.name.as_str()).is_some_and(|k| unchanged(s, k)));
     if same {
         return None;
     }
