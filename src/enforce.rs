@@ -393,25 +393,31 @@ fn warn_near_limits(policy: &Policy, actor: &Actor, verdict: &policy::Verdict, b
         return;
     }
     let now = policy::warnings(policy, verdict, policy.warn_fraction);
-    let crossed: HashSet<(String, &str)> = now.iter().map(|w| w.key()).collect();
+    // Sets, not lists: at a thousand slots near a limit, each pass looks up every one.
+    let crossed: rustc_hash::FxHashSet<(&str, &str)> = now.iter().map(|w| w.key()).collect();
+    let given: rustc_hash::FxHashSet<(&str, &str)> = before.iter().map(|(s, l)| (s.as_str(), l.as_str())).collect();
     for w in &now {
         let (slot, limit) = w.key();
-        if before.iter().any(|(s, l)| *s == slot && l.as_str() == limit) {
+        if given.contains(&(slot, limit)) {
             continue;
         }
-        let decision = w.slot_name.as_deref().and_then(|n| verdict.decisions.iter().find(|d| d.slot_name == n));
+        // The decisions are in name order (policy::judge).
+        let decision = w.slot_name.as_deref().and_then(|n| {
+            verdict.decisions.binary_search_by(|d| d.slot_name.as_str().cmp(n)).ok().map(|i| &verdict.decisions[i])
+        });
+        let words = w.words();
         let r = in_subtransaction(|| {
             match decision {
                 Some(d) => {
-                    warning!("pgslotguard: replication slot \"{}\": {}", d.slot_name, w.words);
-                    record(d, Outcome::Warn, &w.words, actor.name)?;
+                    warning!("pgslotguard: replication slot \"{}\": {}", d.slot_name, words);
+                    record(d, Outcome::Warn, &words, actor.name)?;
                 }
                 None => {
-                    warning!("pgslotguard: {}", w.words);
-                    state::record(&Event::new(Outcome::Warn, &w.words, actor.name))?;
+                    warning!("pgslotguard: {}", words);
+                    state::record(&Event::new(Outcome::Warn, &words, actor.name))?;
                 }
             }
-            state::remember_warning(&slot, limit)?;
+            state::remember_warning(slot, limit)?;
             Ok(())
         });
         if let Err(e) = r {
@@ -421,7 +427,7 @@ fn warn_near_limits(policy: &Policy, actor: &Actor, verdict: &policy::Verdict, b
     }
     let (slots, limits): (Vec<String>, Vec<String>) = before
         .iter()
-        .filter(|(s, l)| !crossed.contains(&(s.clone(), l.as_str())))
+        .filter(|(s, l)| !crossed.contains(&(s.as_str(), l.as_str())))
         .map(|(s, l)| (s.clone(), l.clone()))
         .unzip();
     if !slots.is_empty() {

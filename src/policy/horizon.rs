@@ -327,8 +327,8 @@ mod tests {
         assert_eq!(v.decisions[0].nearest_limit().as_deref(), Some("xmin age limit reached in 1500 transactions"));
         let w = warnings(&p, &v, 0.8);
         assert_eq!(w.len(), 1, "{w:?}");
-        assert_eq!(w[0].key(), ("standby".to_string(), "xmin"));
-        assert_eq!(w[0].words, "holds the transaction horizon 8500 transactions back, 85% of its limit of 10000");
+        assert_eq!(w[0].key(), ("standby", "xmin"));
+        assert_eq!(w[0].words(), "holds the transaction horizon 8500 transactions back, 85% of its limit of 10000");
         // transactions, not time, move it: no time deadline from this limit
         assert_eq!(next_due(&p, &s, &v.decisions), None);
     }
