@@ -112,6 +112,7 @@ DECLARE
     at_limit timestamptz;
     wal bigint;
     reason text;
+    event_s float8;
 BEGIN
     LOOP
         IF tracker = 'core' THEN
@@ -123,13 +124,25 @@ BEGIN
         PERFORM pg_sleep(0.02);
     END LOOP;
     at_limit := since + make_interval(secs => limit_s);
-    WHILE clock_timestamp() < at_limit LOOP PERFORM pg_sleep(0.01); END LOOP;
+    -- pg_wal as the limit comes: sampled half a second before it, since a guard that acts
+    -- within milliseconds has dropped the slot and checkpointed by the time a sample taken
+    -- after the limit reads the directory (the guard row of two runs read 64 → 64 MB so).
+    WHILE clock_timestamp() < at_limit - interval '0.5 s' LOOP PERFORM pg_sleep(0.01); END LOOP;
     SELECT sum(size) INTO pg_wal_at_limit FROM pg_ls_waldir();
+    WHILE clock_timestamp() < at_limit LOOP PERFORM pg_sleep(0.005); END LOOP;
     LOOP
         SELECT invalidation_reason INTO reason FROM pg_replication_slots WHERE slot_name = slot;
         IF acted_s IS NULL AND (NOT FOUND OR reason IS NOT NULL) THEN
             acted_s := extract(epoch FROM clock_timestamp() - at_limit);
             how := COALESCE('invalidated: ' || reason, 'dropped');
+            -- The guard's drop has an event, stamped as it was recorded: when it acted,
+            -- to the millisecond, and before the limit if it ever were.
+            IF tracker <> 'core' THEN
+                SELECT extract(epoch FROM e.at - at_limit) INTO event_s
+                  FROM pgslotguard.events e WHERE e.slot_name = slot AND e.action LIKE '%drop'
+                 ORDER BY e.id DESC LIMIT 1;
+                IF FOUND THEN acted_s := event_s; END IF;
+            END IF;
         END IF;
         SELECT sum(size) INTO wal FROM pg_ls_waldir();
         IF wal <= pg_wal_at_limit - pinned / 2 THEN
