@@ -103,6 +103,9 @@ END $$;
 -- B8: from the moment a slot's inactivity limit is reached (its inactive_since, as core
 -- or the guard tracks it, plus the limit) until core invalidates it or the guard drops it,
 -- and until pg_wal has shrunk by half of what the slot pinned. `tracker`: 'core' or 'guard'.
+-- Both are timed from outside, the same way: pg_replication_slots polled every 5 ms from
+-- the moment inactive_since is known (a drop before the limit shows as a negative time),
+-- never from the guard's own record of what it did.
 CREATE FUNCTION bench_idle_limit(slot text, tracker text, limit_s float8, pinned bigint, timeout_s float8,
     OUT acted_s float8, OUT freed_s float8, OUT pg_wal_at_limit bigint, OUT pg_wal_after bigint, OUT how text)
 LANGUAGE plpgsql AS $$
@@ -110,9 +113,9 @@ DECLARE
     t0 timestamptz := clock_timestamp();
     since timestamptz;
     at_limit timestamptz;
+    now_ timestamptz;
     wal bigint;
     reason text;
-    event_s float8;
 BEGIN
     LOOP
         IF tracker = 'core' THEN
@@ -124,38 +127,35 @@ BEGIN
         PERFORM pg_sleep(0.02);
     END LOOP;
     at_limit := since + make_interval(secs => limit_s);
-    -- pg_wal as the limit comes: sampled half a second before it, since a guard that acts
-    -- within milliseconds has dropped the slot and checkpointed by the time a sample taken
-    -- after the limit reads the directory (the guard row of two runs read 64 → 64 MB so).
-    WHILE clock_timestamp() < at_limit - interval '0.5 s' LOOP PERFORM pg_sleep(0.01); END LOOP;
-    SELECT sum(size) INTO pg_wal_at_limit FROM pg_ls_waldir();
-    WHILE clock_timestamp() < at_limit LOOP PERFORM pg_sleep(0.005); END LOOP;
     LOOP
-        SELECT invalidation_reason INTO reason FROM pg_replication_slots WHERE slot_name = slot;
-        IF acted_s IS NULL AND (NOT FOUND OR reason IS NOT NULL) THEN
-            acted_s := extract(epoch FROM clock_timestamp() - at_limit);
-            how := COALESCE('invalidated: ' || reason, 'dropped');
-            -- The guard's drop has an event, stamped as it was recorded: when it acted,
-            -- to the millisecond, and before the limit if it ever were.
-            IF tracker <> 'core' THEN
-                SELECT extract(epoch FROM e.at - at_limit) INTO event_s
-                  FROM pgslotguard.events e WHERE e.slot_name = slot AND e.action LIKE '%drop'
-                 ORDER BY e.id DESC LIMIT 1;
-                IF FOUND THEN acted_s := event_s; END IF;
+        now_ := clock_timestamp();
+        -- pg_wal as the limit comes: sampled half a second before it, since a guard that
+        -- acts within milliseconds has dropped the slot and checkpointed by the time a
+        -- sample taken after the limit reads the directory.
+        IF pg_wal_at_limit IS NULL AND now_ >= at_limit - interval '0.5 s' THEN
+            SELECT sum(size) INTO pg_wal_at_limit FROM pg_ls_waldir();
+        END IF;
+        IF acted_s IS NULL THEN
+            SELECT invalidation_reason INTO reason FROM pg_replication_slots WHERE slot_name = slot;
+            IF NOT FOUND OR reason IS NOT NULL THEN
+                acted_s := extract(epoch FROM clock_timestamp() - at_limit);
+                how := COALESCE('invalidated: ' || reason, 'dropped');
             END IF;
         END IF;
-        SELECT sum(size) INTO wal FROM pg_ls_waldir();
-        IF wal <= pg_wal_at_limit - pinned / 2 THEN
-            freed_s := extract(epoch FROM clock_timestamp() - at_limit);
-            pg_wal_after := wal;
-            RETURN;
+        IF now_ >= at_limit AND pg_wal_at_limit IS NOT NULL THEN
+            SELECT sum(size) INTO wal FROM pg_ls_waldir();
+            IF wal <= pg_wal_at_limit - pinned / 2 THEN
+                freed_s := extract(epoch FROM clock_timestamp() - at_limit);
+                pg_wal_after := wal;
+                RETURN;
+            END IF;
         END IF;
-        IF clock_timestamp() > at_limit + make_interval(secs => timeout_s) THEN
-            pg_wal_after := wal;
+        IF now_ > at_limit + make_interval(secs => timeout_s) THEN
+            SELECT sum(size) INTO pg_wal_after FROM pg_ls_waldir();
             how := COALESCE(how, 'nothing happened') || ' (timed out)';
             RETURN;
         END IF;
-        PERFORM pg_sleep(0.02);
+        PERFORM pg_sleep(0.005);
     END LOOP;
 END $$;
 

@@ -33,6 +33,15 @@ bench_cleanup() {
 # Debian root for 17 and 18), each version in a target dir of its own as scripts/suite does.
 bench_build() {
   local log
+  # The release build goes into the server's own directories, where a test run of this
+  # version installs its test build: one at a time (scripts/suite's lock), held by this
+  # bench part until it exits.
+  mkdir -p /run/lock
+  exec 9>"/run/lock/pgslotguard-pg$PG_MAJOR.lock"
+  if ! flock -n 9; then
+    echo "bench: a test run for PostgreSQL $PG_MAJOR holds its lock; waiting for it" >&2
+    flock 9
+  fi
   if [ "$PG_MAJOR" != 15 ]; then export CARGO_TARGET_DIR=$PWD/target/pg$PG_MAJOR; fi
   bash scripts/pgrx-init "$PG_MAJOR" >&2
   log=$(mktemp /tmp/pgslotguard-build.XXXXXX)

@@ -15,16 +15,21 @@ CREATE FUNCTION @extschema@.backup_slot_lease(
     adopt        boolean  DEFAULT false,
     max_inactive interval DEFAULT NULL,
     max_age      interval DEFAULT NULL,
-    max_xmin_age bigint   DEFAULT NULL)
+    max_xmin_age bigint   DEFAULT NULL,
+    plugin       text     DEFAULT NULL,
+    two_phase    boolean  DEFAULT false,
+    failover     boolean  DEFAULT false,
+    while_active boolean  DEFAULT false)
 RETURNS TABLE (slot_name text, lsn pg_lsn, expires_at timestamptz)
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT l.slot_name, l.lsn::pg_catalog.pg_lsn, l.expires_at
-      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7, $8) AS l
+      FROM pgslotguard.lease_slot(pg_catalog.convert_to($1, 'SQL_ASCII'), $2, pg_catalog.convert_to($3, 'SQL_ASCII'), pg_catalog.convert_to($4, 'SQL_ASCII'), $5, $6, $7, $8,
+                                  pg_catalog.convert_to($9, 'SQL_ASCII'), $10, $11, $12) AS l
 $$;
-COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval, bigint) IS
-'create a physical replication slot with WAL reserved now (or adopt an existing one) and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age, max_xmin_age in transactions: a superuser''s replace the global ones, anyone else''s only tighten them); returns the slot, the reserved LSN and the expiry';
+COMMENT ON FUNCTION @extschema@.backup_slot_lease(text, interval, text, text, boolean, interval, interval, bigint, text, boolean, boolean, boolean) IS
+'create a physical replication slot with WAL reserved now, or with plugin a logical one in this database (two_phase, failover on 17+), or adopt an existing slot of either kind, and lease it for ttl (default pgslotguard.default_ttl), with its own limits if given (max_retained, max_inactive, max_age, max_xmin_age in transactions: a superuser''s replace the global ones, anyone else''s only tighten them); while_active: the lease lasts while a consumer streams from the slot, and expires ttl after the consumer went; returns the slot, the reserved LSN (a logical slot''s consistent point) and the expiry';
 
 CREATE FUNCTION @extschema@.backup_slot_renew(slot_name text, ttl interval DEFAULT NULL)
 RETURNS timestamptz
@@ -65,7 +70,7 @@ SELECT l.slot_name::pg_catalog.name AS slot_name,
        l.leased_at,
        l.renewed_at,
        l.expires_at,
-       pg_catalog.date_trunc('second', l.expires_at - pg_catalog.now()) AS expires_in,
+       pg_catalog.date_trunc('second', l.expires_at OPERATOR(pg_catalog.-) pg_catalog.now()) AS expires_in,
        s.active,
        s.active_pid,
        s.wal_status,
@@ -81,7 +86,12 @@ SELECT l.slot_name::pg_catalog.name AS slot_name,
        l.adopted,
        l.reserved_lsn::pg_catalog.pg_lsn AS reserved_lsn,
        l.limit_by_superuser,
-       l.max_xmin_age
+       l.max_xmin_age,
+       s.slot_type,
+       s.plugin,
+       s.database,
+       s.confirmed_flush_lsn,
+       l.while_active
   FROM pgslotguard.lease_rows() l
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) l.slot_name
   LEFT JOIN pgslotguard.slot_decisions() d ON d.slot_name OPERATOR(pg_catalog.=) l.slot_name::text;
@@ -91,6 +101,9 @@ COMMENT ON VIEW pgslotguard.leases IS
 CREATE VIEW pgslotguard.slots AS
 SELECT d.slot_name,
        s.slot_type,
+       s.plugin,
+       s.database,
+       s.confirmed_flush_lsn,
        s.temporary,
        s.active,
        s.active_pid,
@@ -102,8 +115,8 @@ SELECT d.slot_name,
        d.scope_reason,
        d.retained_bytes,
        pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
-       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us / 1e6)) AS age,
-       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us / 1e6)) AS inactive_for,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6::pg_catalog.float8)) AS age,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6::pg_catalog.float8)) AS inactive_for,
        d.nearest_limit,
        d.state,
        d.next_action,
@@ -138,7 +151,7 @@ SELECT e.id,
                t.actor, t.lease_holder AS holder, 'table'::text AS kept_in
           FROM pgslotguard.event_log t
          WHERE pg_catalog.pg_has_role('pg_monitor', 'USAGE')
-            OR t.lease_owner OPERATOR(pg_catalog.=) CURRENT_USER
+            OR t.lease_owner_oid OPERATOR(pg_catalog.=) (SELECT u.oid FROM pg_catalog.pg_roles u WHERE u.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
         UNION ALL
         SELECT r.id, r.at, r.slot_name::pg_catalog.name, r.action, r.reason, r.retained_bytes, r.freed_bytes, r.pg_wal_bytes,
                r.actor, r.lease_holder, 'ring'::text
@@ -155,7 +168,7 @@ SELECT w.preloaded,
        pg_catalog.current_setting('pgslotguard.naptime', true) AS naptime,
        w.started_at,
        w.last_pass_at,
-       pg_catalog.round(w.last_pass_ms::numeric, 3) AS last_pass_ms,
+       pg_catalog.round(w.last_pass_ms::pg_catalog.numeric, 3) AS last_pass_ms,
        w.next_pass_at,
        w.passes,
        w.wal_probes,
@@ -185,7 +198,7 @@ SELECT w.preloaded,
   -- the slot that holds the oldest transaction horizon (xmin or catalog_xmin), in scope or not
   LEFT JOIN LATERAL (
         SELECT r.slot_name::text AS slot_name,
-               GREATEST(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::bigint AS age
+               GREATEST(pg_catalog.age(r.xmin), pg_catalog.age(r.catalog_xmin))::pg_catalog.int8 AS age
           FROM pg_catalog.pg_replication_slots r
          WHERE r.xmin IS NOT NULL OR r.catalog_xmin IS NOT NULL
          ORDER BY 2 DESC, 1
@@ -212,7 +225,7 @@ COMMENT ON VIEW pgslotguard.tracking IS
 
 GRANT USAGE ON SCHEMA pgslotguard TO PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslotguard FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval, bigint),
+GRANT EXECUTE ON FUNCTION pgslotguard.lease_slot(bytea, interval, bytea, bytea, boolean, interval, interval, bigint, bytea, boolean, boolean, boolean),
                           pgslotguard.renew_slot(bytea, interval),
                           pgslotguard.release_slot(bytea),
                           pgslotguard.keep_slot(bytea),

@@ -1,4 +1,7 @@
--- pgslotguard 0.1.0 -> 0.2.0. Written by scripts/upgrade-script: edit that, not this.
+-- pgslotguard 0.1.0 -> 0.2.0. Written by scripts/upgrade-script when 0.2.0 was current;
+-- since 0.3.0 kept as it was then, but for its operators, which are all written
+-- OPERATOR(pg_catalog.x) (a view made with a bare one could bind an operator a role made in
+-- public, and run it as whoever reads the view; scripts/sql-lint checks).
 --
 -- Leases, the guard's tracking of slots and the warnings it has given move from tables of
 -- this database into the per-node store (pg_slotguard/ in the data directory, kept the way
@@ -7,7 +10,7 @@
 
 -- 1. Move the rows into the store (written durably; running it again writes the same).
 CREATE FUNCTION pgslotguard.import_0_1_0_tables() RETURNS bigint
-    VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'import_0_1_0_tables_wrapper';
+    VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'import_0_1_0_tables_wrapper';
 SELECT pgslotguard.import_0_1_0_tables();
 DROP FUNCTION pgslotguard.import_0_1_0_tables();
 
@@ -22,9 +25,9 @@ DROP FUNCTION pgslotguard.worker_status();
 
 -- 3. New event actions.
 ALTER TABLE pgslotguard.event_log DROP CONSTRAINT event_log_action_check,
-    ADD CONSTRAINT event_log_action_check CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
+    ADD CONSTRAINT event_log_action_check CHECK (action OPERATOR(pg_catalog.=) ANY (ARRAY['lease', 'renew', 'release', 'keep', 'expire_drop',
                         'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
-                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error'));
+                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error']::pg_catalog.text[]));
 
 -- 4. The functions, as a fresh install makes them.
 CREATE  FUNCTION pgslotguard."lease_slot"(
@@ -177,7 +180,7 @@ SELECT l.slot_name::pg_catalog.name AS slot_name,
        l.leased_at,
        l.renewed_at,
        l.expires_at,
-       pg_catalog.date_trunc('second', l.expires_at - pg_catalog.now()) AS expires_in,
+       pg_catalog.date_trunc('second', l.expires_at OPERATOR(pg_catalog.-) pg_catalog.now()) AS expires_in,
        s.active,
        s.active_pid,
        s.wal_status,
@@ -214,8 +217,8 @@ SELECT d.slot_name,
        d.scope_reason,
        d.retained_bytes,
        pg_catalog.pg_size_pretty(d.retained_bytes) AS retained,
-       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us / 1e6)) AS age,
-       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us / 1e6)) AS inactive_for,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.age_us::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6::pg_catalog.float8)) AS age,
+       pg_catalog.date_trunc('second', pg_catalog.make_interval(secs => d.inactive_us::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6::pg_catalog.float8)) AS inactive_for,
        d.nearest_limit,
        d.state,
        d.next_action,

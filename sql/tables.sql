@@ -7,9 +7,10 @@ CREATE TABLE pgslotguard.event_log (
     at             timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     slot_name      name,
     -- The same words as policy::Outcome::as_str() (a test holds the two together).
-    action         text NOT NULL CHECK (action IN ('lease', 'renew', 'release', 'keep', 'expire_drop',
-                        'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
-                        'lost_drop', 'stalled_drop', 'xmin_drop', 'would_drop', 'checkpoint', 'warn', 'error')),
+    action         text NOT NULL CHECK (action OPERATOR(pg_catalog.=) ANY (ARRAY['lease', 'renew', 'release', 'keep',
+                        'expire_drop', 'retained_drop', 'age_drop', 'inactive_drop', 'space_drop', 'terminate',
+                        'lost_drop', 'stalled_drop', 'xmin_drop', 'rollback_drop', 'would_drop', 'checkpoint', 'warn',
+                        'error']::pg_catalog.text[])),
     reason         text,
     retained_bytes bigint,
     actor          text NOT NULL,
@@ -17,11 +18,18 @@ CREATE TABLE pgslotguard.event_log (
     freed_bytes    bigint,
     pg_wal_bytes   bigint,
     -- the holder of the slot's lease when the event was recorded
-    lease_holder   text
+    lease_holder   text,
+    -- the lease owner's OID: a role sees the events of its own leases by it, never by a
+    -- name that a new role could take
+    lease_owner_oid oid,
+    -- the lease the event is about (the store's lease id): after a crash, the guard finds a
+    -- release or keep that committed by it
+    lease_id       bigint
 );
 COMMENT ON COLUMN pgslotguard.event_log.freed_bytes IS 'drops: WAL the drop lets the next checkpoint remove (projected); checkpoint: bytes pg_wal shrank by (measured)';
 COMMENT ON COLUMN pgslotguard.event_log.pg_wal_bytes IS 'checkpoint: size of pg_wal measured after the checkpoint the guard requested';
 CREATE INDEX event_log_at_idx ON pgslotguard.event_log (at);
+CREATE INDEX event_log_lease_id_idx ON pgslotguard.event_log (lease_id) WHERE lease_id IS NOT NULL;
 COMMENT ON TABLE pgslotguard.event_log IS 'audit trail of every lease operation and guard action; read it through pgslotguard.events; purged after pgslotguard.event_retention';
 
 REVOKE ALL ON pgslotguard.event_log FROM PUBLIC;

@@ -1,15 +1,17 @@
 //! The SQL API, as internal functions in schema `pgslotguard`; the user-facing
 //! `backup_slot_*` functions in sql/api.sql are thin SQL wrappers with the documented
-//! signatures. Each function checks its arguments and the caller's rights, then does its
-//! work with the extension owner's rights (like a SECURITY DEFINER function, but with the
-//! caller still known), through state.rs.
+//! signatures. Each function checks the caller's rights first, then its arguments, then
+//! asks the lease state machine (src/machine.rs, through xact.rs's bookkeeping) to move
+//! the slot, with the extension owner's rights (like a SECURITY DEFINER function, but with
+//! the caller still known).
 
 use crate::error::{or_report, GuardError};
 use crate::policy::Outcome;
 use crate::state::{self, Event};
+use crate::machine::{self, Change};
 use crate::store::LeaseRec;
-use crate::xact::{self, Op};
 use crate::validate::{self, pretty_duration, pretty_size};
+use crate::xact;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -68,23 +70,60 @@ fn lease_times(slot: &str, ttl: Option<Interval>) -> Result<LeaseTimes> {
     Ok(LeaseTimes { ttl, now, expires_at })
 }
 
-/// The caller may change this lease: its owner, or a superuser.
-fn check_owner(me: pg_sys::Oid, slot: &str, owner: &str, verb: &str) -> Result<()> {
-    if state::role_name(me) == owner || is_superuser(me) {
+/// May the caller see this lease (its owner, a superuser, or a member of pg_monitor, who
+/// reads every lease in the views)?
+fn may_see(me: pg_sys::Oid, lease: &LeaseRec) -> bool {
+    owns(me, lease) || is_superuser(me) || state::is_member_of_pg_monitor(me)
+}
+
+/// Is the caller the lease's owner (by role OID; a lease from before 0.3.0 not yet looked
+/// up, by name)?
+fn owns(me: pg_sys::Oid, lease: &LeaseRec) -> bool {
+    match lease.owner_oid {
+        Some(o) => o != 0 && o == me.to_u32(),
+        None => state::role_name(me) == lease.owner,
+    }
+}
+
+/// The caller may change this lease: its owner, or a superuser. A caller that may not
+/// even see the lease is answered as if there were none.
+fn check_owner(me: pg_sys::Oid, slot: &str, lease: &LeaseRec, verb: &str) -> Result<()> {
+    if owns(me, lease) || is_superuser(me) {
         return Ok(());
     }
+    if !may_see(me, lease) {
+        return Err(GuardError::NoLease(slot.into()));
+    }
     Err(GuardError::PermissionDenied {
-        what: format!("{verb} the lease of replication slot \"{slot}\" (owned by role \"{owner}\")"),
+        what: format!("{verb} the lease of replication slot \"{slot}\" (owned by role \"{}\")", validate::for_log(&lease.owner)),
         hint: "Only the role that took a lease, or a superuser, may renew, release or keep it.",
     })
 }
 
-/// Between the two steps of a guard's drop (src/enforce.rs) the slot is the guard's.
-fn not_being_dropped(name: &str) -> Result<()> {
-    if crate::store::dropping(name)? {
-        return Err(GuardError::BeingDropped(name.into()));
+/// What every lease call needs first, before any argument is read: the right core asks
+/// of a role that creates or drops a slot (REPLICATION, or superuser), checked at every
+/// call (a role that lost it since it took a lease may no longer change it).
+fn may_use_slots(me: pg_sys::Oid, verb: &str) -> Result<()> {
+    if is_superuser(me) || unsafe { pg_sys::has_rolreplication(me) } {
+        return Ok(());
     }
-    Ok(())
+    Err(GuardError::PermissionDenied {
+        what: format!("{verb} replication slots"),
+        hint: "Only superusers and roles with the REPLICATION attribute may lease, renew, release or keep replication slots.",
+    })
+}
+
+/// A random lease id (never 0, which marks a lease from before 0.3.0).
+fn new_lease_id() -> i64 {
+    let mut b = [0u8; 8];
+    // SAFETY: fills the buffer from the server's strong random source.
+    let ok = unsafe { pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) };
+    let v = if ok { i64::from_le_bytes(b) } else { state::now_us() ^ (i64::from(unsafe { pg_sys::MyProcPid }) << 40) };
+    if v == 0 {
+        1
+    } else {
+        v
+    }
 }
 
 fn warn_if_unguarded() {
@@ -114,14 +153,26 @@ pub mod pgslotguard {
         max_inactive: Option<Interval>,
         max_age: Option<Interval>,
         max_xmin_age: Option<i64>,
+        plugin: Option<&[u8]>,
+        two_phase: Option<bool>,
+        failover: Option<bool>,
+        while_active: Option<bool>,
     ) -> TableIterator<
         'static,
         (name!(slot_name, String), name!(lsn, Option<String>), name!(expires_at, TimestampWithTimeZone)),
     > {
         let row = or_report((|| {
+            may_use_slots(caller(), "lease")?;
             let (slot_name, holder) = (utf8(slot_name, "slot_name")?, utf8(holder, "holder")?);
             let limits = Limits { max_retained: utf8(max_retained, "max_retained")?, max_inactive, max_age, max_xmin_age };
-            lease(slot_name, ttl, holder, limits, adopt.unwrap_or(false))
+            let kind = Kind {
+                adopt: adopt.unwrap_or(false),
+                plugin: utf8(plugin, "plugin")?,
+                two_phase: two_phase.unwrap_or(false),
+                failover: failover.unwrap_or(false),
+                while_active: while_active.unwrap_or(false),
+            };
+            lease(slot_name, ttl, holder, limits, kind)
         })());
         warn_if_unguarded();
         TableIterator::once(row)
@@ -131,21 +182,21 @@ pub mod pgslotguard {
     #[pg_extern(volatile, parallel_unsafe, name = "renew_slot")]
     #[search_path(pg_catalog, pg_temp)]
     pub fn renew_slot(slot_name: Option<&[u8]>, ttl: Option<Interval>) -> TimestampWithTimeZone {
-        or_report(utf8(slot_name, "slot_name").and_then(|n| renew(n, ttl)))
+        or_report(may_use_slots(caller(), "renew leases of").and_then(|()| utf8(slot_name, "slot_name")).and_then(|n| renew(n, ttl)))
     }
 
 
     #[pg_extern(volatile, parallel_unsafe, name = "release_slot")]
     #[search_path(pg_catalog, pg_temp)]
     pub fn release_slot(slot_name: Option<&[u8]>) -> bool {
-        or_report(utf8(slot_name, "slot_name").and_then(|n| release(n, true)))
+        or_report(may_use_slots(caller(), "release").and_then(|()| utf8(slot_name, "slot_name")).and_then(|n| release(n, true)))
     }
 
 
     #[pg_extern(volatile, parallel_unsafe, name = "keep_slot")]
     #[search_path(pg_catalog, pg_temp)]
     pub fn keep_slot(slot_name: Option<&[u8]>) -> bool {
-        or_report(utf8(slot_name, "slot_name").and_then(|n| release(n, false)))
+        or_report(may_use_slots(caller(), "keep").and_then(|()| utf8(slot_name, "slot_name")).and_then(|n| release(n, false)))
     }
 
 
@@ -165,6 +216,16 @@ pub mod pgslotguard {
         let rows = or_report(enforce(dry_run.unwrap_or(false)));
         TableIterator::new(rows.into_iter().map(|d| (d.slot_name, d.action.as_str().to_string(), d.reason, d.retained_bytes)))
     }
+}
+
+/// What kind of lease backup_slot_lease takes: on a new physical slot, a new logical one
+/// (`plugin`), or an existing one (`adopt`); lasting while its consumer streams or not.
+struct Kind<'a> {
+    adopt: bool,
+    plugin: Option<&'a str>,
+    two_phase: bool,
+    failover: bool,
+    while_active: bool,
 }
 
 /// A lease's own limits, as passed to backup_slot_lease.
@@ -209,27 +270,42 @@ fn lease(
     ttl: Option<Interval>,
     holder: Option<&str>,
     limits: Limits,
-    adopt: bool,
+    kind: Kind,
 ) -> Result<(String, Option<String>, TimestampWithTimeZone)> {
+    let me = caller();
     let name = validate::slot_name(name)?;
+    let adopt = kind.adopt;
+    if kind.plugin.is_none() && !adopt {
+        if kind.two_phase {
+            return Err(GuardError::LogicalOnly("two_phase"));
+        }
+        if kind.failover {
+            return Err(GuardError::LogicalOnly("failover"));
+        }
+    }
+    if kind.failover && !crate::slots::FAILOVER_SLOTS {
+        return Err(GuardError::NoFailover);
+    }
+    if let Some(p) = kind.plugin {
+        if adopt {
+            return Err(GuardError::BadPlugin(format!("{} (adopt takes the slot's own plugin)", validate::cut(p))));
+        }
+        if p.is_empty() || p.len() > 63 {
+            return Err(GuardError::BadPlugin(validate::cut(p)));
+        }
+    }
     let holder = validate::holder(holder)?;
     let max_retained = validate::max_retained(limits.max_retained)?;
     let max_inactive = limit_us(name, "max_inactive", limits.max_inactive)?;
     let max_age = limit_us(name, "max_age", limits.max_age)?;
+    // One range for a lease's own limit and the global one (pgslotguard.max_xmin_age).
+    let range = crate::guc::MAX_XMIN_AGE_MIN as i64..=crate::guc::MAX_XMIN_AGE_MAX as i64;
     let max_xmin_age = match limits.max_xmin_age {
-        Some(v) if !(1..=crate::guc::MAX_XMIN_AGE_MAX as i64).contains(&v) => {
-            return Err(GuardError::XminLimitOutOfRange { slot: name.into(), value: v })
-        }
+        Some(v) if !range.contains(&v) => return Err(GuardError::XminLimitOutOfRange { slot: name.into(), value: v }),
         v => v,
     };
-    let me = caller();
-    if !is_superuser(me) && !unsafe { pg_sys::has_rolreplication(me) } {
-        return Err(GuardError::PermissionDenied {
-            what: format!("lease replication slot \"{name}\""),
-            hint: "Only superusers and roles with the REPLICATION attribute may lease replication slots.",
-        });
-    }
-    if !is_superuser(me) {
+    let superuser = is_superuser(me);
+    if !superuser {
         let policy = crate::guc::policy();
         not_above(name, "max_retained", max_retained, "pgslotguard.max_retained_wal", policy.max_retained_wal, pretty_size)?;
         not_above(name, "max_inactive", max_inactive, "pgslotguard.max_inactive_time", policy.max_inactive_us, pretty_duration)?;
@@ -244,55 +320,96 @@ fn lease(
     }
     let own_limits = max_retained.is_some() || max_inactive.is_some() || max_age.is_some() || max_xmin_age.is_some();
     let times = lease_times(name, ttl)?;
+    xact::room_for(name)?;
 
     let actor = state::role_name(me);
     state::as_owner(|| {
-        let (existing, base) = xact::lease_and_base(name)?;
-        if let Some(existing) = existing {
-            return Err(GuardError::AlreadyLeased { slot: name.into(), until: state::ts(existing.expires_at).to_string() });
+        if !superuser {
+            limit_per_role(me, &actor)?;
+            if !adopt {
+                reserved_slots()?;
+            }
         }
-        let lsn = match (state::slot(name)?, adopt) {
+        // Another transaction's change to this name first ends, as a row lock would make
+        // us wait (and a release that committed first drops its slot): what is checked
+        // below is what that change left.
+        machine::wait_turn(name)?;
+        // A lease there is said first (to whom may see it), as the machine's check says it.
+        match machine::lease_of(name)? {
+            Some(l) if may_see(me, &l) => {
+                return Err(GuardError::AlreadyLeased { slot: name.into(), until: state::ts(l.expires_at).to_string() })
+            }
+            Some(_) => return Err(GuardError::LeasedByAnother(name.into())),
+            None => {}
+        }
+        match (state::slot(name)?, adopt) {
             (Some(_), false) => return Err(GuardError::SlotExists(name.into())),
             (None, true) => return Err(GuardError::NoSlot(name.into())),
             (Some(s), true) => {
-                if !s.physical {
-                    return Err(GuardError::LogicalSlot(name.into()));
-                }
-                if s.temporary {
+                // A logical slot is adopted as one (a CDC connector's, a subscription's): in
+                // any database, decoded by its own plugin; the lease only guards it.
+                if s.temporary || s.synced {
                     return Err(GuardError::TemporarySlot(name.into()));
                 }
-                // An active slot may be adopted (Barman's streams all the time): the guard
-                // never drops an active slot for lease expiry or inactivity, and for a hard
-                // limit only with terminate_active, as for any leased slot.
-                not_being_dropped(name)?;
-                s.restart_lsn.map(crate::validate::format_lsn)
+                // An active slot may be adopted (Barman's streams all the time), but only by a
+                // role that may terminate its consumer as core decides it: the guard would
+                // terminate that consumer for a hard limit (terminate_active).
+                if let Some(pid) = s.active_pid {
+                    if !crate::slots::may_terminate(me, pid) {
+                        return Err(GuardError::MayNotTerminate { slot: name.into(), pid });
+                    }
+                }
             }
-            (None, false) => {
-                let lsn = state::create_slot(name)?;
-                xact::created_in_this_transaction(name);
-                Some(lsn)
+            (None, false) => {}
+        }
+        let rec = LeaseRec {
+            owner: actor.clone(),
+            owner_oid: Some(me.to_u32()),
+            holder: holder.map(str::to_string),
+            leased_at: state::us(times.now),
+            renewed_at: None,
+            expires_at: state::us(times.expires_at),
+            max_retained,
+            max_inactive,
+            max_age,
+            max_xmin_age,
+            limit_by_superuser: own_limits && superuser,
+            adopted: adopt,
+            reserved_lsn: None,
+            lease_id: new_lease_id(),
+            ..Default::default()
+        };
+        let mut rec = LeaseRec { while_active: kind.while_active, ..rec };
+        if adopt {
+            let s = state::slot(name)?;
+            rec.logical = s.as_ref().is_some_and(|s| !s.physical);
+            // The point its consumer is at: confirmed_flush_lsn for a logical slot.
+            rec.reserved_lsn = s.and_then(|s| s.logical.as_ref().map_or(s.restart_lsn, |l| l.confirmed_flush));
+        }
+        let logical = kind.plugin.map(|plugin| crate::slots::LogicalOptions { plugin, two_phase: kind.two_phase, failover: kind.failover });
+        let mut check = |existing: Option<&LeaseRec>, _: &crate::store::SlotRecord| -> Result<()> {
+            match existing {
+                Some(l) if may_see(me, l) => Err(GuardError::AlreadyLeased { slot: name.into(), until: state::ts(l.expires_at).to_string() }),
+                Some(_) => Err(GuardError::LeasedByAnother(name.into())),
+                None => Ok(()),
             }
         };
-        xact::stage(
-            name,
-            base,
-            Op::Put(LeaseRec {
-                owner: actor.clone(),
-                holder: holder.map(str::to_string),
-                leased_at: state::us(times.now),
-                renewed_at: None,
-                expires_at: state::us(times.expires_at),
-                max_retained,
-                max_inactive,
-                max_age,
-                max_xmin_age,
-                limit_by_superuser: own_limits && is_superuser(me),
-                adopted: adopt,
-                reserved_lsn: lsn.as_deref().and_then(crate::validate::parse_lsn),
-                slot_ino: crate::store::file::slot_dir_ino(name),
-            }),
-        );
-        let mut reason = format!("{} for {}", if adopt { "adopted existing slot" } else { "created slot" }, times.ttl);
+        let lsn = machine::lease(name, rec.clone(), adopt, logical.as_ref(), &mut check, &mut xact::remember)?;
+        rec.logical = rec.logical || logical.is_some();
+        if !adopt {
+            rec.reserved_lsn = lsn;
+        }
+        let lsn = rec.reserved_lsn.map(validate::format_lsn);
+        let what = match (adopt, kind.plugin, rec.logical) {
+            (true, _, true) => "adopted existing logical slot".to_string(),
+            (true, _, false) => "adopted existing slot".to_string(),
+            (false, Some(p), _) => format!("created logical slot (plugin {})", validate::cut(p)),
+            (false, None, _) => "created slot".to_string(),
+        };
+        let mut reason = format!("{what} for {}", times.ttl);
+        if kind.while_active {
+            reason.push_str(", lasting while its consumer streams");
+        }
         if let Some(h) = holder {
             reason.push_str(&format!(", holder {h}"));
         }
@@ -308,35 +425,71 @@ fn lease(
         if let Some(m) = max_xmin_age {
             reason.push_str(&format!(", max_xmin_age {m} transactions"));
         }
-        state::record(&Event {
-            slot_name: Some(name),
-            lease_owner: Some(&actor),
-            ..Event::new(Outcome::Lease, &reason, &actor)
-        })?;
+        state::record(&Event { slot_name: Some(name), ..Event::new(Outcome::Lease, &reason, &actor).of_lease(&rec) })?;
         Ok((name.to_string(), lsn, times.expires_at))
     })
 }
 
+/// `pgslotguard.max_leases_per_role`: a role other than a superuser holds at most that many
+/// leases.
+fn limit_per_role(me: pg_sys::Oid, role: &str) -> Result<()> {
+    if let Some(limit) = crate::guc::max_leases_per_role() {
+        let count = machine::leases_held_by(me.to_u32())?;
+        if count >= limit as usize {
+            return Err(GuardError::TooManyLeases { role: role.into(), count, limit });
+        }
+    }
+    Ok(())
+}
+
+/// `pgslotguard.reserved_slots`: a lease by a role other than a superuser never takes the
+/// last free replication slots.
+fn reserved_slots() -> Result<()> {
+    let reserved = crate::guc::reserved_slots();
+    // SAFETY: a PGC_POSTMASTER setting, fixed while the server runs.
+    let max = unsafe { pg_sys::max_replication_slots };
+    let free = max - crate::slots::all().len() as i32;
+    if free <= reserved {
+        return Err(GuardError::SlotsReserved { free: free.max(0), reserved });
+    }
+    Ok(())
+}
+
+/// Renewals within this long of the last one recorded are not recorded again: a renewal
+/// loop must not flood the event log and its listeners (the lease's renewed_at and expiry
+/// always show the last one).
+const RENEW_RECORD_EVERY_US: i64 = 60_000_000;
+
 fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZone> {
+    let me = caller();
     let name = validate::slot_name(name)?;
     let times = lease_times(name, ttl)?;
-    let me = caller();
+    xact::room_for(name)?;
     state::as_owner(|| {
-        let (lease, base) = xact::lease_and_base(name)?;
-        let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(me, name, &lease.owner, "renew")?;
-        not_being_dropped(name)?;
-        if state::slot(name)?.is_none() {
-            return Err(GuardError::LeasedSlotGone { slot: name.into() });
+        let now = state::us(times.now);
+        let mut renewed = None;
+        let mut decide = |lease: Option<&LeaseRec>, _: &crate::store::SlotRecord| -> Result<Change> {
+            let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
+            check_owner(me, name, lease, "renew")?;
+            if state::slot(name)?.is_none() {
+                return Err(GuardError::LeasedSlotGone { slot: name.into() });
+            }
+            let record = lease.renew_logged_at.is_none_or(|t| now - t >= RENEW_RECORD_EVERY_US || now < t);
+            let l = LeaseRec {
+                renewed_at: Some(now),
+                expires_at: state::us(times.expires_at),
+                renew_logged_at: if record { Some(now) } else { lease.renew_logged_at },
+                ..lease.clone()
+            };
+            renewed = Some((l.clone(), record));
+            Ok(Change::Renew(l))
+        };
+        machine::change(name, &mut decide, &mut xact::remember)?;
+        let Some((lease, record)) = renewed else { return Err(GuardError::NoLease(name.into())) };
+        if record {
+            let (reason, actor) = (format!("renewed for {}, until {}", times.ttl, times.expires_at), state::role_name(me));
+            state::record(&Event { slot_name: Some(name), ..Event::new(Outcome::Renew, &reason, &actor).of_lease(&lease) })?;
         }
-        let renewed = LeaseRec { renewed_at: Some(state::us(times.now)), expires_at: state::us(times.expires_at), ..lease.clone() };
-        xact::stage(name, base, Op::Put(renewed));
-        let (reason, actor) = (format!("renewed for {}, until {}", times.ttl, times.expires_at), state::role_name(me));
-        state::record(&Event {
-            slot_name: Some(name),
-            lease_owner: Some(&lease.owner),
-            ..Event::new(Outcome::Renew, &reason, &actor)
-        })?;
         Ok(times.expires_at)
     })
 }
@@ -344,31 +497,34 @@ fn renew(name: Option<&str>, ttl: Option<Interval>) -> Result<TimestampWithTimeZ
 /// End a lease: drop its slot (`backup_slot_release`) or keep it (`backup_slot_keep`).
 /// Both happen when the transaction commits: a rolled-back release keeps slot and lease.
 fn release(name: Option<&str>, drop: bool) -> Result<bool> {
+    let me = caller();
     let name = validate::slot_name(name)?;
     let verb = if drop { "release" } else { "keep" };
-    let me = caller();
+    xact::room_for(name)?;
     state::as_owner(|| {
-        let (lease, base) = xact::lease_and_base(name)?;
-        let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
-        check_owner(me, name, &lease.owner, verb)?;
-        not_being_dropped(name)?;
-        let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
-        if drop {
-            if let Some(pid) = slot.active_pid {
-                return Err(GuardError::SlotActive { slot: name.into(), pid, action: "release" });
+        let mut retained = None;
+        let mut decide = |lease: Option<&LeaseRec>, _: &crate::store::SlotRecord| -> Result<Change> {
+            let lease = lease.ok_or_else(|| GuardError::NoLease(name.into()))?;
+            check_owner(me, name, lease, verb)?;
+            let slot = state::slot(name)?.ok_or_else(|| GuardError::LeasedSlotGone { slot: name.into() })?;
+            if drop {
+                if let Some(pid) = slot.active_pid {
+                    return Err(GuardError::SlotActive { slot: name.into(), pid, action: "release" });
+                }
             }
-        }
-        let retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
+            retained = slot.restart_lsn.map(|r| state::current_lsn().saturating_sub(r) as i64);
+            Ok(if drop { Change::Release } else { Change::Keep })
+        };
+        let lease = machine::change(name, &mut decide, &mut xact::remember)?;
         let reason = if drop { "backup done: slot dropped" } else { "lease ended, slot kept" };
         let actor = state::role_name(me);
-        // Recorded while the lease still says who held it (the event's holder).
+        // Recorded with the lease's id: after a crash between this commit and the store,
+        // the guard finds the release or keep by it (machine.rs, `reconcile`).
         state::record(&Event {
             slot_name: Some(name),
             retained_bytes: retained,
-            lease_owner: Some(&lease.owner),
-            ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor)
+            ..Event::new(if drop { Outcome::Release } else { Outcome::Keep }, reason, &actor).of_lease(&lease)
         })?;
-        xact::stage(name, base, Op::End { drop_slot: drop });
         Ok(true)
     })
 }

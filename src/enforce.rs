@@ -1,19 +1,27 @@
 //! One enforcement pass: snapshot → decide → act → record. The guard worker and
 //! `backup_slot_enforce()` run this very code; dry run is a flag on the same path.
 //!
-//! Each action runs in its own subtransaction, so a failure on one slot (dropped
-//! concurrently, became active, ...) is logged, recorded as an `error` event, and the pass
-//! goes on with the next slot. Before acting on a slot the pass looks at it again under
-//! the store's writers' lock, which lease calls take only while they commit: no user's
-//! transaction can hold up the guard.
+//! One pass at a time per node (`store::PassLock`): the worker skips a pass while
+//! `backup_slot_enforce()` runs one, and that function waits for the worker's.
+//!
+//! A pass first settles what callers left (src/machine.rs: changes whose transaction
+//! ended without finishing them, drop intents of an interrupted pass), then decides on a
+//! fresh snapshot. Each action runs in its own subtransaction, so a failure on one slot
+//! (dropped concurrently, became active, ...) is logged, recorded as an `error` event,
+//! and the pass goes on with the next slot. Before acting on a slot the pass looks at it
+//! again under the store's writers' lock, which lease calls take only for the moment they
+//! write: no user's transaction can hold up the guard. A slot whose lease change is
+//! committing at that moment is left to a pass a moment later (`busy_skips`).
 //! After drops, the pass asks the checkpointer for a checkpoint so `pg_wal` shrinks now.
 
 use crate::error::{caught_message, GuardError};
 use crate::policy::timing::{self, ClockWatch};
 use crate::policy::{self, Action, Breach, CheckpointMode, Decision, DiskVerdict, Outcome, Policy, Verdict};
+use crate::machine::{self, Finish};
 use crate::state::{self, Event};
-use crate::xact;
+use crate::store::LeaseRec;
 use crate::validate::{pretty_duration, pretty_size};
+use crate::xact;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashSet;
@@ -99,20 +107,58 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     let policy = crate::guc::policy();
     let dry_run = dry_run || policy.dry_run;
     let mut summary = PassSummary::default();
+    match crate::store::not_loaded() {
+        0 => {}
+        n => return Err(GuardError::StoreNotWhole(n)),
+    }
+    // One pass at a time per node. The worker does not wait for a pass run by hand (it
+    // passes again shortly); backup_slot_enforce() waits for the worker's, interruptibly.
+    let _pass = loop {
+        match crate::store::try_pass_lock()? {
+            Ok(lock) => break lock,
+            Err(_) if actor.own_transaction => {
+                summary.next_due_us = Some(BUSY_RETRY_US);
+                return Ok(summary);
+            }
+            Err(_) => {
+                // SAFETY: a short sleep, then the backend's interrupt check (a cancel ends the wait).
+                unsafe { pg_sys::pg_usleep(10_000) };
+                pgrx::check_for_interrupts!();
+            }
+        }
+    };
     if !dry_run {
         follow_up_checkpoint(actor, &mut summary);
     }
     let name = actor.name;
+    let settled = if dry_run || !actor.records {
+        machine::Settled::default()
+    } else {
+        let s = in_subtransaction(|| machine::settle(name, true)).map_err(GuardError::Pass)?;
+        for (slot, action, reason) in &s.done {
+            log!("pgslotguard: replication slot \"{slot}\": {reason}");
+            summary.done.push(Done { slot_name: slot.clone(), action: *action, reason: reason.clone(), retained_bytes: None });
+        }
+        s
+    };
+    commit_point(actor);
+    if !dry_run && actor.records {
+        for done in finish_intents(actor) {
+            if done.action.is_guard_drop() {
+                summary.drops += 1;
+            }
+            summary.done.push(done);
+        }
+    }
     let mut clock = actor.clock.as_deref_mut();
     let mut restarts = actor.restarts.as_deref_mut();
-    let Read { verdict, finished, disk_error, due, budget, xid_budget, warned } =
-        in_subtransaction(|| read_state(&policy, name, dry_run, clock.as_deref_mut(), restarts.as_deref_mut()))
+    let Read { verdict, disk_error, due, budget, xid_budget, warned } =
+        in_subtransaction(|| read_state(&policy, dry_run, clock.as_deref_mut(), restarts.as_deref_mut()))
             .map_err(GuardError::Pass)?;
-    for done in finished {
-        summary.drops += 1;
-        summary.done.push(done);
-    }
     summary.next_due_us = due;
+    if !settled.busy.is_empty() {
+        summary.next_due_us = Some(summary.next_due_us.map_or(BUSY_RETRY_US, |d| d.min(BUSY_RETRY_US)));
+    }
     summary.wal_budget = budget;
     summary.xid_budget = xid_budget;
     if let Some(e) = disk_error {
@@ -137,6 +183,15 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
     }
 
     for d in &verdict.decisions {
+        if settled.busy.iter().any(|b| *b == d.slot_name) && !matches!(d.action, Action::None) {
+            // Its lease change is committing right now: decided again a moment later, on
+            // what the commit leaves.
+            crate::shmem::update(|s| {
+                s.busy_skips += 1;
+                s.set_last_busy(&d.slot_name, state::now_us());
+            });
+            continue;
+        }
         let step = match &d.action {
             Action::None => continue,
             Action::Wait { breach, reason } => warn_once(actor, d, *breach, reason),
@@ -170,8 +225,6 @@ pub fn run_pass(actor: &mut Actor, dry_run: bool) -> Result<PassSummary, GuardEr
 /// What a pass read and decided, before acting.
 struct Read {
     verdict: Verdict,
-    /// Drops an interrupted pass made and could not record, recorded now.
-    finished: Vec<Done>,
     /// Why the disk could not be measured, when a floor needs it.
     disk_error: Option<String>,
     /// Microseconds until the next time-driven limit (or a held one) is due.
@@ -184,18 +237,27 @@ struct Read {
     warned: Rc<Vec<(String, String)>>,
 }
 
-/// Read everything the pass decides on, finish drops an interrupted pass made but could
-/// not record, update the tracking, apply the wall-clock jump rule, measure the disk, and
-/// decide.
+/// Read everything the pass decides on, update the tracking, apply the wall-clock jump
+/// rule, measure the disk, and decide. (Drop intents are finished before: a slot with one
+/// is not decided on until it is settled.)
 fn read_state(
     policy: &Policy,
-    actor: &str,
     dry_run: bool,
     clock: Option<&mut ClockWatch>,
     restarts: Option<&mut rustc_hash::FxHashMap<String, u64>>,
 ) -> Result<Read, GuardError> {
     let mut snap = state::snapshot()?;
-    let finished = if dry_run { vec![] } else { finish_interrupted_drops(&mut snap, actor)? };
+    // A drop still in flight (a caller's transaction that has not ended; a slot that must
+    // go and is in use) is not decided again: its slot and lease are left out.
+    let dropping: std::collections::HashSet<String> =
+        snap.seen.iter().filter(|s| s.dropping.is_some()).map(|s| s.slot_name.to_string()).collect();
+    if !dropping.is_empty() {
+        Rc::make_mut(&mut snap.leases).retain(|l| !dropping.contains(l.slot_name.as_str()));
+        snap.slots.retain(|s| !dropping.contains(s.name.as_str()));
+        for s in Rc::make_mut(&mut snap.seen).iter_mut() {
+            s.dropping = None;
+        }
+    }
     if let Some(r) = restarts {
         snap.restart_before = std::mem::take(r);
         *r = snap.slots.iter().filter_map(|s| Some((s.name.to_string(), s.restart_lsn?))).collect();
@@ -234,71 +296,56 @@ fn read_state(
     let due = [policy::next_due(policy, &snap, &verdict.decisions), held_due].into_iter().flatten().min();
     let budget = timing::wal_budget(&verdict).map(|b| (b, snap.current_lsn));
     let xid_budget = policy::horizon::xid_budget(policy, &verdict.decisions).map(|b| (b, snap.next_xid));
-    Ok(Read { verdict, finished, disk_error, due, budget, xid_budget, warned: snap.warned.clone() })
+    Ok(Read { verdict, disk_error, due, budget, xid_budget, warned: snap.warned.clone() })
 }
 
-/// A drop intent on a slot that is gone: the guard dropped it and was stopped (killed,
-/// crashed) before it committed the record. Record it now, as the drop it was. An intent
-/// on a slot that still exists means the drop never happened: forget it and decide afresh.
-fn finish_interrupted_drops(snap: &mut policy::Snapshot, actor: &str) -> Result<Vec<Done>, GuardError> {
-    let present: HashSet<&str> = snap.slots.iter().map(|s| s.name.as_str()).collect();
-    // A drop made by backup_slot_enforce() in a transaction still running is that
-    // transaction's: its record commits with it, or is made here once it has rolled back.
-    let running: HashSet<String> = snap
-        .seen
-        .iter()
-        .filter(|s| s.dropping.as_ref().and_then(|i| i.xid).is_some_and(|x| xact::xid_state(x) == xact::XidState::Running))
-        .map(|s| s.slot_name.to_string())
-        .collect();
-    let (gone, stale): (Vec<&policy::Seen>, Vec<&policy::Seen>) = snap
-        .seen
-        .iter()
-        .filter(|s| s.dropping.is_some() && !running.contains(s.slot_name.as_str()))
-        .partition(|s| !present.contains(s.slot_name.as_str()));
-    let stale: Vec<String> = stale.iter().map(|s| s.slot_name.to_string()).collect();
+/// How soon the worker passes again when a slot was left alone because its lease change
+/// was committing, or a pass run by hand held the pass lock.
+const BUSY_RETRY_US: i64 = 100_000;
+
+/// Finish the drop intents left by an interrupted pass (the guard, or a caller's
+/// transaction, decided a drop and was stopped before it recorded it), and drop the slots
+/// that must go (a rolled-back lease's; a release's still in use at its commit): each
+/// recorded once (machine::finish), then forgotten once that record has committed — at once
+/// for the worker, at the caller's commit for `backup_slot_enforce()`.
+fn finish_intents(actor: &mut Actor) -> Vec<Done> {
+    let names = match in_subtransaction(machine::intents) {
+        Ok(n) => n,
+        Err(e) => {
+            warning!("pgslotguard: could not read the drop intents: {e}");
+            return vec![];
+        }
+    };
+    let in_callers_transaction = !actor.own_transaction && !state::in_recovery();
     let mut done = vec![];
-    for seen in gone {
-        let Some(intent) = &seen.dropping else { continue };
-        let action = Outcome::parse(&intent.action).unwrap_or(Outcome::ExpireDrop);
-        let why = match intent.xid {
-            Some(_) => "the transaction of the backup_slot_enforce() call that dropped the slot rolled back",
-            None => "the guard was stopped after it dropped the slot",
-        };
-        let reason = format!("{} (recorded at the next pass: {why})", intent.reason);
-        let owner = snap.leases.iter().find(|l| l.slot_name == seen.slot_name).map(|l| l.owner.as_str());
-        // Killed after the drop's event committed and before the intent went: the event
-        // is there; only the intent is left to forget. (A caller's transaction that wrote
-        // it has committed.)
-        let recorded = match intent.xid {
-            Some(x) => xact::xid_state(x) == xact::XidState::Committed,
-            None => state::drop_recorded(&seen.slot_name, action, intent.at)?,
-        };
-        if recorded {
-            state::forget_dropped(&seen.slot_name, action, false)?;
-            continue;
-        }
-        state::record(&Event { slot_name: Some(&seen.slot_name), lease_owner: owner, ..Event::new(action, &reason, actor) })?;
-        state::forget_dropped(&seen.slot_name, action, false)?;
-        log!("pgslotguard: dropped replication slot \"{}\": {}", seen.slot_name, reason);
-        done.push(Done { slot_name: seen.slot_name.to_string(), action, reason, retained_bytes: None });
-    }
-    if !stale.is_empty() {
-        state::clear_drop_marks(&stale)?;
-    }
-    // Copied (from the read the backend keeps) only when there is something to change. A
-    // slot a running transaction dropped is left out of this pass too: its lease is not
-    // one whose slot went missing.
-    if !done.is_empty() || !running.is_empty() {
-        let finished: HashSet<&str> = done.iter().map(|d| d.slot_name.as_str()).chain(running.iter().map(String::as_str)).collect();
-        Rc::make_mut(&mut snap.leases).retain(|l| !finished.contains(l.slot_name.as_str()));
-        Rc::make_mut(&mut snap.seen).retain(|s| !finished.contains(s.slot_name.as_str()));
-    }
-    if snap.seen.iter().any(|s| s.dropping.is_some()) {
-        for s in Rc::make_mut(&mut snap.seen).iter_mut() {
-            s.dropping = None;
+    for name in names {
+        let step = in_subtransaction(|| machine::finish(&name, actor.name, in_callers_transaction));
+        match step {
+            Ok(Finish::Leave | Finish::Cleared) => {}
+            Ok(Finish::Waiting(pid)) => {
+                if let Some(warned) = actor.warned.as_deref_mut() {
+                    if !warned.insert((Some(name.clone()), Breach::Expired)) {
+                        continue;
+                    }
+                }
+                warning!("pgslotguard: replication slot \"{name}\" must be dropped (its lease ended) but is active for PID {pid}; the guard drops it once it is inactive");
+            }
+            Ok(Finish::Forget { action, reason, recorded_now }) => {
+                commit_point(actor);
+                if in_callers_transaction && recorded_now {
+                    xact::forget_at_commit(&name, action, false);
+                } else if let Err(e) = in_subtransaction(|| machine::forget_dropped(&name, action, false)) {
+                    warning!("pgslotguard: could not forget the dropped replication slot \"{name}\": {e}; the next pass does");
+                }
+                commit_point(actor);
+                if recorded_now {
+                    done.push(Done { slot_name: name, action, reason, retained_bytes: None });
+                }
+            }
+            Err(e) => warning!("pgslotguard: could not finish the drop of replication slot \"{name}\": {e}"),
         }
     }
-    Ok(done)
+    done
 }
 
 /// Commit what the pass did so far and go on in a new transaction (the worker only: it
@@ -468,7 +515,7 @@ fn end_lease(policy: &Policy, actor: &Actor, d: &Decision, reason: &str, dry_run
             if let Some(stop) = second_look(policy, d)? {
                 return Ok(Some(stop));
             }
-            state::end_lease(w, &d.slot_name)?;
+            machine::end_lease(w, &d.slot_name)?;
             Ok(None)
         })?;
         if let Some(stop) = stop {
@@ -497,14 +544,16 @@ fn would_drop(actor: &mut Actor, d: &Decision, breach: Breach, reason: &str) -> 
     })
 }
 
-/// Drop a slot in two steps, so that no drop goes unrecorded: first, under the slot's
-/// lock and after a second look, commit the intent (the event it will be, on the slot's
-/// tracking row); then drop the slot, end its lease, record the event and commit. A guard
-/// killed in between leaves the intent, and its next pass records the drop
-/// (`finish_interrupted_drops`). Between the two, lease calls on the slot refuse (55006).
+/// Drop a slot in two steps, so that no drop goes unrecorded and no drop is recorded that
+/// did not happen: first, under the store's writers' lock and after a second look, the
+/// intent (the event it will be, and the identity of the slot it is about) is made durable
+/// and committed; then the slot is dropped — only if it is still that slot — and the event
+/// recorded and committed; then the intent goes. A guard killed in between leaves the
+/// intent, and its next pass records the drop (`finish_intents`). Between the two, lease
+/// calls on the slot refuse (55006).
 fn drop_slot(
     policy: &Policy,
-    actor: &Actor,
+    actor: &mut Actor,
     d: &Decision,
     breach: Breach,
     terminate: Option<i32>,
@@ -520,6 +569,21 @@ fn drop_slot(
         words = format!("{words}; {STANDBY_WAL_NOTE}");
     }
     let reason = words.as_str();
+    // Terminating a consumer of a leased slot takes what core asks of the lease's owner to
+    // terminate it (its own role, pg_signal_backend, or superuser for a superuser's): a
+    // lease gives no role more than core does. The DBA's own policy on unleased slots
+    // (terminate_active) is the superuser's.
+    if let Some(pid) = terminate {
+        let owner = in_subtransaction(|| machine::lease_of(&d.slot_name)).ok().flatten().and_then(|l| l.owner_oid);
+        if let Some(owner) = owner.filter(|o| *o != 0) {
+            if !crate::slots::may_terminate(pg_sys::Oid::from(owner), pid) {
+                let words = format!(
+                    "{reason}; its walsender (PID {pid}) is not one the lease's owner may terminate, so the guard waits for it to end"
+                );
+                return warn_once(actor, d, breach, &words);
+            }
+        }
+    }
     // A drop/recreate loop: said once an hour, before the drop (the drop goes ahead).
     let loop_words = d.loop_warning(state::now_us());
     if let Some(w) = &loop_words {
@@ -529,6 +593,7 @@ fn drop_slot(
         })?;
         commit_point(actor);
     }
+    let mut marked = None;
     let first = in_subtransaction(|| {
         // The second look and the intent under the store's writers' lock: a lease change
         // committing meanwhile is either seen by the second look or refused at its commit
@@ -537,7 +602,7 @@ fn drop_slot(
             if let Some(stop) = second_look(policy, d)? {
                 return Ok(Some(stop));
             }
-            state::mark_dropping(w, &d.slot_name, action, reason)?;
+            marked = Some(machine::mark_dropping(w, &d.slot_name, action, reason)?);
             Ok(None)
         })?;
         if let Some(stop) = stop {
@@ -564,31 +629,81 @@ fn drop_slot(
     if let Some(step) = first {
         return Ok(step);
     }
+    // A new lease whose transaction had not committed: the reason says so, and the event
+    // names that lease.
+    let (reason, uncommitted) = match marked {
+        Some(m) => (m.reason, m.uncommitted),
+        None => (reason.to_string(), None),
+    };
+    let reason = reason.as_str();
     commit_point(actor);
-    // The event is written first and commits right after the drop; if the drop fails, it
-    // is rolled back with it (the intent stays, and the next pass decides afresh). The
-    // record of the slot goes last: a guard killed between the drop and the commit leaves
-    // the intent, and its next pass records the drop (`finish_interrupted_drops`).
-    // A pass run in a caller's transaction cannot commit its record: the intent notes the
-    // transaction ID that writes the event, and goes only once that has committed
-    // (`xact::forget_at_commit`); if the caller rolls back, the next pass records the drop.
-    let in_callers_transaction = !actor.own_transaction && !state::in_recovery();
+    crate::testhook::pause("guard_intent");
+    // The drop and its event in one subtransaction, committed right after: on a primary
+    // the event is written first and rolls back if the drop fails; on a standby (whose
+    // ring is not transactional) the drop comes first, and the ring is written only for a
+    // drop that happened. A pass run in a caller's transaction cannot commit its record:
+    // the intent notes the transaction ID that writes the event, and goes only once that
+    // has committed (`xact::forget_at_commit`); if the caller rolls back, the next pass
+    // records the drop.
+    let standby = state::in_recovery();
+    let in_callers_transaction = !actor.own_transaction && !standby;
+    // Not dropped (it went, was made again, or became active since the second look): the
+    // subtransaction rolls back with the event it wrote, and the intent goes at once.
+    let mut not_dropped = None;
     let dropped = in_subtransaction(|| {
         if in_callers_transaction {
-            state::note_intent_xid(&d.slot_name)?;
+            machine::note_intent_xid(&d.slot_name)?;
         }
-        record(d, action, reason, actor.name)?;
-        state::drop_slot(&d.slot_name)?;
+        if !standby {
+            record_of(d, action, reason, actor.name, uncommitted.as_ref())?;
+            crate::testhook::pause("guard_recorded");
+        }
+        if let Err(why) = machine::drop_marked(&d.slot_name)? {
+            not_dropped = Some(why);
+            return Err(GuardError::Pass(format!("replication slot \"{}\" was not dropped: {why:?}", d.slot_name)));
+        }
+        crate::testhook::pause("guard_dropped");
+        if standby {
+            record_of(d, action, reason, actor.name, uncommitted.as_ref())?;
+            crate::testhook::pause("guard_recorded");
+        }
         log!("pgslotguard: dropped replication slot \"{}\": {}{}", d.slot_name, reason, retained_words(d));
         Ok(Step::Did(action))
-    })?;
+    });
+    let dropped = match (dropped, not_dropped) {
+        (Ok(step), _) => step,
+        (Err(e), None) => return Err(e),
+        (Err(_), Some(why)) => {
+            // Not dropped (it went, was made again, or became active since the second
+            // look): its intent goes at once, and the next pass decides afresh.
+            commit_point(actor);
+            in_subtransaction(|| machine::clear_intent(&d.slot_name))?;
+            if matches!(why, crate::slots::NotDropped::NotTheSame) {
+                // A slot of this name made since (dropped and made again): never the one the
+                // lease made or the tracking saw. The lease ends; the new slot is tracked
+                // afresh and, unleased, judged as any other.
+                if d.leased {
+                    let words = "the slot of this name is not the one the lease made or adopted (it was dropped and made again): lease ended, slot left alone";
+                    in_subtransaction(|| {
+                        record(d, Outcome::Warn, words, actor.name)?;
+                        crate::store::change(|w| machine::end_lease(w, &d.slot_name))
+                    })?;
+                    log!("pgslotguard: replication slot \"{}\": {words}", d.slot_name);
+                }
+                in_subtransaction(|| machine::forget_tracking(&d.slot_name))?;
+                commit_point(actor);
+                return Ok(Step::Did(Outcome::Warn));
+            }
+            return Ok(Step::Skipped);
+        }
+    };
     // Only once the event has committed does the intent go: a guard killed before that
     // leaves it, and its next pass records the drop (or, finding the event committed,
     // only forgets the intent).
     commit_point(actor);
     if in_callers_transaction {
-        crate::xact::forget_at_commit(&d.slot_name, action, loop_words.is_some(), state::forget_dropped);
-    } else if let Err(e) = in_subtransaction(|| state::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
+        xact::forget_at_commit(&d.slot_name, action, loop_words.is_some());
+    } else if let Err(e) = in_subtransaction(|| machine::forget_dropped(&d.slot_name, action, loop_words.is_some())) {
         warning!("pgslotguard: could not forget the dropped replication slot \"{}\": {e}; the next pass does", d.slot_name);
     }
     Ok(dropped)
@@ -615,6 +730,17 @@ fn retained_words(d: &Decision) -> String {
 /// second look checks that the slot is still there, in scope, and as active as it was.
 /// `None`: go ahead; otherwise the step to report instead.
 fn second_look(policy: &Policy, d: &Decision) -> Result<Option<Step>, GuardError> {
+    // A lease change past its pre-commit commits within moments: acting on the lease it
+    // replaces could drop a slot its caller is about to be told is renewed. Left to a pass
+    // a moment later (the change marks itself under the same lock, so one of the two sees
+    // the other).
+    if machine::committing(&d.slot_name)? {
+        crate::shmem::update(|s| {
+            s.busy_skips += 1;
+            s.set_last_busy(&d.slot_name, state::now_us());
+        });
+        return Ok(Some(Step::Skipped));
+    }
     let fresh = state::snapshot_of(&d.slot_name)?;
     let again = policy::decide(policy, &fresh).into_iter().find(|f| f.slot_name == d.slot_name);
     let same = match (again, &d.action) {
@@ -756,17 +882,26 @@ fn follow_up_checkpoint(actor: &Actor, summary: &mut PassSummary) {
 
 /// Record an event about the slot of `d`, on behalf of its lease's owner (if leased).
 fn record(d: &Decision, action: Outcome, reason: &str, actor: &str) -> Result<(), GuardError> {
+    record_of(d, action, reason, actor, None)
+}
+
+/// [`record`], naming `judged` (a new lease not committed yet) when the slot has no other.
+fn record_of(d: &Decision, action: Outcome, reason: &str, actor: &str, judged: Option<&LeaseRec>) -> Result<(), GuardError> {
     let drop = action.is_guard_drop();
-    state::record(&Event {
+    // The lease as it stands (its holder, id and owner), if the slot has one.
+    let lease = if d.leased { machine::lease_of(&d.slot_name)?.or_else(|| judged.cloned()) } else { None };
+    let e = Event {
         slot_name: Some(&d.slot_name),
-        action,
-        reason,
         retained_bytes: d.retained_bytes,
-        actor,
         lease_owner: d.lease_owner.as_deref(),
         freed_bytes: if drop { d.releases_bytes } else { None },
-        pg_wal_bytes: None,
         restart_lsn: if drop { d.restart_lsn } else { None },
+        confirmed_flush: if drop { d.logical_flush.flatten() } else { None },
+        ..Event::new(action, reason, actor)
+    };
+    state::record(&match &lease {
+        Some(l) => e.of_lease(l),
+        None => e,
     })
 }
 

@@ -17,6 +17,8 @@ pub enum GuardError {
     SlotNameInvalid(String),
     #[error("holder is too long ({0} bytes, at most 1024)")]
     HolderTooLong(usize),
+    #[error("holder must not contain control characters")]
+    HolderControl,
     #[error("invalid max_retained \"{0}\": {1}")]
     BadSize(String, String),
     #[error("lease time for replication slot \"{slot}\" must be positive, got {ttl}")]
@@ -31,6 +33,9 @@ pub enum GuardError {
     SlotExists(String),
     #[error("replication slot \"{slot}\" is already leased until {until}")]
     AlreadyLeased { slot: String, until: String },
+    /// Leased by a role whose lease the caller may not see: no owner, no time.
+    #[error("replication slot \"{0}\" is already leased")]
+    LeasedByAnother(String),
     #[error("no lease for replication slot \"{0}\"")]
     NoLease(String),
     #[error("replication slot \"{0}\" does not exist")]
@@ -67,6 +72,24 @@ pub enum GuardError {
     StoreIo(String),
     #[error("the lease of replication slot \"{slot}\" changed before this transaction committed: {why}")]
     LeaseChanged { slot: String, why: String },
+    #[error("pgslotguard's store has no record of replication slot \"{slot}\" in memory although its file is there: it did not fit at start")]
+    StoreNotLoaded { slot: String },
+    #[error("pgslotguard's store is not whole: {0} record(s) holding a lease, a change in flight or a drop intent did not fit in shared memory at start")]
+    StoreNotWhole(u32),
+    #[error("role \"{role}\" already holds {count} lease(s), the most pgslotguard.max_leases_per_role allows ({limit})")]
+    TooManyLeases { role: String, count: usize, limit: i32 },
+    #[error("only {free} replication slot(s) are free, and pgslotguard.reserved_slots keeps {reserved} for roles without a lease")]
+    SlotsReserved { free: i32, reserved: i32 },
+    #[error("permission denied to adopt replication slot \"{slot}\": it is active for PID {pid}, which this role may not terminate")]
+    MayNotTerminate { slot: String, pid: i32 },
+    #[error("too many changes to the lease of replication slot \"{0}\" in nested subtransactions of one transaction")]
+    TooManyNested(String),
+    #[error("output plugin name \"{0}\" is not valid")]
+    BadPlugin(String),
+    #[error("{0} is only for a logical slot")]
+    LogicalOnly(&'static str),
+    #[error("failover slots need PostgreSQL 17 or later")]
+    NoFailover,
     #[error("enforcement pass failed: {0}")]
     Pass(String),
     #[error("{0}")]
@@ -82,15 +105,16 @@ impl GuardError {
             SlotNameTooShort | SlotNameInvalid(_) => ERRCODE_INVALID_NAME,
             SlotNameTooLong(_) => ERRCODE_NAME_TOO_LONG,
             HolderTooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            HolderControl => ERRCODE_INVALID_PARAMETER_VALUE,
             BadSize(..) | LimitNotPositive { .. } | XminLimitOutOfRange { .. } | TtlNotPositive { .. } | TtlTooLong { .. } | TtlOutOfRange { .. } | DefaultTtlAboveMax { .. } => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
-            SlotExists(_) | AlreadyLeased { .. } => ERRCODE_DUPLICATE_OBJECT,
+            SlotExists(_) | AlreadyLeased { .. } | LeasedByAnother(_) => ERRCODE_DUPLICATE_OBJECT,
             NoLease(_) | NoSlot(_) | LeasedSlotGone { .. } => ERRCODE_UNDEFINED_OBJECT,
             LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             ExcludedName { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
-            PermissionDenied { .. } | LimitRaise { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            PermissionDenied { .. } | LimitRaise { .. } | MayNotTerminate { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Disk(_) => ERRCODE_IO_ERROR,
             BeingDropped(_) => ERRCODE_OBJECT_IN_USE,
             NotUtf8(_) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
@@ -98,7 +122,12 @@ impl GuardError {
             NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             StoreFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             StoreIo(_) => ERRCODE_IO_ERROR,
-            LeaseChanged { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            LeaseChanged { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            StoreNotLoaded { .. } | StoreNotWhole(_) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            TooManyLeases { .. } | SlotsReserved { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            TooManyNested(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            BadPlugin(_) | LogicalOnly(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            NoFailover => ERRCODE_FEATURE_NOT_SUPPORTED,
             Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -112,6 +141,7 @@ impl GuardError {
             }
             SlotNameTooLong(_) => "Replication slot names are at most 63 bytes long.".into(),
             HolderTooLong(_) => "Use a short label such as the host and job name.".into(),
+            HolderControl => "Use a one-line label such as the host and job name, without newlines, tabs or escape characters.".into(),
             BadSize(..) => "Give a size above zero such as '512MB' or '50GB' (units: bytes, kB, MB, GB, TB, PB).".into(),
             TtlNotPositive { .. } => "Give an interval such as '2 hours'.".into(),
             TtlTooLong { .. } => "Take a shorter lease and renew it with backup_slot_renew(), or raise pgslotguard.max_ttl.".into(),
@@ -119,10 +149,11 @@ impl GuardError {
             DefaultTtlAboveMax { .. } => "Lower pgslotguard.default_ttl or raise pgslotguard.max_ttl, or pass a ttl to the call.".into(),
             SlotExists(_) => "Call backup_slot_lease() with adopt => true to put the existing slot under a lease, or choose another name.".into(),
             AlreadyLeased { .. } => "Renew it with backup_slot_renew(), or release it with backup_slot_release() first.".into(),
+            LeasedByAnother(_) => "Choose another name: the lease belongs to another role.".into(),
             NoLease(_) => "SELECT * FROM pgslotguard.leases shows the leases that exist.".into(),
             NoSlot(_) => "Call backup_slot_lease() without adopt to create the slot.".into(),
             LeasedSlotGone { .. } => "The slot was dropped outside pgslotguard; the guard worker ends such leases at its next pass.".into(),
-            LogicalSlot(_) => "Only physical slots can be leased.".into(),
+            LogicalSlot(_) => "Give plugin => ... to lease a new logical slot, or adopt => true to lease an existing one.".into(),
             ExcludedName { .. } => "Choose a name that pgslotguard.exclude does not match, or narrow pgslotguard.exclude (SELECT current_setting('pgslotguard.exclude')).".into(),
             TemporarySlot(_) => "A temporary slot ends with its session; it cannot be leased.".into(),
             SlotActive { action, .. } => format!("Stop the client that streams from it before you {action} the slot, or call backup_slot_keep() to keep the slot and end the lease."),
@@ -135,7 +166,15 @@ impl GuardError {
             NotPreloaded => "Add pgslotguard to shared_preload_libraries and restart the server: leases are kept in shared memory and in pg_slotguard/ of the data directory.".into(),
             StoreFull { .. } => "Raise max_replication_slots (and restart), or release leases you no longer need.".into(),
             StoreIo(_) => "Check that the data directory's pg_slotguard/ is writable by the server and that its filesystem has space.".into(),
-            LeaseChanged { .. } => "Nothing of this transaction's change to the lease was kept; SELECT * FROM pgslotguard.leases and pgslotguard.events show what happened, then try again.".into(),
+            LeaseChanged { .. } => "Nothing of this transaction was kept; retry it. SELECT * FROM pgslotguard.leases and pgslotguard.events show what happened.".into(),
+            StoreNotLoaded { .. } | StoreNotWhole(_) => "Raise max_replication_slots back to what it was (the store has room for twice that many records) and restart the server; nothing on disk was changed meanwhile.".into(),
+            TooManyLeases { .. } => "Release leases this role no longer needs, or have a superuser raise pgslotguard.max_leases_per_role.".into(),
+            SlotsReserved { .. } => "Free a replication slot, or raise max_replication_slots (and restart); a superuser may lower pgslotguard.reserved_slots.".into(),
+            MayNotTerminate { .. } => "Adopt it as the role that streams from it, as a member of pg_signal_backend, or as a superuser; or adopt it once it is inactive.".into(),
+            TooManyNested(_) => "Change the lease fewer times in nested savepoints, or commit in between.".into(),
+            BadPlugin(_) => "Name an output plugin installed on the server, such as pgoutput or test_decoding.".into(),
+            LogicalOnly(_) => "Give plugin => 'pgoutput' (or another output plugin) to make a logical slot, or leave this option out.".into(),
+            NoFailover => "Leave failover out on this server: slot synchronisation to standbys came with PostgreSQL 17.".into(),
             Pass(_) => "The server log has the details; the guard worker retries at its next pass.".into(),
             Disk(_) => "Check that the data directory's pg_wal (or the directory its symlink points to) is readable by the server.".into(),
             Spi(_) => "This is a bug in pgslotguard; please report it with the server log.".into(),

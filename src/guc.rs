@@ -83,6 +83,13 @@ pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400
 pub static MIN_FREE_WAL_SPACE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"-1"));
 pub static CHECKPOINT_AFTER_DROP: GucSetting<CheckpointGuc> = GucSetting::<CheckpointGuc>::new(CheckpointGuc::Fast);
 pub static NOTIFY_PAYLOAD: GucSetting<NotifyPayloadGuc> = GucSetting::<NotifyPayloadGuc>::new(NotifyPayloadGuc::Minimal);
+/// Test builds only: where a process pauses (src/testhook.rs).
+#[cfg(feature = "pg_test")]
+pub static TEST_PAUSE_AT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// leases one role other than a superuser may hold at once; -1 = no limit
+pub static MAX_LEASES_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// replication slots a lease by a role other than a superuser never takes
+pub static RESERVED_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 use crate::validate::US_PER_S;
 
@@ -288,6 +295,35 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.max_leases_per_role",
+        c"Most leases one role other than a superuser may hold at once (-1: no limit).",
+        c"A role with REPLICATION could otherwise take every replication slot through leases.",
+        &MAX_LEASES_PER_ROLE,
+        -1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgslotguard.reserved_slots",
+        c"Replication slots that a lease by a role other than a superuser never takes.",
+        c"A lease that would leave fewer free slots than this is refused, so that standbys, HA members and superusers can still make slots; as superuser_reserved_connections keeps connections.",
+        &RESERVED_SLOTS,
+        0,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    #[cfg(feature = "pg_test")]
+    GucRegistry::define_string_guc(
+        c"pgslotguard.test_pause_at",
+        c"Test builds only: the pause points (src/testhook.rs) where a process sleeps.",
+        c"",
+        &TEST_PAUSE_AT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"pgslotguard".as_ptr());
     }
@@ -456,6 +492,22 @@ pub fn database() -> String {
 /// Notifications carry every column of the event (`pgslotguard.notify_payload = full`).
 pub fn notify_full() -> bool {
     NOTIFY_PAYLOAD.get() == NotifyPayloadGuc::Full
+}
+
+/// Test builds only: `pgslotguard.test_pause_at`.
+#[cfg(feature = "pg_test")]
+pub fn test_pause_at() -> Option<String> {
+    TEST_PAUSE_AT.get().map(|c| c.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
+}
+
+/// `pgslotguard.max_leases_per_role`; `None`: no limit.
+pub fn max_leases_per_role() -> Option<i32> {
+    Some(MAX_LEASES_PER_ROLE.get()).filter(|v| *v >= 0)
+}
+
+/// `pgslotguard.reserved_slots`.
+pub fn reserved_slots() -> i32 {
+    RESERVED_SLOTS.get().max(0)
 }
 
 pub fn enabled() -> bool {

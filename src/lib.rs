@@ -2,9 +2,11 @@
 //!
 //! Module map, from the bottom up: `validate` and `policy` (pure logic, unit-tested
 //! without PostgreSQL), `error` (SQLSTATE + HINT mapping), `guc` (every setting, the
-//! `Policy` snapshot), `store` (the per-node lease store: files under the data directory,
-//! shared memory), `slots` (core's slot array), `notify` (event payloads), `state` (SPI:
-//! events, slot create/drop, server facts), `xact` (lease changes follow their
+//! `Policy` snapshot), `txid` (whose change, and where its transaction stands), `store`
+//! (the per-node lease store: files under the data directory, shared memory), `slots`
+//! (core's slot array; making and dropping slots by identity), `event` and `notify`
+//! (events and their payloads), `state` (SPI: events, server facts), `machine` (the lease
+//! state machine: every transition of a lease's slot), `xact` (lease changes follow their
 //! transaction), `api` (the SQL functions), `enforce` (one pass, shared by the worker and
 //! backup_slot_enforce), `views`, `shmem` (the worker's status block), `worker`.
 
@@ -16,13 +18,16 @@ pub mod enforce;
 pub mod error;
 pub mod event;
 pub mod guc;
+pub mod machine;
 pub mod notify;
 pub mod policy;
 pub mod shmem;
 pub mod slots;
 pub mod state;
+pub mod testhook;
 pub mod store;
 pub mod time;
+pub mod txid;
 pub mod upgrade;
 pub mod validate;
 pub mod views;

@@ -11,8 +11,10 @@
 //! `schema`, `id`, `at` (UTC, RFC 3339, microseconds), `slot`, `action` (the event word),
 //! `reason`, `retained_bytes`, `freed_bytes`, `actor`, `owner` and `holder` (of the lease),
 //! `restart_lsn` (a guard drop: the slot's restart_lsn at the drop, as PostgreSQL prints an
-//! LSN), and `truncated` (true when the reason or the holder was cut to fit). Keys are
-//! only ever added within a schema number.
+//! LSN), `confirmed_flush_lsn` (a guard drop of a logical slot: what its consumer had
+//! confirmed; the first change after it is lost; added in 0.3.0), and `truncated` (true
+//! when the reason or the holder was cut to fit). Keys are only ever added within a schema
+//! number.
 
 use crate::event::Event;
 use serde_json::json;
@@ -52,6 +54,7 @@ pub fn payload(e: &Event, id: i64, at: &str, holder: Option<&str>) -> String {
             "owner": e.lease_owner,
             "holder": holder,
             "restart_lsn": e.restart_lsn.map(crate::validate::format_lsn),
+            "confirmed_flush_lsn": e.confirmed_flush.map(crate::validate::format_lsn),
             "truncated": truncated,
         })
         .to_string()

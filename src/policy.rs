@@ -18,6 +18,7 @@
 
 pub mod disk;
 pub mod horizon;
+pub mod logical;
 pub mod timing;
 
 use disk::{Floor, WalDisk};
@@ -118,6 +119,9 @@ pub enum Outcome {
     LostDrop,
     StalledDrop,
     XminDrop,
+    /// The guard dropped the slot of a lease call that did not commit (rolled back with
+    /// its slot in use, or cut short by a crash): a lease that never existed.
+    RollbackDrop,
     Terminate,
     WouldDrop,
     Checkpoint,
@@ -126,7 +130,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 18] = [
         Outcome::Lease,
         Outcome::Renew,
         Outcome::Release,
@@ -139,6 +143,7 @@ impl Outcome {
         Outcome::LostDrop,
         Outcome::StalledDrop,
         Outcome::XminDrop,
+        Outcome::RollbackDrop,
         Outcome::Terminate,
         Outcome::WouldDrop,
         Outcome::Checkpoint,
@@ -165,6 +170,7 @@ impl Outcome {
             Outcome::LostDrop => "lost_drop",
             Outcome::StalledDrop => "stalled_drop",
             Outcome::XminDrop => "xmin_drop",
+            Outcome::RollbackDrop => "rollback_drop",
             Outcome::Terminate => "terminate",
             Outcome::WouldDrop => "would_drop",
             Outcome::Checkpoint => "checkpoint",
@@ -185,6 +191,7 @@ impl Outcome {
                 | Outcome::LostDrop
                 | Outcome::StalledDrop
                 | Outcome::XminDrop
+                | Outcome::RollbackDrop
         )
     }
 }
@@ -213,6 +220,22 @@ pub struct SlotInfo {
     /// hot_standby_feedback) and `catalog_xmin` (a logical slot's); `None` when unset.
     pub xmin: Option<u32>,
     pub catalog_xmin: Option<u32>,
+    /// A logical slot's own facts (`None` for a physical slot).
+    pub logical: Option<LogicalInfo>,
+}
+
+/// What a logical slot has beyond a physical one (`pg_replication_slots`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogicalInfo {
+    /// The output plugin (`pgoutput`, `test_decoding`, ...).
+    pub plugin: Name,
+    /// The database it decodes (its OID).
+    pub database: u32,
+    /// `confirmed_flush_lsn`: what its consumer has confirmed; the first change after it is
+    /// what the consumer loses if the slot is dropped.
+    pub confirmed_flush: Option<u64>,
+    /// Synchronized to standbys (17+, `failover`).
+    pub failover: bool,
 }
 
 impl SlotInfo {
@@ -253,7 +276,13 @@ pub struct Lease {
     /// The role that holds the lease, by name (names survive pg_dump and restore; OIDs
     /// do not), carried into decisions so the events and views can say whose lease it was.
     pub owner: Name,
+    /// The owner role's OID (0: not known, a lease from before 0.3.0 not yet looked up).
+    pub owner_oid: u32,
     pub leased_at: i64,
+    /// Where the slot's age counts from: `leased_at` for a slot the lease made; for an
+    /// adopted slot, when the guard first saw it (a lease taken again on the same slot
+    /// does not make it younger).
+    pub born_at: i64,
     /// When the lease was last renewed; its current term runs from then (or from
     /// `leased_at`) to `expires_at`.
     pub renewed_at: Option<i64>,
@@ -271,6 +300,11 @@ pub struct Lease {
     /// The lease adopted a slot someone else made (`adopt => true`): its consumer is not a
     /// backup the lease started.
     pub adopted: bool,
+    /// The lease is on a logical slot (made with `plugin => ...`, or adopted as one).
+    pub logical: bool,
+    /// `while_active => true`: the lease lasts while a consumer streams from its slot, and
+    /// expires its ttl after the consumer went (policy::logical::expiry).
+    pub while_active: bool,
 }
 
 /// A slot the guard dropped within [`LOOP_WINDOW_US`]: kept per node (in the store) after
@@ -460,6 +494,8 @@ pub struct Decision {
     pub leased: bool,
     /// Owner of the lease, if leased.
     pub lease_owner: Option<Name>,
+    /// The owner role's OID (0: unknown), for the views' filter: a role sees its own.
+    pub lease_owner_oid: u32,
     pub in_scope: bool,
     /// Why the slot is in scope or not, in words.
     pub scope_reason: &'static str,
@@ -489,6 +525,9 @@ pub struct Decision {
     pub catalog_xmin_age: Option<i64>,
     /// The slot's `restart_lsn`: at a drop, the first WAL its consumer will never get.
     pub restart_lsn: Option<u64>,
+    /// A logical slot: its `confirmed_flush_lsn`, what its consumer has confirmed (the
+    /// first change after it is what the consumer loses at a drop). `None` for a physical one.
+    pub logical_flush: Option<Option<u64>>,
     /// Its consumer is not a backup a lease started (the slot is adopted or unleased): a
     /// drop breaks it for good, and it must start again from a new base backup.
     pub foreign_consumer: bool,
@@ -541,6 +580,9 @@ impl Decision {
     /// What a drop of this slot costs its consumer, in words for the drop's event, log
     /// line and notification.
     pub fn drop_cost(&self) -> String {
+        if let Some(flush) = self.logical_flush {
+            return logical::drop_cost(flush);
+        }
         let mut w = match self.restart_lsn {
             Some(lsn) => format!("restart_lsn at the drop {}: the first WAL its consumer will never get", crate::validate::format_lsn(lsn)),
             None => "it had reserved no WAL".to_string(),
@@ -551,13 +593,22 @@ impl Decision {
         w
     }
 
+    /// The LSN the slot's consumer loses at a drop: `confirmed_flush_lsn` for a logical
+    /// slot, `restart_lsn` for a physical one.
+    pub fn lost_lsn(&self) -> Option<u64> {
+        match self.logical_flush {
+            Some(flush) => flush,
+            None => self.restart_lsn,
+        }
+    }
+
     /// The warning of a drop/recreate loop, when this drop is one and the loop has not been
     /// warned of within the hour.
     pub fn loop_warning(&self, now: i64) -> Option<String> {
         let l = self.drop_loop.as_ref().filter(|l| l.warn)?;
         let Action::Drop { breach, .. } = &self.action else { return None };
         Some(format!(
-            "drop/recreate loop: replication slot \"{}\" was dropped by the guard {} ago ({} in the last hour, {}) and was made again under the same name, which breaks the same limit; the guard drops it again each time (the disk comes first) and warns of this loop at most once an hour: stop whatever recreates it, or fix its consumer (README, \"Barman\" and \"Patroni\")",
+            "drop/recreate loop: replication slot \"{}\" was dropped by the guard {} ago ({} in the last hour, {}) and was made again under the same name, which breaks the same limit; the guard drops it again each time (the disk comes first) and warns of this loop at most once an hour: stop whatever recreates it, or fix its consumer (doc/barman.md, doc/patroni.md)",
             self.slot_name,
             fmt_us(now - l.last_at),
             l.drops,
@@ -1079,10 +1130,11 @@ fn missing_slot(snap: &Snapshot, lease: &Lease) -> Decision {
         slot_exists: false,
         leased: true,
         lease_owner: Some(lease.owner.clone()),
+        lease_owner_oid: lease.owner_oid,
         in_scope: true,
         scope_reason: "leased",
         retained_bytes: None,
-        age_us: Some(snap.now - lease.leased_at),
+        age_us: Some(snap.now - lease.born_at),
         inactive_us: None,
         limits: Limits::none(),
         state: "slot_missing",
@@ -1094,6 +1146,7 @@ fn missing_slot(snap: &Snapshot, lease: &Lease) -> Decision {
         xmin_age: None,
         catalog_xmin_age: None,
         restart_lsn: None,
+        logical_flush: None,
         foreign_consumer: lease.adopted,
         drop_loop: None,
         time_due: None,
@@ -1135,7 +1188,7 @@ fn decide_slot(
 ) -> Decision {
     let now = snap.now;
     let retained = slot.restart_lsn.map(|r| snap.current_lsn.saturating_sub(r) as i64).unwrap_or(0);
-    let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
+    let born = lease.map(|l| l.born_at).or(seen.map(|s| s.first_seen));
     let age = born.map(|b| now - b);
     let inactive = if slot.active() {
         None
@@ -1144,12 +1197,13 @@ fn decide_slot(
     };
     let xmin_age = horizon::xid_age(snap.next_xid, slot.xmin);
     let catalog_xmin_age = horizon::xid_age(snap.next_xid, slot.catalog_xmin);
-    if let Some(why) = lease.and(not_the_leased_slot(slot)) {
+    if let Some(why) = lease.and_then(|l| logical::not_the_leased_slot(slot, l)) {
         return Decision {
             slot_name: slot.name.clone(),
             slot_exists: true,
             leased: true,
             lease_owner: lease.map(|l| l.owner.clone()),
+            lease_owner_oid: lease.map_or(0, |l| l.owner_oid),
             in_scope: false,
             scope_reason: "not the slot of its lease",
             retained_bytes: slot.restart_lsn.map(|_| retained),
@@ -1167,6 +1221,7 @@ fn decide_slot(
             xmin_age,
             catalog_xmin_age,
             restart_lsn: slot.restart_lsn,
+            logical_flush: slot.logical.as_ref().map(|l| l.confirmed_flush),
             foreign_consumer: lease.is_none_or(|l| l.adopted),
             drop_loop: None,
             time_due: None,
@@ -1179,6 +1234,7 @@ fn decide_slot(
         slot_exists: true,
         leased: lease.is_some(),
         lease_owner: lease.map(|l| l.owner.clone()),
+        lease_owner_oid: lease.map_or(0, |l| l.owner_oid),
         in_scope,
         scope_reason,
         retained_bytes: slot.restart_lsn.map(|_| retained),
@@ -1194,6 +1250,7 @@ fn decide_slot(
         xmin_age,
         catalog_xmin_age,
         restart_lsn: slot.restart_lsn,
+        logical_flush: slot.logical.as_ref().map(|l| l.confirmed_flush),
         foreign_consumer: lease.is_none_or(|l| l.adopted),
         drop_loop: None,
         time_due: None,
@@ -1242,11 +1299,14 @@ fn decide_slot(
         age_limit(policy, lease).zip(age).map(|v| exceeds(Breach::Age, timely, v)),
         policy.max_stalled_us.zip(stalled_for(snap, slot, seen)).map(|v| exceeds(Breach::Stalled, timely, v)),
         lease.map(|l| {
-            let over = timely && now >= l.expires_at;
+            // A lease that lasts while its consumer streams expires its ttl after the
+            // consumer went (policy::logical::expiry); any other, at its expiry.
+            let expires = logical::expiry(l, slot, seen, now);
+            let over = timely && now >= expires;
             let start = l.renewed_at.unwrap_or(l.leased_at);
             let span = (l.expires_at - start).max(1);
-            let frac = if over { 1.0 + ratio(now - l.expires_at, span) } else { ratio(now - start, span) };
-            Limit { breach: Breach::Expired, over, frac, used: now - l.expires_at, limit: 0 }
+            let frac = if over { 1.0 + ratio(now - expires, span) } else { ratio(now - (expires - span), span) };
+            Limit { breach: Breach::Expired, over, frac, used: now - expires, limit: 0 }
         }),
         inactive_limit(policy, lease).zip(inactive).map(|v| exceeds(Breach::Inactive, timely, v)),
     ];
@@ -1331,16 +1391,6 @@ pub fn xmin_limit(policy: &Policy, lease: Option<&Lease>) -> Option<i64> {
 /// streaming at a segment boundary or from its own older position (seen here: 0/30598E8
 /// → 0/3000000 as pg_receivewal attached), so a physical slot re-created under the name
 /// between two passes cannot be told from the lease's own (README, Known limits).
-fn not_the_leased_slot(slot: &SlotInfo) -> Option<&'static str> {
-    if !slot.physical {
-        Some("it is a logical slot")
-    } else if slot.temporary {
-        Some("it is a temporary slot")
-    } else {
-        None
-    }
-}
-
 fn ratio(value: i64, limit: i64) -> f64 {
     if limit <= 0 {
         if value > 0 {
@@ -1374,13 +1424,16 @@ mod tests {
             sender: None,
             xmin: None,
             catalog_xmin: None,
+            logical: None,
         }
     }
     fn lease(name: &str, leased_ago: i64, expires_in: i64) -> Lease {
         Lease {
             slot_name: name.into(),
             owner: "backup".into(),
+            owner_oid: 10,
             leased_at: NOW - leased_ago,
+            born_at: NOW - leased_ago,
             expires_at: NOW + expires_in,
             max_retained: None,
             max_inactive: None,
@@ -1389,6 +1442,8 @@ mod tests {
             renewed_at: None,
             limit_by_superuser: false,
             adopted: false,
+            logical: false,
+            while_active: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {

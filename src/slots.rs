@@ -243,12 +243,34 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         restart_lsn: (data.restart_lsn != 0).then_some(data.restart_lsn),
         invalidation: invalidation(data),
         core_inactive_since: (inactive_since != 0 && active_pid == 0).then_some(inactive_since),
-        synced: synced(data),
+        // The flag means something only on a standby: a promoted standby's slots keep it,
+        // and are its own (core's documentation of pg_replication_slots.synced).
+        synced: synced(data) && unsafe { pg_sys::RecoveryInProgress() },
         sender: None,
         // What pg_replication_slots shows as xmin and catalog_xmin (InvalidTransactionId: unset).
         xmin: (data.xmin != pg_sys::InvalidTransactionId).then_some(data.xmin.into_inner()),
         catalog_xmin: (data.catalog_xmin != pg_sys::InvalidTransactionId).then_some(data.catalog_xmin.into_inner()),
+        logical: (data.database != pg_sys::InvalidOid).then(|| crate::policy::LogicalInfo {
+            plugin: name_of(name_bytes(&data.plugin)),
+            database: data.database.to_u32(),
+            confirmed_flush: (data.confirmed_flush != 0).then_some(data.confirmed_flush),
+            failover: failover(data),
+        }),
     }
+}
+
+/// Is the slot synchronized to standbys (`failover`, 17+)?
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn failover(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    // a C bool, which the bindings give as a bool or an i8 depending on the version
+    #[allow(clippy::unnecessary_cast)]
+    let v = data.failover as i32;
+    v != 0
+}
+
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+fn failover(_data: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    false
 }
 
 /// The next full transaction ID, the reference slot horizons are aged from (as `age()`
@@ -258,4 +280,307 @@ pub fn next_full_xid() -> u64 {
     // SAFETY: reads TransamVariables->nextXid under XidGenLock (shared), in any process
     // attached to shared memory, primary or standby; raises no ERROR.
     unsafe { pg_sys::ReadNextFullTransactionId().value }
+}
+
+// ---------------------------------------------------------------------------------------
+// Making and dropping slots for the lease state machine (src/machine.rs), through core's
+// own slot.c functions rather than SQL: a new lease's slot is made ephemeral (core drops
+// an ephemeral slot at any ERROR, and at the next start after a crash) and made persistent
+// only once its pending lease is on record; a drop checks, with the slot acquired, that it
+// is the slot it means (its directory's identity) before it drops it.
+
+use crate::error::GuardError;
+use crate::store::Identity;
+
+/// The identity of a slot's directory (`pg_replslot/<name>`), if it is on disk.
+pub fn identity(name: &str) -> Option<Identity> {
+    crate::store::file::slot_identity(name)
+}
+
+fn c_name(name: &str) -> Result<std::ffi::CString, GuardError> {
+    std::ffi::CString::new(name).map_err(|_| GuardError::SlotNameInvalid(crate::validate::cut(name)))
+}
+
+/// Make a physical slot `name` that reserves WAL now, as core's
+/// `pg_create_physical_replication_slot(name, true)` does, but EPHEMERAL and still
+/// acquired by this backend: an ERROR before [`persist_and_release`] drops it (core's
+/// error cleanup releases it, and releasing an ephemeral slot drops it), and a crash
+/// leaves nothing (core removes ephemeral slots at start). Returns its directory's
+/// identity. Raises core's ERROR if a slot of that name exists or none is free.
+pub fn create_ephemeral(name: &str) -> Result<Identity, GuardError> {
+    let c = c_name(name)?;
+    // SAFETY: core's own sequence for a physical slot (slotfuncs.c), in a backend with no
+    // slot acquired (a lease call never holds one across calls): CheckSlotRequirements
+    // checks max_replication_slots and wal_level; ReplicationSlotCreate raises ERROR on a
+    // name in use or no free slot, and leaves the new slot acquired (MyReplicationSlot);
+    // ReplicationSlotReserveWal reserves WAL for MyReplicationSlot.
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        create(&c);
+    }
+    // SAFETY: reserves WAL for the slot just made and acquired.
+    release_on_error(|| unsafe { pg_sys::ReplicationSlotReserveWal() });
+    match identity(name) {
+        Some(id) => Ok(id),
+        None => {
+            release_acquired();
+            Err(GuardError::StoreIo(format!("replication slot \"{name}\" has no directory in pg_replslot after it was made")))
+        }
+    }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn create(c: &std::ffi::CStr) {
+    // SAFETY: as in create_ephemeral.
+    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn create(c: &std::ffi::CStr) {
+    // SAFETY: as in create_ephemeral (no two-phase, no failover, not synced).
+    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false, false, false) }
+}
+
+/// The options of a new logical slot (`backup_slot_lease(..., plugin => ...)`).
+pub struct LogicalOptions<'a> {
+    pub plugin: &'a str,
+    pub two_phase: bool,
+    /// Synchronized to standbys (17+).
+    pub failover: bool,
+}
+
+/// Make a logical slot `name` in the current database, as core's
+/// `pg_create_logical_replication_slot` does (slotfuncs.c): EPHEMERAL and acquired until
+/// [`persist_and_release`], its decoding start point found (which waits for transactions
+/// running now to end, as core's does). Core refuses it in a transaction that has written
+/// anything (its snapshot must not see that transaction's own writes): a logical lease is
+/// the first write of its transaction. Returns the directory's identity.
+pub fn create_ephemeral_logical(name: &str, opt: &LogicalOptions) -> Result<Identity, GuardError> {
+    let c = c_name(name)?;
+    let plugin = std::ffi::CString::new(opt.plugin).map_err(|_| GuardError::BadPlugin(crate::validate::cut(opt.plugin)))?;
+    // SAFETY: core's own sequence (create_logical_replication_slot in slotfuncs.c), in a
+    // backend with no slot acquired: the checks raise their ERRORs; ReplicationSlotCreate
+    // leaves the new slot acquired; CreateInitDecodingContext loads the output plugin (an
+    // ERROR if it does not exist), reserves WAL and the catalog horizon for the slot;
+    // DecodingContextFindStartpoint reads WAL up to a consistent point; the context is
+    // freed after. The reader callbacks are core's own functions (raw, below).
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        pg_sys::CheckLogicalDecodingRequirements();
+        create_logical(&c, opt.two_phase, opt.failover);
+    }
+    // An ERROR from here on (no such plugin, a transaction that has written, a cancel while
+    // it waits for a consistent point) must not leave the slot acquired: released, the
+    // ephemeral slot is dropped (also where a savepoint or PL/pgSQL block catches the ERROR).
+    release_on_error(|| unsafe {
+        let mut routine = pg_sys::XLogReaderRoutine {
+            page_read: Some(raw::read_local_xlog_page),
+            segment_open: Some(raw::wal_segment_open),
+            segment_close: Some(raw::wal_segment_close),
+        };
+        let ctx = pg_sys::CreateInitDecodingContext(plugin.as_ptr(), std::ptr::null_mut(), false, 0, &mut routine, None, None, None);
+        pg_sys::DecodingContextFindStartpoint(ctx);
+        pg_sys::FreeDecodingContext(ctx);
+    });
+    match identity(name) {
+        Some(id) => Ok(id),
+        None => {
+            release_acquired();
+            Err(GuardError::StoreIo(format!("replication slot \"{name}\" has no directory in pg_replslot after it was made")))
+        }
+    }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn create_logical(c: &std::ffi::CStr, two_phase: bool, _failover: bool) {
+    // SAFETY: as in create_ephemeral_logical (failover is refused on 15 before this).
+    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn create_logical(c: &std::ffi::CStr, two_phase: bool, failover: bool) {
+    // SAFETY: as in create_ephemeral_logical.
+    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase, failover, false) }
+}
+
+/// Does this server make failover slots (17+)?
+pub const FAILOVER_SLOTS: bool = cfg!(any(feature = "pg17", feature = "pg18"));
+
+/// The slot this backend holds now: its consistent point (a logical slot's
+/// `confirmed_flush`), read before it is released.
+pub fn acquired_confirmed_flush() -> Option<u64> {
+    // SAFETY: reads a field of the slot this backend acquired, if any.
+    unsafe {
+        let slot = pg_sys::MyReplicationSlot;
+        if slot.is_null() {
+            return None;
+        }
+        let lsn = (*slot).data.confirmed_flush;
+        (lsn != 0).then_some(lsn)
+    }
+}
+
+/// Core's WAL reader callbacks, as plain C functions (the bindings wrap each for calls from
+/// Rust; a callback must be the function itself).
+mod raw {
+    use pgrx::pg_sys::{TimeLineID, XLogReaderState, XLogRecPtr, XLogSegNo};
+    unsafe extern "C-unwind" {
+        pub fn read_local_xlog_page(
+            state: *mut XLogReaderState,
+            target_page_ptr: XLogRecPtr,
+            req_len: std::ffi::c_int,
+            target_rec_ptr: XLogRecPtr,
+            cur_page: *mut std::ffi::c_char,
+        ) -> std::ffi::c_int;
+        pub fn wal_segment_open(state: *mut XLogReaderState, next_seg_no: XLogSegNo, tli_p: *mut TimeLineID);
+        pub fn wal_segment_close(state: *mut XLogReaderState);
+    }
+}
+
+/// Make the slot this backend made with [`create_ephemeral`] persistent (saved to disk,
+/// as core's ReplicationSlotPersist does) and release it; returns its restart LSN.
+pub fn persist_and_release() -> Option<u64> {
+    // SAFETY: MyReplicationSlot is the slot create_ephemeral left acquired (the caller
+    // calls this right after recording its pending lease); ReplicationSlotPersist saves
+    // it (an ERROR there leaves it acquired, and core's error cleanup releases it, now
+    // persistent: the pending lease's abort then drops it).
+    unsafe {
+        let slot = pg_sys::MyReplicationSlot;
+        if slot.is_null() {
+            return None;
+        }
+        pg_sys::ReplicationSlotPersist();
+        let lsn = (*slot).data.restart_lsn;
+        pg_sys::ReplicationSlotRelease();
+        (lsn != 0).then_some(lsn)
+    }
+}
+
+/// Run `f` (core calls on the slot this backend just made, still ephemeral); on an ERROR,
+/// release the slot (which drops it) before the ERROR goes on.
+fn release_on_error<T>(f: impl FnOnce() -> T) -> T {
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .catch_others(|e| {
+            release_acquired();
+            e.rethrow()
+        })
+        .execute()
+}
+
+/// Release the slot this backend holds, if any (an ephemeral one is dropped by it).
+pub fn release_acquired() {
+    // SAFETY: releases only a slot this backend acquired.
+    unsafe {
+        if !pg_sys::MyReplicationSlot.is_null() {
+            pg_sys::ReplicationSlotRelease();
+        }
+    }
+}
+
+/// Why a drop by identity did not happen, when it did not raise core's ERROR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotDropped {
+    /// No slot of the name exists.
+    Gone,
+    /// The slot of the name is another one (made since), or synchronized from the primary.
+    NotTheSame,
+    /// A process holds it.
+    Active(i32),
+}
+
+/// Drop the slot `name` if it is the one `expected` names (any slot of the name when
+/// `None`): the slot is acquired first (so that no one else drops or makes it meanwhile),
+/// its directory's identity checked, then it is dropped as core's ReplicationSlotDrop
+/// drops it. Never drops a slot synchronized from a primary (17+). Core's ERRORs on the
+/// way (a failed rename) propagate.
+pub fn drop_if_same(name: &str, expected: Option<Identity>) -> Result<Result<(), NotDropped>, GuardError> {
+    let Some(now) = one(name) else { return Ok(Err(NotDropped::Gone)) };
+    if let Some(pid) = now.active_pid {
+        return Ok(Err(NotDropped::Active(pid)));
+    }
+    if now.synced {
+        return Ok(Err(NotDropped::NotTheSame));
+    }
+    let c = c_name(name)?;
+    // SAFETY: acquire nowait: ERROR if the slot went or became active since the look
+    // above (propagated to the caller, which runs this in a subtransaction or reports it).
+    unsafe { acquire(&c) };
+    let same = match (expected, identity(name)) {
+        (Some(want), Some(here)) => want.same(&here),
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if !same {
+        release_acquired();
+        return Ok(Err(NotDropped::NotTheSame));
+    }
+    // SAFETY: the slot is acquired by this backend (MyReplicationSlot) and is the one meant.
+    unsafe { drop_acquired() };
+    Ok(Ok(()))
+}
+
+#[cfg(feature = "pg18")]
+unsafe fn acquire(c: &std::ffi::CStr) {
+    // SAFETY: see drop_if_same. An invalidated slot may be dropped (error_if_invalid off).
+    unsafe { pg_sys::ReplicationSlotAcquire(c.as_ptr(), true, false) }
+}
+
+#[cfg(not(feature = "pg18"))]
+unsafe fn acquire(c: &std::ffi::CStr) {
+    // SAFETY: see drop_if_same.
+    unsafe { pg_sys::ReplicationSlotAcquire(c.as_ptr(), true) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn drop_acquired() {
+    // SAFETY: MyReplicationSlot is acquired; this is the second half of core's
+    // ReplicationSlotDrop.
+    unsafe { pg_sys::ReplicationSlotDropAcquired() }
+}
+
+/// PostgreSQL 15 does not export ReplicationSlotDropAcquired. Its ReplicationSlotRelease
+/// drops an acquired slot whose persistency is ephemeral (slot.c: "Delete the slot"), by
+/// that same function: the slot, acquired and checked, is marked ephemeral in memory and
+/// released. Its on-disk state says persistent until the drop renames its directory away,
+/// so a crash in between keeps it, exactly as a crash inside core's own drop does.
+#[cfg(feature = "pg15")]
+unsafe fn drop_acquired() {
+    // SAFETY: MyReplicationSlot is acquired by this backend; persistency is changed under
+    // the slot's spinlock, as ReplicationSlotPersist changes it.
+    unsafe {
+        let slot = pg_sys::MyReplicationSlot;
+        spin_acquire(&raw mut (*slot).mutex);
+        (*slot).data.persistency = pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL;
+        spin_release(&raw mut (*slot).mutex);
+        pg_sys::ReplicationSlotRelease();
+    }
+}
+
+/// The role of the process with PID `pid` (a walsender holding a slot), if it is a server
+/// process with a role.
+pub fn role_of(pid: i32) -> Option<pg_sys::Oid> {
+    // SAFETY: BackendPidGetProc looks the PID up in the proc array under ProcArrayLock
+    // and returns its PGPROC or NULL; roleId is set at connection and not changed after.
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        (!proc_.is_null()).then(|| (*proc_).roleId).filter(|r| *r != pg_sys::InvalidOid)
+    }
+}
+
+/// May `role` terminate the process `pid`, as core's pg_terminate_backend decides it
+/// (signalfuncs.c): a superuser may; nobody else may signal a superuser's process; a role
+/// may signal its own processes (those of a role it has the privileges of) and, as a
+/// member of pg_signal_backend, any other.
+pub fn may_terminate(role: pg_sys::Oid, pid: i32) -> bool {
+    // SAFETY: plain catalog-cache lookups of role attributes and memberships.
+    unsafe {
+        if pg_sys::superuser_arg(role) {
+            return true;
+        }
+        let Some(target) = role_of(pid) else { return false };
+        if pg_sys::superuser_arg(target) {
+            return false;
+        }
+        pg_sys::has_privs_of_role(role, target) || pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_SIGNAL_BACKEND))
+    }
 }

@@ -99,21 +99,27 @@ fn read_snapshot(only: Option<&str>) -> Result<Snapshot> {
     // Both clocks at one instant: the worker's clock rule compares them.
     let (now, mono) = (now_us(), mono_us());
     let current_lsn = current_lsn();
-    let mut store = crate::store::read(only)?;
-    // This transaction's own lease calls, not yet committed, as it sees them.
-    for (name, lease) in crate::xact::staged() {
-        if only.is_some_and(|o| o != name) {
-            continue;
-        }
-        store.leases.retain(|l| l.slot_name != name);
-        if let Some(l) = lease {
-            store.leases.push(crate::store::policy_lease(&name, &l));
-        }
-    }
+    // Each lease as its transactions' fates leave it (this transaction's own changes
+    // included): src/store/mod.rs, `resolve`.
+    let store = crate::store::read(only)?;
     let slots = match only {
         None => crate::slots::all(),
         Some(name) => crate::slots::one(name).into_iter().collect(),
     };
+    // A new lease another transaction is still making, its slot not yet persistent (a
+    // slot ephemeral until its pending lease is on disk, machine::lease): not judged yet.
+    let mut store = store;
+    if store.pending.iter().any(|p| p.fate == crate::txid::Fate::Running && p.rec.made_slot) {
+        let in_making: rustc_hash::FxHashSet<&str> = store
+            .pending
+            .iter()
+            .filter(|p| p.fate == crate::txid::Fate::Running && p.rec.made_slot)
+            .filter(|p| slots.iter().find(|s| s.name == p.name).is_none_or(|s| s.temporary))
+            .map(|p| p.name.as_str())
+            .collect();
+        let names: Vec<String> = in_making.iter().map(|n| n.to_string()).collect();
+        store.leases.retain(|l| !names.iter().any(|n| *n == l.slot_name));
+    }
     Ok(Snapshot {
         now,
         mono,
@@ -170,11 +176,15 @@ pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -
                 for n in &changed {
                     let mut rec = w.get(&n.slot_name);
                     let dropping = rec.seen.as_ref().and_then(|s| s.dropping.clone());
+                    // The slot this tracking is of, from its first sight: a slot of the name
+                    // made since is not it (machine::forget_tracking).
+                    let slot = rec.seen.as_ref().and_then(|s| s.slot).or_else(|| crate::slots::identity(&n.slot_name));
                     rec.seen = Some(crate::store::SeenRec {
                         first_seen: n.first_seen,
                         inactive_since: n.inactive_since,
                         stalled: n.stalled,
                         dropping,
+                        slot,
                     });
                     w.put(&rec)?;
                 }
@@ -195,84 +205,60 @@ pub fn track(snap: &mut Snapshot, policy: &crate::policy::Policy, write: bool) -
     Ok(())
 }
 
-/// Make the guard's intent to drop a slot durable before it drops it (the drop itself is
-/// not undone by anything): in the store, under the writers' lock the caller holds.
-pub fn mark_dropping(w: &mut crate::store::Writer, name: &str, action: Outcome, reason: &str) -> Result<()> {
-    let mut rec = w.get(name);
-    let seen = rec.seen.get_or_insert_with(|| crate::store::SeenRec { first_seen: now_us(), ..Default::default() });
-    seen.dropping = Some(crate::store::IntentRec { action: action.as_str().to_string(), reason: reason.to_string(), at: now_us(), xid: None });
-    w.put(&rec)
-}
-
-/// A drop made in a caller's transaction (`backup_slot_enforce()`): note on its intent the
-/// transaction ID that writes its event, assigning one now, before the event is written
-/// (`store::IntentRec::xid`).
-pub fn note_intent_xid(name: &str) -> Result<()> {
-    // SAFETY: assigns (or returns) the current (sub)transaction's ID; called inside a
-    // transaction on a primary, where the event about to be written needs one anyway.
-    let xid = u32::from(unsafe { pg_sys::GetCurrentTransactionId() });
-    crate::store::update(name, |r| {
-        if let Some(i) = r.seen.as_mut().and_then(|s| s.dropping.as_mut()) {
-            i.xid = Some(xid);
-        }
-    })
-}
-
-
-/// Has the guard's drop of `name` for `action`, decided at `since`, been recorded already
-/// (in the event table, or in a standby's ring)?
+/// Has the guard's drop of `name` for `action`, decided at `since`, been recorded already?
+/// Looks in both places an event can be: the per-node ring (where a standby records, also
+/// before a promotion) and, on a primary, the event table.
 pub fn drop_recorded(name: &str, action: Outcome, since: i64) -> Result<bool> {
-    if in_recovery() {
-        let events = crate::store::ring_events()?;
-        return Ok(events.iter().any(|e| e.slot_name.as_deref() == Some(name) && e.action == action.as_str() && e.at >= since));
+    let in_ring = crate::store::ring_events()?.iter().any(|e| e.slot_name.as_deref() == Some(name) && e.action == action.as_str() && e.at >= since);
+    if in_ring || in_recovery() {
+        return Ok(in_ring);
     }
     read(
-        "SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE slot_name = $1::name AND action = $2 AND at >= $3)",
+        "SELECT EXISTS (SELECT 1 FROM pgslotguard.event_log WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name AND action OPERATOR(pg_catalog.=) $2 AND at OPERATOR(pg_catalog.>=) $3)",
         &[name.into(), action.as_str().into(), ts(since).into()],
         |t| Ok(t.first().get::<bool>(1)?.unwrap_or(false)),
     )
 }
 
-/// A slot the guard dropped: its lease ends and its record goes (its tracking, warnings
-/// and drop intent with it), but the drop itself is remembered for an hour
-/// (`policy::LOOP_WINDOW_US`): a slot made again under the name and dropped again for the
-/// same limit is a loop. `loop_warned`: this drop warned of a loop.
-pub fn forget_dropped(name: &str, action: Outcome, loop_warned: bool) -> Result<()> {
-    crate::xact::discard(name);
-    let now = now_us();
-    crate::store::update(name, |r| {
-        let before = r.dropped.take().filter(|d| now - d.at < crate::policy::LOOP_WINDOW_US && d.action == action.as_str());
-        let dropped = crate::store::DroppedRec {
-            at: now,
-            action: action.as_str().to_string(),
-            drops: before.as_ref().map_or(0, |d| d.drops) + 1,
-            loop_warned_at: if loop_warned { Some(now) } else { before.and_then(|d| d.loop_warned_at) },
-        };
-        *r = crate::store::SlotRecord { dropped: Some(dropped), ..crate::store::SlotRecord::new(name) };
-    })
-}
-
-/// End the lease of a slot (the slot stays, or is already gone).
-pub fn end_lease(w: &mut crate::store::Writer, name: &str) -> Result<()> {
-    crate::xact::discard(name);
-    let mut rec = w.get(name);
-    rec.lease = None;
-    w.put(&rec)
-}
-
-/// Clear drop intents on slots that still exist (a drop that failed or was cut short
-/// before it happened): the slot is decided afresh.
-pub fn clear_drop_marks(names: &[String]) -> Result<()> {
-    crate::store::change(|w| {
-        for name in names {
-            let mut rec = w.get(name);
-            if let Some(s) = rec.seen.as_mut() {
-                s.dropping = None;
+/// The release and keep events of the leases `ids` (`store::LeaseRec::lease_id`): what the
+/// guard's first pass after a start looks for (machine.rs, `reconcile`).
+pub fn ended_leases(ids: &[i64]) -> Result<Vec<(i64, Outcome)>> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    read(
+        "SELECT lease_id, action FROM pgslotguard.event_log
+          WHERE lease_id OPERATOR(pg_catalog.=) ANY ($1) AND action OPERATOR(pg_catalog.=) ANY ('{release,keep}'::pg_catalog.text[])",
+        &[ids.to_vec().into()],
+        |t| {
+            let mut out = vec![];
+            for row in t {
+                if let (Some(id), Some(a)) = (row.get::<i64>(1)?, row.get::<String>(2)?) {
+                    if let Some(o) = Outcome::parse(&a) {
+                        out.push((id, o));
+                    }
+                }
             }
-            w.put(&rec)?;
-        }
-        Ok(())
-    })
+            Ok(out)
+        },
+    )
+}
+
+/// The OID of the role named `name`, if there is one.
+pub fn role_oid(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a catalog-cache lookup by name; missing_ok, so no ERROR.
+    let oid = unsafe { pg_sys::get_role_oid(c.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then(|| oid.to_u32())
+}
+
+/// Does the role with this OID exist?
+pub fn role_exists(oid: u32) -> bool {
+    if oid == 0 {
+        return false;
+    }
+    // SAFETY: a catalog-cache lookup by OID; NULL when there is none.
+    unsafe { !pg_sys::GetUserNameFromId(pg_sys::Oid::from(oid), true).is_null() }
 }
 
 /// Remember a warning given (the floor's with slot name ''), until it re-arms.
@@ -299,19 +285,6 @@ pub fn forget_warnings(slots: Vec<String>, limits: Vec<String>) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Create a physical slot that reserves WAL now; returns its restart LSN as text.
-pub fn create_slot(name: &str) -> Result<String> {
-    read(
-        "SELECT lsn::text FROM pg_catalog.pg_create_physical_replication_slot($1::name, true, false)",
-        &[name.into()],
-        |t| Ok(t.first().get::<String>(1)?.unwrap_or_default()),
-    )
-}
-
-pub fn drop_slot(name: &str) -> Result<()> {
-    read("SELECT pg_catalog.pg_drop_replication_slot($1::name)", &[name.into()], |_| Ok(()))
 }
 
 /// How long the guard waits for a walsender it terminated to exit; a longer wait would hold
@@ -345,18 +318,15 @@ pub const CHANNEL: &str = "pgslotguard";
 /// to listeners on [`CHANNEL`] as JSON. NOTIFY is transactional: listeners get it when the
 /// transaction that recorded the event commits, in commit order, and never if it rolls back.
 pub fn record(e: &Event) -> Result<()> {
-    let holder = match e.slot_name {
-        Some(name) => crate::xact::lease(name)?.and_then(|l| l.holder),
-        None => None,
-    };
+    let holder = e.lease_holder.map(str::to_string);
     if in_recovery() {
         return record_in_ring(e, holder);
     }
     let (id, at) = write(
         "INSERT INTO pgslotguard.event_log
-                (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes, lease_holder)
-         VALUES ($1::name, $2, $3, $4, $5, $6::name, $7, $8,
-                 $9)
+                (slot_name, action, reason, retained_bytes, actor, lease_owner, freed_bytes, pg_wal_bytes, lease_holder,
+                 lease_owner_oid, lease_id)
+         VALUES ($1::pg_catalog.name, $2, $3, $4, $5, $6::pg_catalog.name, $7, $8, $9, $10::pg_catalog.oid, $11)
          RETURNING id, pg_catalog.to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
         &[
             e.slot_name.into(),
@@ -368,6 +338,8 @@ pub fn record(e: &Event) -> Result<()> {
             e.freed_bytes.into(),
             e.pg_wal_bytes.into(),
             holder.as_deref().into(),
+            e.lease_owner_oid.map(|o| o as i64).into(),
+            e.lease_id.into(),
         ],
         |t| {
             let t = t.first();
@@ -399,9 +371,11 @@ fn record_in_ring(e: &Event, holder: Option<String>) -> Result<()> {
         freed_bytes: e.freed_bytes,
         pg_wal_bytes: e.pg_wal_bytes,
         lease_holder: holder,
+        lease_owner_oid: e.lease_owner_oid,
+        lease_id: e.lease_id,
     })?;
     let on = e.slot_name.map(|s| format!(" on replication slot \"{s}\"")).unwrap_or_default();
-    log!("pgslotguard: event {}{on} by {} (standby event {id}): {}", e.action.as_str(), e.actor, e.reason);
+    log!("pgslotguard: event {}{on} by {} (standby event {id}): {}", e.action.as_str(), e.actor, crate::validate::for_log(e.reason));
     Ok(())
 }
 
@@ -425,19 +399,42 @@ pub fn purge_events(older_than_us: i64) -> Result<usize> {
     // Planned for this cutoff, not kept: a generic plan guesses a third of the table for
     // `at < $1`, where a purge each pass deletes the few events that aged out since the last.
     Ok(Spi::connect_mut(|c| {
-        c.update("DELETE FROM pgslotguard.event_log WHERE at < $1", None, &[cutoff.into()]).map(|t| t.len())
+        c.update("DELETE FROM pgslotguard.event_log WHERE at OPERATOR(pg_catalog.<) $1", None, &[cutoff.into()]).map(|t| t.len())
     })?)
 }
 
-/// Pin the session's search_path (the worker's SPI queries must not resolve anything
-/// through a schema a user can write to).
-pub fn pin_search_path() -> Result<()> {
-    read("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)", &[], |_| Ok(()))
+/// The worker's own session settings, whatever a DBA or a role set for the database or
+/// the role (ALTER DATABASE/ROLE ... SET): a pass must be able to write, must not be cut
+/// short by a timeout meant for users, and must resolve nothing through a schema a user can
+/// write to. Lock waits are bounded (no lock of ours is one a user can take, but a
+/// superuser can lock the event table).
+pub const WORKER_SETTINGS: [(&str, &str); 7] = [
+    ("search_path", "pg_catalog, pg_temp"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("statement_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("lock_timeout", "10s"),
+    ("session_replication_role", "origin"),
+];
+
+/// Pin the worker's session settings ([`WORKER_SETTINGS`]), outside any transaction, as
+/// an override no database or role setting can change.
+pub fn pin_worker_session() {
+    for (name, value) in WORKER_SETTINGS {
+        let (n, v) = (std::ffi::CString::new(name).unwrap_or_default(), std::ffi::CString::new(value).unwrap_or_default());
+        // SAFETY: SetConfigOption sets a setting of this backend, as the worker's own
+        // override (PGC_S_OVERRIDE wins over database and role settings); every name here
+        // is a core setting the superuser context may set.
+        unsafe {
+            pg_sys::SetConfigOption(n.as_ptr(), v.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE);
+        }
+    }
 }
 
 /// The version of the extension installed in this database, if it is.
 pub fn extension_version() -> Result<Option<String>> {
-    read("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pgslotguard'", &[], |t| {
+    read("SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pgslotguard'", &[], |t| {
         if t.is_empty() {
             return Ok(None);
         }
@@ -467,7 +464,7 @@ pub fn extension_owner() -> Result<pg_sys::Oid> {
     if ext != pg_sys::InvalidOid && ext == cached_ext {
         return Ok(cached_owner);
     }
-    let owner = read("SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1", &[ext.into()], |t| {
+    let owner = read("SELECT extowner FROM pg_catalog.pg_extension WHERE oid OPERATOR(pg_catalog.=) $1", &[ext.into()], |t| {
         Ok(t.first().get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)))
     })?;
     OWNER.set((ext, owner));

@@ -17,15 +17,20 @@ mod pgslotguard {
     #[pg_extern(volatile)]
     fn test_set_lease_times(slot_name: &str, leased_ago_s: Option<f64>, expires_in_s: f64) {
         let now = crate::state::now_us();
-        let (lease, base) = crate::error::or_report(crate::xact::lease_and_base(slot_name));
-        let lease = lease.unwrap_or_else(|| crate::error::GuardError::NoLease(slot_name.into()).report());
-        let moved = crate::store::LeaseRec {
-            leased_at: leased_ago_s.map_or(lease.leased_at, |s| now - (s * 1e6) as i64),
-            renewed_at: None,
-            expires_at: now + (expires_in_s * 1e6) as i64,
-            ..lease
+        let mut decide = |lease: Option<&crate::store::LeaseRec>, _: &crate::store::SlotRecord| {
+            let lease = lease.ok_or_else(|| crate::error::GuardError::NoLease(slot_name.into()))?;
+            let leased_at = leased_ago_s.map_or(lease.leased_at, |s| now - (s * 1e6) as i64);
+            Ok(crate::machine::Change::Renew(crate::store::LeaseRec {
+                leased_at,
+                born_at: Some(leased_at),
+                renewed_at: None,
+                expires_at: now + (expires_in_s * 1e6) as i64,
+                ..lease.clone()
+            }))
         };
-        crate::xact::stage(slot_name, base, crate::xact::Op::Put(moved));
+        crate::error::or_report(crate::state::as_owner(|| {
+            crate::machine::change(slot_name, &mut decide, &mut crate::xact::remember).map(|_| ())
+        }));
     }
 }
 
@@ -158,12 +163,13 @@ mod tests {
         assert!(one::<bool>("SELECT renewed_at IS NOT NULL FROM pgslotguard.leases WHERE slot_name = 'rn'").unwrap());
     }
 
+    /// What a release does inside its transaction: the lease ends at once, the slot stays
+    /// until the release commits (this test's transaction never does; tests/lease.rs
+    /// commits one and sees the slot go).
     #[pg_test]
-    fn release_drops_slot_and_ends_lease() {
+    fn release_ends_the_lease_and_leaves_the_drop_to_its_commit() {
         run("SELECT * FROM backup_slot_lease('rel', '1h')");
         assert_eq!(one::<bool>("SELECT backup_slot_release('rel')"), Some(true));
-        // the slot goes when the release commits (tests/lease.rs); this test's
-        // transaction never commits
         assert!(slot_exists("rel"), "dropped before commit");
         assert_eq!(one::<i64>("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'rel'"), Some(0));
         assert_eq!(
@@ -304,9 +310,10 @@ mod tests {
             "SELECT backup_slot_release('alice_slot')",
             "SELECT backup_slot_keep('alice_slot')",
         ] {
+            // bob may not see alice's lease: he is answered as if there were none
             let before = world(q);
             let got = text(&format!("SELECT pg_temp.sqlstate_of({})", pgrx::spi::quote_literal(q)));
-            assert_eq!(got, "42501", "{q}");
+            assert_eq!(got, "42704", "{q}");
             assert_eq!(world(q), before);
         }
         // bob does not even see alice's lease or its events
@@ -325,13 +332,15 @@ mod tests {
         );
     }
 
+    /// With no global limit set, any per-lease limit is a lowering of "no limit": a role
+    /// that is not a superuser may give one. (The refusal of a limit above a global one
+    /// needs that global one set, which pgslotguard.max_retained_wal, PGC_SIGHUP, cannot be
+    /// inside this test's transaction: tests/hardening.rs and tests/lease.rs test it.)
     #[pg_test]
-    fn non_superuser_may_not_raise_the_global_retained_limit() {
+    fn a_non_superuser_may_give_any_lease_limit_while_no_global_one_is_set() {
         helpers();
         run("CREATE ROLE sg_rep LOGIN REPLICATION");
-        // pgslotguard.max_retained_wal is PGC_SIGHUP; set it for this transaction's check via
-        // set_config as superuser is refused, so test with the value in force (-1 = off):
-        // with no global limit any per-lease limit is a lowering.
+        assert_eq!(text("SHOW pgslotguard.max_retained_wal"), "-1", "the premise: no global limit");
         run("SET ROLE sg_rep");
         run("SELECT * FROM backup_slot_lease('capped', '1h', max_retained => '50GB')");
         run("RESET ROLE");
@@ -483,7 +492,8 @@ mod tests {
         assert_eq!(text("SELECT unit FROM pg_settings WHERE name = 'pgslotguard.max_ttl'"), "s");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_ttl')"), "7d");
         assert_eq!(text("SELECT enumvals::text FROM pg_settings WHERE name = 'pgslotguard.scope'"), "{leased,physical,all}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%'"), Some(19));
+        // (test builds also have pgslotguard.test_pause_at, src/testhook.rs)
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'pgslotguard.%' AND name NOT LIKE 'pgslotguard.test%'"), Some(21));
         assert_eq!(text("SELECT setting || ' ' || context || ' ' || enumvals::text FROM pg_settings WHERE name = 'pgslotguard.notify_payload'"), "minimal superuser {minimal,full}");
         assert_eq!(text("SELECT current_setting('pgslotguard.max_xmin_age')"), "-1");
         assert_eq!(text("SELECT min_val || ' ' || max_val FROM pg_settings WHERE name = 'pgslotguard.max_xmin_age'"), "-1 2000000000");

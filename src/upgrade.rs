@@ -14,12 +14,16 @@ use pgrx::prelude::*;
 use std::collections::BTreeMap;
 
 /// Interval → microseconds (a day is 24 h, a month 30 days, as PostgreSQL compares them).
-const US: &str = "(extract(epoch FROM $1) * 1000000)::int8";
+/// Every operator qualified (the function's search_path is pinned too): an operator a
+/// role made in a writable schema must never be picked up by an update a superuser runs.
+const US: &str = "(pg_catalog.extract('epoch', $1) OPERATOR(pg_catalog.*) 1000000::pg_catalog.numeric)::pg_catalog.int8";
 
 fn us_of(col: &str) -> String {
     US.replace("$1", col)
 }
 
+/// Created by the update script with `SET search_path = pg_catalog, pg_temp` (its SQL is
+/// there, `sql = false`), and its queries qualify every operator besides.
 #[pg_extern(sql = false, name = "import_0_1_0_tables")]
 fn import_0_1_0_tables() -> i64 {
     crate::error::or_report(import())
@@ -34,8 +38,8 @@ fn import() -> Result<i64, crate::error::GuardError> {
     let mut leases = 0i64;
     Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
         let q = format!(
-            "SELECT slot_name::text, holder, owner::text, leased_at, renewed_at, expires_at, max_retained,
-                    {}, {}, adopted, reserved_lsn::text, limit_by_superuser
+            "SELECT slot_name::pg_catalog.text, holder, owner::pg_catalog.text, leased_at, renewed_at, expires_at, max_retained,
+                    {}, {}, adopted, reserved_lsn::pg_catalog.text, limit_by_superuser
                FROM pgslotguard.lease_data",
             us_of("max_inactive"),
             us_of("max_age")
@@ -55,12 +59,14 @@ fn import() -> Result<i64, crate::error::GuardError> {
                 adopted: row.get(10)?.unwrap_or(false),
                 reserved_lsn: row.get::<String>(11)?.as_deref().and_then(crate::validate::parse_lsn),
                 limit_by_superuser: row.get(12)?.unwrap_or(false),
-                slot_ino: store::file::slot_dir_ino(&name),
+                slot: store::file::slot_identity(&name),
+                lease_id: 0,
+                ..Default::default()
             };
             records.entry(name.clone()).or_insert_with(|| SlotRecord::new(&name)).lease = Some(lease);
             leases += 1;
         }
-        let q = "SELECT slot_name::text, first_seen, inactive_since, drop_action, drop_reason, stalled_lsn::text, stalled_since
+        let q = "SELECT slot_name::pg_catalog.text, first_seen, inactive_since, drop_action, drop_reason, stalled_lsn::pg_catalog.text, stalled_since
                    FROM pgslotguard.slot_seen";
         for row in c.select(q, None, &[])? {
             let name: String = row.get(1)?.unwrap_or_default();
@@ -71,11 +77,12 @@ fn import() -> Result<i64, crate::error::GuardError> {
                 first_seen: ts(row.get(2)?).unwrap_or(0),
                 inactive_since: ts(row.get(3)?),
                 stalled: stalled_lsn.zip(ts(row.get(7)?)),
-                dropping: action.map(|action| IntentRec { action, reason: reason.unwrap_or_default(), at: 0, xid: None }),
+                dropping: action.map(|action| IntentRec { action, reason: reason.unwrap_or_default(), at: 0, xid: None, slot: None }),
+                slot: None,
             };
             records.entry(name.clone()).or_insert_with(|| SlotRecord::new(&name)).seen = Some(seen);
         }
-        for row in c.select("SELECT slot_name::text, limit_name FROM pgslotguard.warned", None, &[])? {
+        for row in c.select("SELECT slot_name::pg_catalog.text, limit_name FROM pgslotguard.warned", None, &[])? {
             let name: String = row.get(1)?.unwrap_or_default();
             let limit: String = row.get(2)?.unwrap_or_default();
             records.entry(name.clone()).or_insert_with(|| SlotRecord::new(&name)).warned.push(limit);

@@ -18,19 +18,54 @@ pub fn slot_name(name: Option<&str>) -> Result<&str, GuardError> {
         return Err(GuardError::SlotNameTooShort);
     }
     if name.len() > MAX_SLOT_NAME_BYTES {
-        return Err(GuardError::SlotNameTooLong(name.to_string()));
+        return Err(GuardError::SlotNameTooLong(cut(name)));
     }
     if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        return Err(GuardError::SlotNameInvalid(name.to_string()));
+        return Err(GuardError::SlotNameInvalid(cut(name)));
     }
     Ok(name)
 }
 
-/// Check a holder label.
+/// Check a holder label: at most [`MAX_HOLDER_BYTES`], and no control characters (a holder
+/// goes into log lines, events and notifications, where a newline or an escape sequence
+/// could forge a line or a terminal's display).
 pub fn holder(holder: Option<&str>) -> Result<Option<&str>, GuardError> {
     match holder {
         Some(h) if h.len() > MAX_HOLDER_BYTES => Err(GuardError::HolderTooLong(h.len())),
+        Some(h) if h.chars().any(char::is_control) => Err(GuardError::HolderControl),
         other => Ok(other),
+    }
+}
+
+/// How many characters of a value a caller gave are echoed in a message.
+pub const ECHO_CHARS: usize = 64;
+
+/// A value a caller gave, as a message may echo it: at most [`ECHO_CHARS`] characters
+/// (then "..."), control characters escaped. Input is never echoed unbounded: a 10 MB
+/// argument must not become a 10 MB log line.
+pub fn cut(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == ECHO_CHARS {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Text for a log line: control characters escaped (a holder stored by an older version
+/// may carry them).
+pub fn for_log(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+    } else {
+        s.to_string()
     }
 }
 
@@ -43,9 +78,9 @@ pub fn parse_size(text: &str) -> Result<i64, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size: \"{text}\""));
+        return Err(format!("invalid size: \"{}\"", cut(text)));
     }
-    let value: f64 = num.parse().map_err(|_| format!("invalid size: \"{text}\""))?;
+    let value: f64 = num.parse().map_err(|_| format!("invalid size: \"{}\"", cut(text)))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" | "bytes" => 1.0,
         "kb" => 1024.0,
@@ -53,11 +88,11 @@ pub fn parse_size(text: &str) -> Result<i64, String> {
         "gb" => 1024.0 * 1024.0 * 1024.0,
         "tb" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         "pb" => 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("invalid size unit: \"{other}\"")),
+        other => return Err(format!("invalid size unit: \"{}\"", cut(other))),
     };
     let bytes = value * mult;
     if !bytes.is_finite() || bytes >= i64::MAX as f64 || bytes <= i64::MIN as f64 {
-        return Err(format!("size \"{text}\" is out of range"));
+        return Err(format!("size \"{}\" is out of range", cut(text)));
     }
     Ok(bytes.round() as i64)
 }
@@ -65,10 +100,10 @@ pub fn parse_size(text: &str) -> Result<i64, String> {
 /// A per-lease WAL limit: a size above zero.
 pub fn max_retained(text: Option<&str>) -> Result<Option<i64>, GuardError> {
     let Some(text) = text else { return Ok(None) };
-    let bytes = parse_size(text).map_err(|detail| GuardError::BadSize(text.to_string(), detail))?;
+    let bytes = parse_size(text).map_err(|detail| GuardError::BadSize(cut(text), detail))?;
     if bytes <= 0 {
         return Err(GuardError::BadSize(
-            text.to_string(),
+            cut(text),
             "max_retained must be greater than zero".to_string(),
         ));
     }
@@ -235,5 +270,30 @@ mod tests {
         assert_eq!(pretty_duration(2 * 3600 * 1_000_000 + 5 * 60 * 1_000_000), "2h 05m");
         assert_eq!(pretty_duration(3 * 86_400 * 1_000_000 + 4 * 3600 * 1_000_000), "3d 04h");
         assert_eq!(pretty_duration(-90_000_000), "-1m 30s");
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn echoed_input_is_short_and_has_no_control_characters() {
+        let long = "9".repeat(10 << 20);
+        let e = max_retained(Some(&long)).unwrap_err().to_string();
+        assert!(e.len() < 300, "{} bytes", e.len());
+        assert!(e.contains(&format!("{}...", "9".repeat(ECHO_CHARS))), "{e}");
+        assert_eq!(cut("a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+        let name = "x".repeat(5000);
+        assert!(slot_name(Some(&name)).unwrap_err().to_string().len() < 200);
+    }
+
+    #[test]
+    fn a_holder_with_a_control_character_is_refused() {
+        for bad in ["line1\nline2", "tab\there", "bell\x07", "esc\x1b[2J"] {
+            assert!(matches!(holder(Some(bad)), Err(GuardError::HolderControl)), "{bad:?}");
+        }
+        assert_eq!(holder(Some("nightly — host b2")).unwrap(), Some("nightly — host b2"));
+        assert_eq!(for_log("a\nb"), "a\\nb");
     }
 }

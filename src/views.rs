@@ -8,6 +8,13 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+/// A lease is the caller's own: by its owner's OID, never by name (a role dropped and made
+/// again under the same name is another role). A lease from before 0.3.0 is shown to its
+/// owner once the guard has looked the owner's OID up (its first pass).
+fn owned_by(owner_oid: u32, me: pg_sys::Oid) -> bool {
+    owner_oid != 0 && owner_oid == me.to_u32()
+}
+
 #[pg_schema]
 pub mod pgslotguard {
     use super::*;
@@ -42,12 +49,11 @@ pub mod pgslotguard {
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
-        let me_name = state::role_name(me);
         let (policy, verdict) = crate::error::or_report(state::as_owner(crate::enforce::preview));
         let rows: Vec<_> = verdict
             .decisions
             .into_iter()
-            .filter(|d| all || d.lease_owner.as_deref() == Some(me_name.as_str()))
+            .filter(|d| all || owned_by(d.lease_owner_oid, me))
             .map(|d| {
                 let nearest = d.nearest_limit();
                 let max_xmin_age = d.limit(crate::policy::Breach::Xmin).map(|l| l.limit);
@@ -112,25 +118,19 @@ pub mod pgslotguard {
             name!(reserved_lsn, Option<String>),
             name!(limit_by_superuser, bool),
             name!(max_xmin_age, Option<i64>),
+            name!(while_active, bool),
         ),
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
-        let me_name = state::role_name(me);
-        let mut records = crate::error::or_report(crate::store::records());
-        // This transaction's own lease calls, not yet committed, as it sees them.
-        for (name, lease) in crate::xact::staged() {
-            match records.iter_mut().find(|r| r.name == name) {
-                Some(r) => r.lease = lease,
-                None => records.push(crate::store::SlotRecord { lease, ..crate::store::SlotRecord::new(&name) }),
-            }
-        }
-        records.sort_by(|a, b| a.name.cmp(&b.name));
+        // Each lease as its transactions' fates leave it, this transaction's own changes
+        // included.
+        let records = crate::error::or_report(crate::store::records());
         let interval = |us: Option<i64>| us.map(Interval::from_micros);
         let rows: Vec<_> = records
             .into_iter()
             .filter_map(|r| Some((r.name, r.lease?)))
-            .filter(|(_, l)| all || l.owner == me_name)
+            .filter(|(_, l)| all || owned_by(l.owner_oid.unwrap_or(0), me))
             .map(|(name, l)| {
                 (
                     name,
@@ -146,6 +146,7 @@ pub mod pgslotguard {
                     l.reserved_lsn.map(crate::validate::format_lsn),
                     l.limit_by_superuser,
                     l.max_xmin_age,
+                    l.while_active,
                 )
             })
             .collect();
@@ -223,11 +224,10 @@ pub mod pgslotguard {
     > {
         let me = unsafe { pg_sys::GetUserId() };
         let all = state::is_member_of_pg_monitor(me);
-        let me_name = state::role_name(me);
         let events = crate::error::or_report(crate::store::ring_events());
         let rows: Vec<_> = events
             .into_iter()
-            .filter(|e| all || e.lease_owner.as_deref() == Some(me_name.as_str()))
+            .filter(|e| all || owned_by(e.lease_owner_oid.unwrap_or(0), me))
             .map(|e| {
                 (e.id, state::ts(e.at), e.slot_name, e.action, e.reason, e.retained_bytes, e.actor, e.lease_owner, e.freed_bytes, e.pg_wal_bytes, e.lease_holder)
             })

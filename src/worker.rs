@@ -48,9 +48,10 @@ pub extern "C-unwind" fn pgslotguard_worker_main(_arg: pg_sys::Datum) {
     shmem::update(|s| s.database_missing = true);
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     shmem::update(|s| s.database_missing = false);
-    if let Err(e) = BackgroundWorker::transaction(|| enforce::in_subtransaction(state::pin_search_path)) {
-        warning!("pgslotguard: could not pin search_path: {e}");
-    }
+    // Whatever the database's or the role's settings say (ALTER DATABASE ... SET
+    // default_transaction_read_only = on, a statement_timeout, a search_path): the guard's
+    // own, before its first transaction.
+    state::pin_worker_session();
 
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::update(|s| {

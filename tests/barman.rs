@@ -46,7 +46,7 @@ immediate_checkpoint = true
 ",
             home = dir.join("home").display(),
             dir = dir.display(),
-            port = c.port,
+            port = c.port(),
             bin = BIN,
         );
         std::fs::write(&conf, text).unwrap();

@@ -1,6 +1,7 @@
 //! Reliability: 8 clients leasing, renewing and releasing overlapping names for 60 s under
 //! a worker at naptime 100 ms; the worker killed (SIGKILL) mid-run; the extension dropped and
-//! re-created under a running worker; a slot dropped behind the worker's back.
+//! re-created under a running worker; a slot dropped behind the worker's back. And the
+//! harness's own: a cluster's port taken before its server binds it.
 
 mod common;
 use common::*;
@@ -10,9 +11,9 @@ use std::time::Duration;
 fn eight_clients_for_60s_under_a_fast_worker_lose_nothing() {
     let c = with_extension("stress", &["pgslotguard.naptime = '100ms'", "max_replication_slots = 40", "max_connections = 40"]);
     let secs: u64 = std::env::var("PGSG_STRESS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    // Eight clients, each in autocommit, each call its own transaction. A lease change is
-    // applied when its transaction commits, so a call that raced another session or the
-    // guard on the same lease fails at its commit (55000, or 55006 while the guard drops
+    // Eight clients, each in autocommit, each call its own transaction. Changes to one
+    // lease wait for each other as row locks do; a call whose lease the guard took before
+    // its commit fails there (40001, serialization failure; or 55006 while the guard drops
     // the slot): those are refusals, as 42710 (already leased) and 42704 (no lease) are.
     let handles: Vec<_> = (0..8u64)
         .map(|client| {
@@ -52,7 +53,7 @@ fn eight_clients_for_60s_under_a_fast_worker_lose_nothing() {
     let ok: u64 = codes.iter().filter(|((_, c), _)| c == "ok").map(|(_, v)| v).sum();
     let unexpected: Vec<String> = codes
         .iter()
-        .filter(|((_, code), _)| !["ok", "42710", "42704", "55000", "55006"].contains(&code.as_str()))
+        .filter(|((_, code), _)| !["ok", "42710", "42704", "40001", "55006"].contains(&code.as_str()))
         .map(|((op, code), n)| format!("{op}:{code} x{n}"))
         .collect();
     eprintln!("stress: {ops} operations, {ok} succeeded, by (op, outcome): {codes:?}");
@@ -65,10 +66,22 @@ fn eight_clients_for_60s_under_a_fast_worker_lose_nothing() {
             && c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 's\\_%'") == 0)
             .then_some(())
     });
-    // every lease taken ended exactly once: by release, by the guard, never twice
+    // every lease taken ended exactly once: by release, by the guard, never twice. A lease
+    // whose call had not committed when it expired (a 300 ms lease on a busy machine) is
+    // dropped by the guard and its call fails: that drop, saying so, is its only event.
     let leased = c.count("SELECT count(*) FROM pgslotguard.event_log WHERE action = 'lease'");
-    let ended = c.count("SELECT count(*) FROM pgslotguard.event_log WHERE action IN ('release', 'expire_drop')");
-    assert_eq!(leased, ended, "leases taken vs ended\n{}", c.describe());
+    let ended = c.count("SELECT count(*) FROM pgslotguard.event_log WHERE action IN ('release', 'expire_drop') AND reason NOT LIKE '%had not committed%'");
+    let odd = c.text(
+        "SELECT coalesce(string_agg(format('%s #%s: %s', slot_name, lease_id, acts), E'\\n'), '') FROM (
+           SELECT slot_name, lease_id, string_agg(action || '@' || to_char(at, 'HH24:MI:SS.US') || ' ' || reason, ' | ' ORDER BY id) AS acts,
+                  count(*) FILTER (WHERE action = 'lease') AS l,
+                  count(*) FILTER (WHERE action IN ('release', 'expire_drop')) AS e,
+                  count(*) FILTER (WHERE action = 'expire_drop' AND reason LIKE '%had not committed%') AS u
+             FROM pgslotguard.event_log WHERE action IN ('lease', 'release', 'expire_drop', 'rollback_drop')
+            GROUP BY slot_name, lease_id) x
+          WHERE NOT ((l = 1 AND e = 1 AND u = 0) OR (l = 0 AND e = 1 AND u = 1) OR (l = 0 AND e = 0))",
+    );
+    assert!(odd.is_empty() && leased == ended, "leases taken {leased} vs ended {ended}; by lease:\n{odd}\n{}", c.describe());
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log WHERE action = 'error'"), 0, "{}", c.describe());
     let log = c.log();
     for bad in ["PANIC", "FATAL", "could not act on", "enforcement pass failed", "server process"] {
@@ -176,4 +189,18 @@ fn a_guard_killed_mid_pass_loses_no_record_of_a_drop() {
     let drops = c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop' AND slot_name LIKE 'k\\_%'");
     assert_eq!(outside, 0, "drops the killed guard made lost their record\n{}", c.describe());
     assert_eq!(drops, n, "{}", c.describe());
+}
+
+/// `free_port` hands out a port nothing listens on, and another process (another test's
+/// client connection, given its local port from the same range) can take it before the
+/// server binds it: the cluster then starts on another port, instead of the test failing.
+#[test]
+fn a_cluster_whose_port_was_taken_meanwhile_starts_on_another() {
+    let c = Cluster::init("porttaken", &[]);
+    let taken = c.port();
+    let _meanwhile = std::net::TcpListener::bind(("127.0.0.1", taken)).expect("the port free_port chose is free");
+    c.pg_ctl_start();
+    assert_ne!(c.port(), taken);
+    assert_eq!(c.text("SELECT current_setting('port')"), c.port().to_string());
+    assert!(c.log().contains("Address already in use"), "{}", c.log_tail(10));
 }

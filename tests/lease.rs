@@ -71,18 +71,26 @@ fn lease_failing_half_way_leaves_nothing() {
     // the insert of the lease fails after the slot was made: the slot must go too
     c.exec("SELECT backup_slot_release('b')");
     c.exec("ALTER TABLE pgslotguard.event_log ADD CONSTRAINT sabotage CHECK (slot_name <> 'late_fail')");
-    let code = c.sqlstate("SELECT * FROM backup_slot_lease('late_fail', '1h')");
+    // The call pauses with its slot made persistent for longer than a naptime, so that the
+    // guard's passes see (and track) the slot before the call fails.
+    let passes = c.count("SELECT passes FROM pgslotguard.status");
+    let code = c.sqlstate("SET pgslotguard.test_pause_at = 'lease_persisted:2500'; SELECT * FROM backup_slot_lease('late_fail', '1h')");
     assert_eq!(code.as_deref(), Some("23514"));
+    assert!(c.count("SELECT passes FROM pgslotguard.status") > passes, "no guard pass ran while the call held its slot");
     assert!(!c.slot_exists("late_fail"), "a lease that failed after creating its slot left it\n{}", c.describe());
     assert!(!c.data.join("pg_slotguard/slots/late_fail").exists(), "a lease that failed left its store file");
 }
 
 #[test]
-fn adopt_refuses_logical_slots_and_takes_active_ones() {
+fn adopt_refuses_temporary_slots_and_takes_active_ones() {
     let c = with_extension("adopt", &[]);
-    c.exec("SELECT pg_create_logical_replication_slot('logical1', 'test_decoding')");
-    assert_eq!(c.sqlstate("SELECT backup_slot_lease('logical1', '1h', adopt => true)").as_deref(), Some("55000"));
+    // A temporary slot ends with its session: no lease is taken on it (a logical slot is
+    // adopted as one: tests/logical.rs).
+    let mut tmp = c.client();
+    tmp.batch_execute("SELECT pg_create_physical_replication_slot('tmp1', true, true)").unwrap();
+    assert_eq!(c.sqlstate("SELECT backup_slot_lease('tmp1', '1h', adopt => true)").as_deref(), Some("55000"));
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.event_log"), 0);
+    drop(tmp);
     // An active slot (Barman's receive-wal streams all the time) may be adopted: the guard
     // never drops an active slot for expiry alone.
     c.exec("SELECT pg_create_physical_replication_slot('busy', true)");
@@ -100,29 +108,50 @@ fn adopt_refuses_logical_slots_and_takes_active_ones() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two sessions lease one name with both calls in flight at once. The barrier is a lock
+/// the test holds: the event table, locked against writes, which a lease call writes its
+/// event to. The first call waits there inside its call (its slot made, its lease not
+/// committed) while the second call runs, and it may also wait; only then the test lets
+/// them go. One wins; the other is refused (already exists or leased, or a serialization
+/// failure), and one lease is left.
 #[test]
 fn two_sessions_racing_for_one_name_one_wins() {
     let c = with_extension("race", &[]);
-    for round in 0..5 {
-        let name = format!("race_{round}");
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                let conn = c.conninfo("postgres");
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let mut cl = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
-                    cl.batch_execute(&format!("SELECT * FROM backup_slot_lease('{name}', '1h')"))
-                        .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let wins = results.iter().filter(|r| r.is_ok()).count();
-        assert_eq!(wins, 1, "round {round}: {results:?}");
-        let loser = results.iter().find_map(|r| r.clone().err()).unwrap();
-        assert_eq!(loser, "42710", "the loser gets 'already leased'");
-        assert_eq!(c.count(&format!("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = '{name}'")), 1);
-    }
+    let mut barrier = c.client();
+    barrier.batch_execute("BEGIN; LOCK TABLE pgslotguard.event_log IN SHARE ROW EXCLUSIVE MODE").unwrap();
+    // A session's backend PID and its call, run in a thread of its own.
+    let call = |name: &'static str| {
+        let mut cl = c.client();
+        let pid: i32 = cl.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let thread = std::thread::spawn(move || {
+            cl.batch_execute("SELECT * FROM backup_slot_lease('race', '1h')")
+                .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_else(|| e.to_string()))
+        });
+        (name, pid, thread)
+    };
+    let in_call = |c: &Cluster, pid: i32, waiting: bool| {
+        c.count(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND state = 'active'
+                AND query LIKE '%backup_slot_lease%' AND ({waiting} IS FALSE OR wait_event_type = 'Lock')"
+        )) == 1
+    };
+    let first = call("first");
+    c.wait_for("the first call to wait at the barrier, inside its call", WAIT, |c| in_call(c, first.1, true).then_some(()));
+    let second = call("second");
+    // The second call is inside its call (running, or waiting too) or done with it.
+    c.wait_for("the second call to be inside its call or done", WAIT, |c| {
+        (in_call(c, second.1, false) || second.2.is_finished()).then_some(())
+    });
+    assert!(in_call(&c, first.1, true), "the first call left the barrier before the test let it go\n{}", c.describe());
+    barrier.batch_execute("COMMIT").unwrap();
+
+    let results: Vec<(&str, Result<(), String>)> = [first, second].into_iter().map(|(name, _, t)| (name, t.join().unwrap())).collect();
+    assert_eq!(results.iter().filter(|(_, r)| r.is_ok()).count(), 1, "{results:?}");
+    let loser = results.iter().find_map(|(_, r)| r.clone().err()).unwrap();
+    assert!(["42710", "40001"].contains(&loser.as_str()), "the loser got {loser}, not 'already exists' or a serialization failure: {results:?}");
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'race'"), 1, "{}", c.describe());
+    assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'race' AND action = 'lease'"), 1);
+    assert!(c.slot_exists("race"));
 }
 
 /// Leases live in shared memory and in the data directory: without the library preloaded
@@ -173,7 +202,7 @@ fn only_a_superuser_may_give_a_lease_limits_above_the_global_ones() {
         &["pgslotguard.max_inactive_time = '1min'", "pgslotguard.max_slot_age = '1h'", "pgslotguard.max_xmin_age = 100000"],
     );
     c.exec("CREATE ROLE backup LOGIN REPLICATION");
-    let mut b = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=backup dbname=postgres", c.port), postgres::NoTls).unwrap();
+    let mut b = c.connect_as("backup");
     let code = |b: &mut postgres::Client, q: &str| b.batch_execute(q).err().and_then(|e| e.code().map(|c| c.code().to_string()));
     assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_inactive => '2 min')").as_deref(), Some("42501"));
     assert_eq!(code(&mut b, "SELECT backup_slot_lease('b1', '1h', max_age => '2 hours')").as_deref(), Some("42501"));

@@ -146,14 +146,15 @@ postgresql:
             bin = BIN,
         );
         std::fs::write(&conf, yml).unwrap();
-        let pg = Cluster { dir, data, port };
+        let pg = Cluster::started_by_others(dir, data, port);
         let mut m = Member { conf, rest, proc: None, pg };
         m.start();
         m
     }
 
-    /// Start Patroni (as postgres); its output goes to patroni.out in the member's dir
-    /// (PostgreSQL's own log, to the file `Cluster::log` reads).
+    /// Start Patroni (as postgres); its stdout and stderr go to patroni.out in the member's
+    /// dir, its log to patroni.log there (`log: dir:`), PostgreSQL's own log to the file
+    /// `Cluster::log` reads.
     fn start(&mut self) {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(self.pg.dir.join("patroni.out")).unwrap();
         let child = pg_cmd("patroni").arg(&self.conf).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
@@ -175,8 +176,24 @@ postgresql:
         p.stop();
     }
 
+    /// Patroni's log. With `log: dir:` in its configuration Patroni 3 writes it to
+    /// {dir}/patroni.log alone (patroni.out gets nothing of it); every HA loop (a second
+    /// here) logs what it did, which tells that this is the file.
     fn patroni_log(&self) -> String {
-        std::fs::read_to_string(self.pg.dir.join("patroni.out")).unwrap_or_default()
+        let path = self.pg.dir.join("patroni.log");
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(log.contains("no action. I am ("), "{} holds no HA loop of Patroni's:\n{log}", path.display());
+        log
+    }
+
+    /// Patroni left `slot` alone through `what`: it logged no drop of it (it drops, and
+    /// logs, a slot it does not manage unless ignore_slots matches it), and the slot is there.
+    fn assert_patroni_kept(&self, slot: &str, what: &str) {
+        let dropped = format!("Dropped unknown replication slot '{slot}'");
+        let log = self.patroni_log();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("replication slot")).collect();
+        assert!(!log.contains(&dropped), "through {what}, Patroni dropped the lease's slot:\n{}", lines.join("\n"));
+        assert!(self.pg.slot_exists(slot), "the lease's slot did not survive {what}\n{}", self.pg.describe());
     }
 
     fn ctl(&self, args: &[&str]) -> String {
@@ -214,11 +231,7 @@ impl Drop for Member {
 }
 
 fn wait(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !probe() {
-        assert!(Instant::now() < deadline, "gave up after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    poll(timeout, Duration::from_millis(200), || probe().then_some(())).unwrap_or_else(|| panic!("gave up after {timeout:?} waiting for {what}"));
 }
 
 /// etcd and two members: m1 bootstraps and leads, m2 streams from it through slot m2.
@@ -259,15 +272,14 @@ fn a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expir
     m1.ctl(&["restart", "pgsg-life", "m1", "--force"]);
     wait("m1 to lead again after its restart", Duration::from_secs(60), || m1.is_leader());
     m1.pg.wait_passes(2);
-    assert!(m1.pg.slot_exists("nightly"), "the lease's slot did not survive a restart\n{}", m1.pg.describe());
+    m1.assert_patroni_kept("nightly", "a restart");
 
     // Pause and resume: at resume Patroni reads the slot list again.
     m1.ctl(&["pause", "pgsg-life", "--wait"]);
     m1.ctl(&["resume", "pgsg-life", "--wait"]);
     m1.pg.wait_passes(3);
-    assert!(m1.pg.slot_exists("nightly"), "the lease's slot did not survive pause/resume\n{}", m1.pg.describe());
+    m1.assert_patroni_kept("nightly", "pause/resume");
     assert_eq!(m1.pg.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'nightly'"), "ok");
-    assert!(!m1.patroni_log().contains("Dropped unknown replication slot 'nightly'"), "{}", m1.patroni_log());
     eprintln!("restart and pause/resume done {:?} into the lease", leased.elapsed());
 
     // The backup is done early: its term is cut to 3 s, and at expiry the guard drops it.

@@ -87,13 +87,18 @@ fn a_lease_on_a_standby_serves_a_base_backup_taken_from_it_and_is_released() {
 fn a_dead_backup_on_a_standby_is_dropped_at_expiry_even_with_the_primary_down() {
     let (p, s) = primary_and_standby("sb-expire", &[], &[]);
     s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
-    // A backup that died: its slot is leased, nothing streams from it.
-    s.exec("SELECT * FROM backup_slot_lease('dies', '2 s')");
-    let expires: f64 = s.sql("SELECT extract(epoch FROM expires_at)::float8 FROM pgslotguard.leases WHERE slot_name = 'dies'")[0].get(0);
+    // A backup that died: its slot is leased, nothing streams from it. It is dropped at
+    // expiry, not before (how soon after is a figure for the bench, B3).
+    let expires = s.text("SELECT expires_at::text FROM backup_slot_lease('dies', '2 s')");
     s.wait_for("the standby's guard to drop the expired slot", WAIT, |s| (!s.slot_exists("dies")).then_some(()));
-    let late = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - expires;
-    assert!(late < 1.0, "dropped {late:.3} s after expiry");
-    assert_eq!(s.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'dies' ORDER BY at DESC, id DESC LIMIT 1"), "expire_drop");
+    let r = s.sql(&format!(
+        "SELECT action, extract(epoch FROM at - '{expires}'::timestamptz)::float8 FROM pgslotguard.events
+          WHERE slot_name = 'dies' ORDER BY at DESC, id DESC LIMIT 1"
+    ));
+    let (action, after) = (r[0].get::<_, String>(0), r[0].get::<_, f64>(1));
+    eprintln!("dropped on the standby {after:.3} s after its expiry");
+    assert_eq!(action, "expire_drop");
+    assert!(after >= 0.0, "dropped {:.3} s before its expiry", -after);
 
     // The primary goes away: the standby leases, renews, releases and guards on its own.
     p.stop("fast");
@@ -227,9 +232,8 @@ fn on_a_standby_a_drop_frees_its_wal_at_the_primarys_next_checkpoint() {
     s.wait_for("the standby's pg_wal to shrink after the primary's checkpoint", WAIT, |s| {
         (s.pg_wal_bytes() < before / 2).then_some(())
     });
-    let took = t0.elapsed();
-    eprintln!("standby pg_wal {before} → {} bytes {took:?} after the primary's CHECKPOINT", s.pg_wal_bytes());
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // (WAIT, the poll's deadline, is far below the standby's checkpoint_timeout of an hour)
+    eprintln!("standby pg_wal {before} → {} bytes {:?} after the primary's CHECKPOINT", s.pg_wal_bytes(), t0.elapsed());
     s.wait_for("the checkpoint event of the restartpoint", WAIT, |s| {
         (s.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'") == 1).then_some(())
     });

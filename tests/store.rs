@@ -10,15 +10,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn postmaster_pid(c: &Cluster) -> u32 {
-    let pid = std::fs::read_to_string(c.data.join("postmaster.pid")).unwrap();
-    pid.lines().next().unwrap().trim().parse().unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 #[test]
 fn a_lease_survives_an_immediate_stop_and_a_sigkill_of_the_postmaster() {
     let c = with_extension("crash", &[]);
@@ -29,14 +20,7 @@ fn a_lease_survives_an_immediate_stop_and_a_sigkill_of_the_postmaster() {
 
     // SIGKILL the postmaster right after a lease call returned: no shutdown at all.
     c.exec("SELECT * FROM backup_slot_lease('killed', '1h')");
-    let pm = postmaster_pid(&c);
-    let children = descendants(pm);
-    let _ = std::process::Command::new("kill").args(["-KILL", &pm.to_string()]).status();
-    let deadline = std::time::Instant::now() + WAIT;
-    while (alive(pm) || children.iter().any(|&p| alive(p))) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    c.pg_ctl_start();
+    c.kill_postmaster_and_start();
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases WHERE slot_name IN ('kept', 'killed')"), 2, "{}", c.describe());
 
     // ... and the guard enforces them.
@@ -117,11 +101,10 @@ fn an_open_transaction_on_a_lease_never_holds_up_the_guard() {
     let mut other = c.client();
     other.batch_execute("BEGIN; SELECT backup_slot_renew('held', '2h'); SELECT backup_slot_renew('zzafbjmh9', '2h');").unwrap();
 
-    // 'nightly' expires while the other session holds its renewal of 'zzafbjmh9' open.
-    let t0 = std::time::Instant::now();
+    // 'nightly' expires while the other session holds its renewal of 'zzafbjmh9' open: a
+    // guard held up by it would wait for its commit, past the poll's deadline.
     c.exec("SELECT pgslotguard.test_set_lease_times('nightly', NULL, -1)");
     c.wait_for("the guard to drop the expired slot beside an open transaction", WAIT, |c| (!c.slot_exists("nightly")).then_some(()));
-    assert!(t0.elapsed() < Duration::from_secs(5), "the drop took {:?}", t0.elapsed());
 
     // 'held' crosses the hard limit while its renewal is open: dropped all the same.
     c.make_wal(40);

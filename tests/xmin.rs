@@ -5,7 +5,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 
 /// (removed, dead but not yet removable) from the report of `VACUUM (VERBOSE)`:
 /// "tuples: R removed, M remain, D are dead but not yet removable".
@@ -137,14 +136,11 @@ fn a_dry_run_records_would_drop_for_the_xmin_limit_and_drops_nothing() {
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'would_drop'"), 1, "once per crossing\n{}", c.describe());
 }
 
-/// Send `sig` (STOP, CONT) to a process we started, by its PID.
-fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success());
-}
-
 #[test]
 fn an_active_slot_over_the_xmin_limit_is_terminated_only_with_terminate_active() {
-    let c = with_extension("xmin_active", &["pgslotguard.scope = 'all'", "pgslotguard.max_xmin_age = 2000"]);
+    // wal_sender_timeout off: the walsender of a stopped client stays, however long the
+    // machine takes to get through the test.
+    let c = with_extension("xmin_active", &["pgslotguard.scope = 'all'", "pgslotguard.max_xmin_age = 2000", "wal_sender_timeout = 0"]);
     c.exec("SELECT pg_create_logical_replication_slot('busy', 'test_decoding')");
     let mut recv = Proc(
         c.tool("pg_recvlogical")
@@ -155,17 +151,20 @@ fn an_active_slot_over_the_xmin_limit_is_terminated_only_with_terminate_active()
     c.wait_for("pg_recvlogical to stream from the slot", WAIT, |c| {
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'busy' AND active") == 1).then_some(())
     });
-    // A consumer that stops confirming: the walsender stays, the slot's catalog_xmin stops.
-    let pid = recv.0.id();
-    signal(pid, "STOP");
+    // A consumer that stops confirming: pg_recvlogical itself (not the sudo that started
+    // it) stopped, and seen stopped; its walsender stays, the slot's catalog_xmin stops.
+    let pid = recv.program_pid();
+    stop_process(pid);
     let burn = c.burn_xids(2, None);
     let reason = c.wait_for("a warning about the active slot", WAIT, |c| event(c, "busy", "warn"));
     drop(burn);
     assert!(reason.contains("not dropped: terminate_active is off"), "{reason}");
     c.wait_passes(2);
     assert!(c.slot_exists("busy"));
+    assert_eq!(c.text("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'busy'"), "true", "{}", c.describe());
     assert_eq!(c.text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'busy'"), "wait");
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'busy' AND action = 'terminate'"), 0);
+    assert_eq!(process_state(pid), Some('T'), "pg_recvlogical (PID {pid}) is no longer stopped");
 
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
     c.wait_for("the guard to terminate the walsender and drop the slot", WAIT, |c| (!c.slot_exists("busy")).then_some(()));

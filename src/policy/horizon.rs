@@ -137,13 +137,16 @@ mod tests {
             core_inactive_since: None,
             xmin,
             catalog_xmin,
+            logical: None,
         }
     }
     fn lease(name: &str) -> Lease {
         Lease {
             slot_name: name.into(),
             owner: "backup".into(),
+            owner_oid: 10,
             leased_at: NOW - S,
+            born_at: NOW - S,
             expires_at: NOW + 3600 * S,
             max_retained: None,
             max_inactive: None,
@@ -152,6 +155,8 @@ mod tests {
             renewed_at: None,
             limit_by_superuser: false,
             adopted: false,
+            logical: false,
+            while_active: false,
         }
     }
     fn snap(slots: Vec<SlotInfo>, leases: Vec<Lease>) -> Snapshot {

@@ -150,8 +150,8 @@ pub(super) fn slot_deadline(
     lease: Option<&super::Lease>,
     seen: Option<&super::Seen>,
 ) -> Option<i64> {
-    let expiry = lease.map(|l| l.expires_at);
-    let born = lease.map(|l| l.leased_at).or(seen.map(|s| s.first_seen));
+    let expiry = lease.map(|l| super::logical::expiry(l, slot, seen, snap.now));
+    let born = lease.map(|l| l.born_at).or(seen.map(|s| s.first_seen));
     let age = super::age_limit(policy, lease).zip(born).map(|(limit, born)| born + limit + 1);
     let idle = match (super::inactive_limit(policy, lease), seen.and_then(|s| s.inactive_since)) {
         (Some(limit), Some(since)) if !slot.active() => Some(since + limit + 1),
@@ -322,6 +322,7 @@ mod tests {
             sender: None,
             xmin: None,
             catalog_xmin: None,
+            logical: None,
         }
     }
 
@@ -329,7 +330,9 @@ mod tests {
         Lease {
             slot_name: name.into(),
             owner: "backup".into(),
+            owner_oid: 10,
             leased_at: 0,
+            born_at: 0,
             expires_at,
             max_retained: None,
             max_inactive: None,
@@ -338,6 +341,8 @@ mod tests {
             renewed_at: None,
             limit_by_superuser: false,
             adopted: false,
+            logical: false,
+            while_active: false,
         }
     }
 

@@ -49,11 +49,109 @@ pub struct LeaseRec {
     pub adopted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_lsn: Option<u64>,
-    /// The inode of the slot's directory in `pg_replslot` when the lease was taken: a
-    /// slot of the same name in a copied data directory (or a slot dropped and made again
-    /// while the server was down) is not the slot of this lease.
+    /// The inode of the slot's directory in `pg_replslot`, as 0.2.0 kept it: read, never
+    /// written (see `slot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_ino: Option<u64>,
+    /// The slot this lease made or adopted ([`Identity`] of its directory in
+    /// `pg_replslot`): a slot of the same name made since (dropped and made again, or in a
+    /// copied data directory) is not the slot of this lease, and the guard never drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Identity>,
+    /// The role that took the lease, by OID: a role dropped and made again under the same
+    /// name is another role. (`owner` keeps its name for the views and events; absent in a
+    /// record written before 0.3.0, until the guard looks the name up.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_oid: Option<u32>,
+    /// A random number naming this lease (not its slot): the events of its calls carry it,
+    /// so that after a crash the guard finds a release or keep that committed and had not
+    /// yet reached the store. 0 in a record written before 0.3.0.
+    #[serde(default)]
+    pub lease_id: i64,
+    /// Where the slot's age counts from: the lease for a slot it made, the guard's first
+    /// sight of the slot for one it adopted (a lease taken again on the same slot does not
+    /// make it younger). Absent: `leased_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub born_at: Option<i64>,
+    /// The last renewal that was recorded as an event: renewals within a minute of it are
+    /// not (a renewal loop must not flood the event log and its listeners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_logged_at: Option<i64>,
+    /// The guard has said once that the owner role no longer exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owner_gone: bool,
+    /// The lease is on a logical slot (made with `plugin => ...`, or adopted as one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logical: bool,
+    /// `while_active => true`: the lease lasts while a consumer streams, and expires its
+    /// ttl after the consumer went.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub while_active: bool,
+}
+
+impl LeaseRec {
+    /// The slot this lease is about, as recorded (0.2.0's inode alone for older records).
+    pub fn identity(&self) -> Option<Identity> {
+        self.slot.or(self.slot_ino.map(|ino| Identity { ino, btime: 0 }))
+    }
+    /// Where the slot's age counts from.
+    pub fn born(&self) -> i64 {
+        self.born_at.unwrap_or(self.leased_at)
+    }
+}
+
+/// Which directory a slot (or the store) is: its inode and its birth time (statx), so that
+/// a directory made again under the same name, which ext4 may give the same inode, is not
+/// taken for the old one. `btime` 0: the filesystem does not keep birth times, and the
+/// inode alone is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Identity {
+    pub ino: u64,
+    /// Nanoseconds since the Unix epoch, or 0.
+    #[serde(default)]
+    pub btime: i64,
+}
+
+impl Identity {
+    /// The same directory: the same inode, born at the same instant where both know it.
+    pub fn same(&self, other: &Identity) -> bool {
+        self.ino == other.ino && (self.btime == 0 || other.btime == 0 || self.btime == other.btime)
+    }
+}
+
+pub use crate::txid::LocalXact;
+
+/// A change to a lease made by a transaction that has not yet been settled: the store says
+/// what the lease becomes if that transaction commits. Written before the change has any
+/// effect (for a new lease: before its slot is made persistent), so that whoever comes
+/// next (the transaction itself at commit or abort, the guard's next pass, the next
+/// start) can finish or undo it: the transaction's own commit status says which.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PendingRec {
+    /// The (sub)transaction ID of the change, on a primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u32>,
+    /// The transaction of the change, on a hot standby (no transaction ID there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalXact>,
+    /// The lease as the change leaves it; `None`: the change ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseRec>,
+    /// The change ends the lease and drops its slot (a release).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_slot: bool,
+    /// This transaction made the slot: if it does not commit, the slot is dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub made_slot: bool,
+}
+
+impl crate::txid::Maker for PendingRec {
+    fn xid(&self) -> Option<u32> {
+        self.xid
+    }
+    fn local(&self) -> Option<&LocalXact> {
+        self.local.as_ref()
+    }
 }
 
 /// A drop the guard has decided and made durable before doing it.
@@ -69,6 +167,9 @@ pub struct IntentRec {
     /// runs, the worker leaves the intent alone; if it aborted, the worker records the drop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xid: Option<u32>,
+    /// The slot to drop: a slot of the name that is not this one is never dropped for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Identity>,
 }
 
 /// What the guard has tracked of a slot.
@@ -82,6 +183,9 @@ pub struct SeenRec {
     pub stalled: Option<(u64, i64)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropping: Option<IntentRec>,
+    /// The slot the tracking is of: a slot of the name made since is tracked afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Identity>,
 }
 
 /// The guard's last drop of a slot of this name, remembered for an hour after it
@@ -113,6 +217,14 @@ pub struct SlotRecord {
     /// A recent guard drop of this name (absent in files written before 0.2.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<DroppedRec>,
+    /// A change to the lease not yet settled ([`PendingRec`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingRec>,
+    /// The store this record was written in (the [`Identity`] of `pg_slotguard/`): a
+    /// record found in another one was copied with the data directory (pg_basebackup, a
+    /// file copy), and its changes in flight and drop intents are not this server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Identity>,
 }
 
 impl SlotRecord {
@@ -121,7 +233,7 @@ impl SlotRecord {
     }
     /// Nothing left to keep: the file goes.
     pub fn is_empty(&self) -> bool {
-        self.lease.is_none() && self.seen.is_none() && self.warned.is_empty() && self.dropped.is_none()
+        self.lease.is_none() && self.seen.is_none() && self.warned.is_empty() && self.dropped.is_none() && self.pending.is_none()
     }
 }
 
@@ -249,16 +361,39 @@ mod tests {
                 limit_by_superuser: true,
                 adopted: true,
                 reserved_lsn: Some(0x1_0000_0028),
-                slot_ino: Some(1234),
+                slot_ino: None,
+                slot: Some(Identity { ino: 1234, btime: 1_700_000_000_123_456_789 }),
+                owner_oid: Some(16384),
+                lease_id: -42,
+                born_at: Some(0),
+                renew_logged_at: Some(2),
+                owner_gone: false,
+                logical: true,
+                while_active: true,
             }),
             seen: Some(SeenRec {
                 first_seen: 7,
                 inactive_since: Some(8),
                 stalled: Some((9, 10)),
-                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into(), at: 11, xid: Some(742) }),
+                dropping: Some(IntentRec {
+                    action: "expire_drop".into(),
+                    reason: "lease expired 1s ago".into(),
+                    at: 11,
+                    xid: Some(742),
+                    slot: Some(Identity { ino: 1234, btime: 0 }),
+                }),
+                slot: Some(Identity { ino: 1234, btime: 5 }),
             }),
             warned: vec!["expiry".into(), "retained".into()],
             dropped: Some(DroppedRec { at: 11, action: "retained_drop".into(), drops: 2, loop_warned_at: Some(12) }),
+            pending: Some(PendingRec {
+                xid: Some(743),
+                local: Some(LocalXact { gen: 1, proc: 3, lxid: 9 }),
+                lease: None,
+                drop_slot: true,
+                made_slot: true,
+            }),
+            node: Some(Identity { ino: 77, btime: 78 }),
         }
     }
 
@@ -331,10 +466,122 @@ mod tests {
         assert_eq!((lease.owner.as_str(), lease.holder, lease.adopted, lease.max_xmin_age), ("o", None, false, None));
     }
 
+    /// Store files as version 1 of the format wrote them, kept in the repository: a server
+    /// updated to a later pgslotguard finds such files in its data directory, so every
+    /// later version must read these as they are (a new format adds files of its own beside
+    /// them, and never replaces these). `v1-lease` and `v1-dropped` were written by a
+    /// server (0.2.x: a lease with every option the call takes, tracked by the guard; a
+    /// name whose slot the guard dropped at expiry); `v1-full` by `encode` of 0.2's fullest
+    /// record; `v1-0.3-full` by `encode(&full())` of 0.3 (the fields 0.3 added, all of them
+    /// optional: version 1 still).
+    const GOLDEN: [(&str, &[u8]); 4] = [
+        ("v1-lease", include_bytes!("golden/v1-lease")),
+        ("v1-dropped", include_bytes!("golden/v1-dropped")),
+        ("v1-full", include_bytes!("golden/v1-full")),
+        ("v1-0.3-full", include_bytes!("golden/v1-0.3-full")),
+    ];
+
     #[test]
-    fn the_checksum_is_crc32c() {
-        // RFC 3720's check value for CRC32C over "123456789".
-        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+    fn store_files_written_by_format_version_1_read_as_written() {
+        for (name, bytes) in GOLDEN {
+            assert_eq!(&bytes[0..4], b"PGSG", "{name}: the magic");
+            assert_eq!(u32_at(bytes, 4), 1, "{name}: the version");
+            assert_eq!(u32_at(bytes, 12) as usize, bytes.len() - HEADER_LEN, "{name}: the length");
+        }
+        let lease = SlotRecord {
+            name: "nightly".into(),
+            lease: Some(LeaseRec {
+                owner: "postgres".into(),
+                holder: Some("host b2 — ticket 42".into()),
+                leased_at: 849_597_457_513_058,
+                renewed_at: None,
+                expires_at: 849_601_057_513_058,
+                max_retained: Some(1 << 30),
+                max_inactive: Some(86_400_000_000),
+                max_age: Some(172_800_000_000),
+                max_xmin_age: Some(1_000_000),
+                limit_by_superuser: true,
+                adopted: false,
+                reserved_lsn: Some(22_092_424),
+                slot_ino: Some(10_087_281),
+                ..Default::default()
+            }),
+            seen: Some(SeenRec { first_seen: 849_597_457_530_092, inactive_since: Some(849_597_457_530_092), ..Default::default() }),
+            ..SlotRecord::new("nightly")
+        };
+        let dropped = SlotRecord {
+            dropped: Some(DroppedRec { at: 849_597_458_525_501, action: "expire_drop".into(), drops: 1, loop_warned_at: None }),
+            ..SlotRecord::new("expired")
+        };
+        let full_02 = SlotRecord {
+            name: "nightly".into(),
+            lease: Some(LeaseRec {
+                owner: "backup".into(),
+                holder: Some("host b2 — ticket 42".into()),
+                leased_at: 1,
+                renewed_at: Some(2),
+                expires_at: 3_600_000_000,
+                max_retained: Some(64 << 20),
+                max_inactive: Some(5),
+                max_age: Some(6),
+                max_xmin_age: Some(1_000_000),
+                limit_by_superuser: true,
+                adopted: true,
+                reserved_lsn: Some(0x1_0000_0028),
+                slot_ino: Some(1234),
+                ..Default::default()
+            }),
+            seen: Some(SeenRec {
+                first_seen: 7,
+                inactive_since: Some(8),
+                stalled: Some((9, 10)),
+                dropping: Some(IntentRec { action: "expire_drop".into(), reason: "lease expired 1s ago".into(), at: 11, xid: Some(742), slot: None }),
+                slot: None,
+            }),
+            warned: vec!["expiry".into(), "retained".into()],
+            dropped: Some(DroppedRec { at: 11, action: "retained_drop".into(), drops: 2, loop_warned_at: Some(12) }),
+            ..SlotRecord::new("nightly")
+        };
+        assert_eq!(decode(GOLDEN[0].1), Ok(lease));
+        assert_eq!(decode(GOLDEN[1].1), Ok(dropped));
+        assert_eq!(decode(GOLDEN[2].1), Ok(full_02));
+        assert_eq!(decode(GOLDEN[3].1), Ok(full()));
+        // What this version writes of each reads back the same; the newest file is written
+        // byte for byte as it is (0.3 writes a 0.2 record with its new fields, lease_id 0).
+        for (name, bytes) in GOLDEN {
+            let rec = decode(bytes).unwrap();
+            assert_eq!(decode(&encode(&rec)), Ok(rec), "{name}: read back otherwise");
+        }
+        assert_eq!(encode(&full()), GOLDEN[3].1, "v1-0.3-full: written otherwise today");
+    }
+
+    /// CRC32C the slow way, bit by bit (Castagnoli's polynomial, reflected; start at !0,
+    /// finish with ^ !0, as PostgreSQL's pg_comp_crc32c): a reference that shares no code
+    /// with the crate `checksum` uses.
+    fn crc32c_bitwise(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn the_checksum_is_crc32c_of_the_version_the_length_and_the_content() {
+        // RFC 3720's check value: the reference is CRC32C.
+        assert_eq!(crc32c_bitwise(b"123456789"), 0xe306_9283);
+        for (name, bytes) in GOLDEN {
+            let content = &bytes[HEADER_LEN..];
+            let covered = [&1u32.to_le_bytes()[..], &(content.len() as u32).to_le_bytes(), content].concat();
+            assert_eq!(checksum(1, content), crc32c_bitwise(&covered), "{name}");
+            assert_eq!(checksum(1, content), u32_at(bytes, 8), "{name}: the checksum stored in it");
+        }
+        // The stored checksums themselves, as the files hold them.
+        let stored: Vec<u32> = GOLDEN.iter().map(|(_, b)| u32_at(b, 8)).collect();
+        assert_eq!(stored, [0xce9f_ca21, 0x8df9_338f, 0x12e8_68b8, 0x8ee7_dd57]);
     }
 
     #[test]

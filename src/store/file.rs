@@ -9,9 +9,38 @@
 //! the store at startup and log what it could not read instead of failing. fsync follows
 //! the server's `fsync` setting, as core's own `pg_fsync` does.
 
-use super::codec::{self, Damage, SlotRecord};
+use super::codec::{self, Damage, Identity, SlotRecord};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// A failed write: `synced` false when the failure was an fsync's. After a failed fsync
+/// the kernel may have dropped the dirty pages and cleared the error, so what is on disk is
+/// unknown: PostgreSQL's rule (data_sync_retry = off) is a PANIC, and the caller follows it.
+#[derive(Debug)]
+pub struct WriteError {
+    pub error: std::io::Error,
+    pub in_fsync: bool,
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(error: std::io::Error) -> Self {
+        WriteError { error, in_fsync: false }
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.in_fsync {
+            write!(f, "could not fsync: {}", self.error)
+        } else {
+            self.error.fmt(f)
+        }
+    }
+}
+
+fn fsync_err(error: std::io::Error) -> WriteError {
+    WriteError { error, in_fsync: true }
+}
 
 /// The store's directory, relative to the data directory.
 pub const DIR: &str = "pg_slotguard";
@@ -64,8 +93,24 @@ pub fn ensure_dirs() -> std::io::Result<()> {
     Ok(())
 }
 
+/// How far a record's write must reach before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Temp file, fsync, rename, fsync of the directory: the new record survives any crash.
+    Durable,
+    /// Temp file, fsync, rename: after a crash of the operating system the file holds the
+    /// new record or the old one, whole, never a mix or nothing (what the old one says must
+    /// mean the same: a change already settled from the commit log).
+    Whole,
+}
+
 /// Write `rec` durably as its file (temp file, fsync, rename, fsync of the directory).
-pub fn write(rec: &SlotRecord) -> std::io::Result<()> {
+pub fn write(rec: &SlotRecord) -> Result<(), WriteError> {
+    write_as(rec, Durability::Durable)
+}
+
+/// Write `rec` as its file, as far as `how` says.
+pub fn write_as(rec: &SlotRecord, how: Durability) -> Result<(), WriteError> {
     ensure_dirs()?;
     let path = record_path(&rec.name);
     let tmp = path.with_extension("tmp");
@@ -73,10 +118,13 @@ pub fn write(rec: &SlotRecord) -> std::io::Result<()> {
     let result = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&codec::encode(rec))?;
-        sync_file(&f)?;
+        sync_file(&f).map_err(fsync_err)?;
         drop(f);
         std::fs::rename(&tmp, &path)?;
-        sync_dir(parent(&path))
+        if how == Durability::Durable {
+            sync_dir(parent(&path)).map_err(fsync_err)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -85,19 +133,19 @@ pub fn write(rec: &SlotRecord) -> std::io::Result<()> {
 }
 
 /// Remove the file of `name` durably (nothing left to keep of that slot).
-pub fn remove(name: &str) -> std::io::Result<()> {
+pub fn remove(name: &str) -> Result<(), WriteError> {
     remove_as(name, true)
 }
 
 /// Remove the file of `name`; `durable`: fsync the directory, so that the removal
 /// survives a crash of the operating system too.
-pub fn remove_as(name: &str, durable: bool) -> std::io::Result<()> {
+pub fn remove_as(name: &str, durable: bool) -> Result<(), WriteError> {
     let path = record_path(name);
     match std::fs::remove_file(&path) {
-        Ok(()) if durable => sync_dir(parent(&path)),
+        Ok(()) if durable => sync_dir(parent(&path)).map_err(fsync_err),
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -172,8 +220,27 @@ fn set_aside(path: &Path, why: Damage, out: &mut Loaded) {
     }
 }
 
-/// The inode of a slot's directory in `pg_replslot`, if the slot is there on disk.
-pub fn slot_dir_ino(name: &str) -> Option<u64> {
+/// A directory's [`Identity`]: its inode and birth time (statx), if it is there.
+pub fn dir_identity(path: &Path) -> Option<Identity> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(Path::new("pg_replslot").join(name)).ok().filter(|m| m.is_dir()).map(|m| m.ino())
+    let m = std::fs::metadata(path).ok().filter(|m| m.is_dir())?;
+    let btime = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos().min(i64::MAX as u128) as i64);
+    Some(Identity { ino: m.ino(), btime })
+}
+
+/// The identity of a slot's directory in `pg_replslot`, if the slot is there on disk
+/// (every slot but a temporary one has its directory from the moment it is made).
+pub fn slot_identity(name: &str) -> Option<Identity> {
+    dir_identity(&Path::new("pg_replslot").join(name))
+}
+
+/// The identity of the store's own directory (made if missing): a copy of the data
+/// directory has another.
+pub fn node_identity() -> Option<Identity> {
+    ensure_dirs().ok()?;
+    dir_identity(Path::new(DIR))
 }

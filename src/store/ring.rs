@@ -39,6 +39,11 @@ pub struct RingEvent {
     pub pg_wal_bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<String>,
+    /// The lease owner's OID: the events view shows a role its own events by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_owner_oid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -61,35 +66,86 @@ impl Ring {
     }
 }
 
-/// The ring as on disk: empty if there is none; a damaged file is set aside (named in
-/// the error) and the ring starts afresh.
-pub fn load() -> Result<Ring, String> {
+/// The ring as on disk: empty if there is none; a damaged file is set aside (durably,
+/// named in the error) and the ring starts afresh, its ids going on above any the damaged
+/// ring can have given ([`fresh_ids_from`]). A temporary file left by a crash is removed.
+/// `Ok((ring, Some(warning)))`: the file was damaged, and the ring is the fresh one.
+pub fn load() -> Result<(Ring, Option<String>), String> {
     let path = Path::new(RING_FILE);
+    let _ = std::fs::remove_file(path.with_extension("tmp"));
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ring::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Ring::default(), None)),
         Err(e) => return Err(format!("could not read \"{RING_FILE}\": {e}")),
     };
-    codec::decode_value::<Ring>(&bytes, MAX_CONTENT).or_else(|why: Damage| {
-        let to = format!("{RING_FILE}.{}", why.suffix());
-        let _ = std::fs::rename(path, &to);
-        Err(format!("\"{RING_FILE}\" is damaged ({why}); moved it to \"{to}\" and started a new ring"))
-    })
+    match codec::decode_value::<Ring>(&bytes, MAX_CONTENT) {
+        Ok(r) => Ok((r, None)),
+        Err(why) => Ok(set_aside(why)),
+    }
+}
+
+/// The ring's events, for a reader that holds no lock: a damaged file is reported, and
+/// left for the next writer ([`load`]) to set aside.
+pub fn peek() -> Result<Vec<RingEvent>, String> {
+    match std::fs::read(RING_FILE) {
+        Ok(bytes) => codec::decode_value::<Ring>(&bytes, MAX_CONTENT)
+            .map(|r| r.events)
+            .map_err(|why| format!("\"{RING_FILE}\" is damaged ({why}); the guard sets it aside when it next records an event")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(format!("could not read \"{RING_FILE}\": {e}")),
+    }
+}
+
+/// A damaged ring goes aside and a fresh one takes its place (under the writers' lock).
+fn set_aside(why: Damage) -> (Ring, Option<String>) {
+    let path = Path::new(RING_FILE);
+    {
+        let mut to = format!("{RING_FILE}.{}", why.suffix());
+        let mut n = 1;
+        while Path::new(&to).exists() {
+            to = format!("{RING_FILE}.{}.{n}", why.suffix());
+            n += 1;
+        }
+        let moved = std::fs::rename(path, &to).and_then(|_| file::sync_dir(Path::new(file::DIR)));
+        let next_id = fresh_ids_from(now_ms());
+        let r = Ring { next_id, events: vec![] };
+        // Saved at once, so that the ids given from here on never fall back.
+        let saved = save(&r);
+        let how = match (moved, saved) {
+            (Ok(()), Ok(())) => format!("moved it to \"{to}\" and started a new ring, its event ids from {}", next_id + 1),
+            (Err(e), _) => format!("could not move it aside ({e}); started a new ring, its event ids from {}", next_id + 1),
+            (_, Err(e)) => format!("moved it to \"{to}\"; could not write the new ring ({e})"),
+        };
+        (r, Some(format!("\"{RING_FILE}\" is damaged ({why}); {how}")))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Where a ring started after damage numbers its events from: the clock in milliseconds,
+/// which is above every id a ring can have given before (a ring numbers on from 1 by one
+/// per event, or from an earlier such start, and no server records an event per
+/// millisecond for long).
+pub fn fresh_ids_from(now_ms: i64) -> i64 {
+    now_ms.max(1)
 }
 
 /// Write the ring durably. The caller holds the store's writers' lock.
-pub fn save(ring: &Ring) -> std::io::Result<()> {
+pub fn save(ring: &Ring) -> Result<(), file::WriteError> {
     file::ensure_dirs()?;
     let path = Path::new(RING_FILE);
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let r = (|| {
+    let r = (|| -> Result<(), file::WriteError> {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&codec::encode_value(ring))?;
-        file::sync_file(&f)?;
+        file::sync_file(&f).map_err(|error| file::WriteError { error, in_fsync: true })?;
         drop(f);
         std::fs::rename(&tmp, path)?;
-        file::sync_dir(Path::new(file::DIR))
+        file::sync_dir(Path::new(file::DIR)).map_err(|error| file::WriteError { error, in_fsync: true })
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -112,5 +168,16 @@ mod tests {
         assert_eq!(r.events.last().unwrap().id, (RING_MAX + 5) as i64);
         let back: Ring = codec::decode_value(&codec::encode_value(&r), MAX_CONTENT).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_ring_started_after_damage_numbers_above_any_earlier_one() {
+        // 2026 in milliseconds is about 1.8e12; a ring numbering by one per event from 1
+        // would need that many events.
+        let from = fresh_ids_from(1_796_000_000_000);
+        let mut r = Ring { next_id: from, events: vec![] };
+        let id = r.push(RingEvent::default());
+        assert!(id > 1_000_000_000_000 && id == from + 1);
+        assert_eq!(fresh_ids_from(0), 1);
     }
 }

@@ -13,14 +13,14 @@
 //!   never wait on an fsync, and nothing holds it across a statement of a user's
 //!   transaction (lease calls apply their changes at commit, src/xact.rs).
 
-use super::codec::{DroppedRec, IntentRec, LeaseRec, SeenRec, SlotRecord};
+use super::codec::{DroppedRec, Identity, IntentRec, LeaseRec, LocalXact, PendingRec, SeenRec, SlotRecord};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 const NAME_LEN: usize = 64;
 const HOLDER_LEN: usize = crate::validate::MAX_HOLDER_BYTES;
 const WORD_LEN: usize = 32;
-const REASON_LEN: usize = 1024;
+pub const REASON_LEN: usize = 1024;
 /// "Absent" for the optional integers of an entry.
 const NONE: i64 = i64::MIN;
 
@@ -63,6 +63,114 @@ impl<const N: usize> Text<N> {
     }
 }
 
+/// A lease's fields (the committed one, or the one a pending change leaves): plain old data.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LeaseBlock {
+    has_holder: bool,
+    limit_by_superuser: bool,
+    adopted: bool,
+    owner_gone: bool,
+    logical: bool,
+    while_active: bool,
+    owner_oid: u32,
+    owner: Text<NAME_LEN>,
+    holder: Text<HOLDER_LEN>,
+    lease_id: i64,
+    leased_at: i64,
+    renewed_at: i64,
+    expires_at: i64,
+    born_at: i64,
+    renew_logged_at: i64,
+    max_retained: i64,
+    max_inactive: i64,
+    max_age: i64,
+    max_xmin_age: i64,
+    reserved_lsn: i64,
+    slot_ino: i64,
+    slot_btime: i64,
+}
+
+impl LeaseBlock {
+    fn get(&self) -> LeaseRec {
+        LeaseRec {
+            owner: self.owner.as_str().to_string(),
+            holder: self.has_holder.then(|| self.holder.as_str().to_string()),
+            leased_at: self.leased_at,
+            renewed_at: opt(self.renewed_at),
+            expires_at: self.expires_at,
+            max_retained: opt(self.max_retained),
+            max_inactive: opt(self.max_inactive),
+            max_age: opt(self.max_age),
+            max_xmin_age: opt(self.max_xmin_age),
+            limit_by_superuser: self.limit_by_superuser,
+            adopted: self.adopted,
+            reserved_lsn: opt(self.reserved_lsn).map(|v| v as u64),
+            slot_ino: None,
+            slot: identity(self.slot_ino, self.slot_btime),
+            owner_oid: (self.owner_oid != 0).then_some(self.owner_oid),
+            lease_id: self.lease_id,
+            born_at: opt(self.born_at),
+            renew_logged_at: opt(self.renew_logged_at),
+            owner_gone: self.owner_gone,
+            logical: self.logical,
+            while_active: self.while_active,
+        }
+    }
+
+    fn set(&mut self, l: &LeaseRec) {
+        self.owner.set(&l.owner);
+        self.has_holder = l.holder.is_some();
+        self.holder.set(l.holder.as_deref().unwrap_or(""));
+        self.leased_at = l.leased_at;
+        self.renewed_at = or_none(l.renewed_at);
+        self.expires_at = l.expires_at;
+        self.max_retained = or_none(l.max_retained);
+        self.max_inactive = or_none(l.max_inactive);
+        self.max_age = or_none(l.max_age);
+        self.max_xmin_age = or_none(l.max_xmin_age);
+        self.limit_by_superuser = l.limit_by_superuser;
+        self.adopted = l.adopted;
+        self.reserved_lsn = or_none(l.reserved_lsn.map(|v| v as i64));
+        (self.slot_ino, self.slot_btime) = id_fields(l.identity());
+        self.owner_oid = l.owner_oid.unwrap_or(0);
+        self.lease_id = l.lease_id;
+        self.born_at = or_none(l.born_at);
+        self.renew_logged_at = or_none(l.renew_logged_at);
+        self.owner_gone = l.owner_gone;
+        self.logical = l.logical;
+        self.while_active = l.while_active;
+    }
+
+    fn policy(&self, name: &str) -> crate::policy::Lease {
+        crate::policy::Lease {
+            slot_name: name.into(),
+            owner: self.owner.as_str().into(),
+            owner_oid: self.owner_oid,
+            leased_at: self.leased_at,
+            born_at: opt(self.born_at).unwrap_or(self.leased_at),
+            renewed_at: opt(self.renewed_at),
+            expires_at: self.expires_at,
+            max_retained: opt(self.max_retained),
+            max_inactive: opt(self.max_inactive),
+            max_age: opt(self.max_age),
+            max_xmin_age: opt(self.max_xmin_age),
+            limit_by_superuser: self.limit_by_superuser,
+            adopted: self.adopted,
+            logical: self.logical,
+            while_active: self.while_active,
+        }
+    }
+}
+
+fn identity(ino: i64, btime: i64) -> Option<Identity> {
+    (ino != NONE).then_some(Identity { ino: ino as u64, btime })
+}
+
+fn id_fields(id: Option<Identity>) -> (i64, i64) {
+    id.map_or((NONE, 0), |i| (i.ino as i64, i.btime))
+}
+
 /// One slot name's record in shared memory: plain old data.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -70,33 +178,50 @@ pub struct Entry {
     in_use: bool,
     has_lease: bool,
     has_seen: bool,
-    has_holder: bool,
     has_intent: bool,
-    limit_by_superuser: bool,
-    adopted: bool,
+    has_dropped: bool,
+    has_pending: bool,
+    pending_has_lease: bool,
+    pending_drop_slot: bool,
+    pending_made_slot: bool,
+    /// The pending change's transaction has passed its pre-commit check: it commits (or
+    /// fails) within moments, and the guard waits for it rather than act on the old lease.
+    pending_precommitted: bool,
+    /// The backend that made the pending change could not finish it at its commit or abort
+    /// (its slot was active): the guard's next pass does.
+    pending_abandoned: bool,
+    /// The record's file may still hold a pending change that shared memory has settled
+    /// (settled records are written again by the guard's next pass).
+    file_dirty: bool,
+    /// The pending change was put in shared memory only (`Put::MemoryOnly`): its
+    /// transaction ID is not durable, so no file may name it (after a crash the ID could be
+    /// another transaction's). Written by another writer, the record's file leaves it out.
+    pending_volatile: bool,
+    /// Loaded at start: a release or keep of this lease may have committed (its event is
+    /// in the table) without reaching the store; the guard's first pass on a primary looks.
+    unreconciled: bool,
     name: Text<NAME_LEN>,
-    owner: Text<NAME_LEN>,
-    holder: Text<HOLDER_LEN>,
-    leased_at: i64,
-    renewed_at: i64,
-    expires_at: i64,
-    max_retained: i64,
-    max_inactive: i64,
-    max_age: i64,
-    max_xmin_age: i64,
-    reserved_lsn: i64,
-    slot_ino: i64,
+    lease: LeaseBlock,
+    pending: LeaseBlock,
+    pending_xid: u32,
+    pending_pid: i32,
+    pending_local_proc: i32,
+    pending_local_lxid: u32,
+    pending_local_gen: i64,
     first_seen: i64,
     inactive_since: i64,
     stalled_lsn: i64,
     stalled_since: i64,
+    seen_ino: i64,
+    seen_btime: i64,
     intent_action: Text<WORD_LEN>,
     intent_at: i64,
     intent_reason: Text<REASON_LEN>,
     /// 0: none (`IntentRec::xid`).
     intent_xid: u32,
+    intent_ino: i64,
+    intent_btime: i64,
     warned: u32,
-    has_dropped: bool,
     dropped_at: i64,
     dropped_action: Text<WORD_LEN>,
     dropped_count: u32,
@@ -108,6 +233,15 @@ fn opt(v: i64) -> Option<i64> {
 }
 fn or_none(v: Option<i64>) -> i64 {
     v.unwrap_or(NONE)
+}
+
+/// What shared memory knows of a pending change beyond its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingState {
+    pub precommitted: bool,
+    pub abandoned: bool,
+    /// The backend that made it.
+    pub pid: i32,
 }
 
 impl Entry {
@@ -126,10 +260,20 @@ impl Entry {
     pub fn has_seen(&self) -> bool {
         self.has_seen
     }
+    pub fn has_pending(&self) -> bool {
+        self.has_pending
+    }
+    pub fn file_dirty(&self) -> bool {
+        self.file_dirty
+    }
+    pub fn unreconciled(&self) -> bool {
+        self.unreconciled
+    }
     /// The entry only remembers a recent guard drop (the loop rule): it gives way to a
     /// record that needs the room.
     pub fn only_a_drop(&self) -> Option<i64> {
-        (self.in_use && self.has_dropped && !self.has_lease && !self.has_seen && self.warned == 0).then_some(self.dropped_at)
+        (self.in_use && self.has_dropped && !self.has_lease && !self.has_seen && !self.has_pending && self.warned == 0)
+            .then_some(self.dropped_at)
     }
     pub fn dropping(&self) -> bool {
         self.has_seen && self.has_intent
@@ -137,9 +281,74 @@ impl Entry {
 
     /// The entry's contents as a record.
     pub fn record(&self) -> SlotRecord {
-        let lease = self.has_lease.then(|| self.lease());
+        let lease = self.has_lease.then(|| self.lease.get());
         let seen = self.has_seen.then(|| self.seen());
-        SlotRecord { name: self.name().to_string(), lease, seen, warned: self.warned_words(), dropped: self.dropped() }
+        SlotRecord {
+            name: self.name().to_string(),
+            lease,
+            seen,
+            warned: self.warned_words(),
+            dropped: self.dropped(),
+            pending: self.pending(),
+            node: None,
+        }
+    }
+
+    pub fn pending(&self) -> Option<PendingRec> {
+        self.has_pending.then(|| PendingRec {
+            xid: (self.pending_xid != 0).then_some(self.pending_xid),
+            local: (self.pending_local_gen != 0).then_some(LocalXact {
+                gen: self.pending_local_gen,
+                proc: self.pending_local_proc,
+                lxid: self.pending_local_lxid,
+            }),
+            lease: self.pending_has_lease.then(|| self.pending.get()),
+            drop_slot: self.pending_drop_slot,
+            made_slot: self.pending_made_slot,
+        })
+    }
+
+    pub fn pending_state(&self) -> PendingState {
+        PendingState { precommitted: self.pending_precommitted, abandoned: self.pending_abandoned, pid: self.pending_pid }
+    }
+
+    /// Set what shared memory alone knows of the pending change.
+    pub fn set_pending_state(&mut self, st: PendingState) {
+        self.pending_precommitted = st.precommitted;
+        self.pending_abandoned = st.abandoned;
+        self.pending_pid = st.pid;
+    }
+
+    /// A lease of the role `oid`, committed or new in flight.
+    pub fn owned_by(&self, oid: u32) -> bool {
+        (self.has_lease && self.lease.owner_oid == oid) || (!self.has_lease && self.has_pending && self.pending_has_lease && self.pending.owner_oid == oid)
+    }
+
+    /// The committed lease's owner.
+    pub fn owner(&self) -> super::Owner {
+        super::Owner {
+            name: self.name().to_string(),
+            owner: self.lease.owner.as_str().to_string(),
+            oid: self.lease.owner_oid,
+            gone: self.lease.owner_gone,
+            lease_id: self.lease.lease_id,
+        }
+    }
+
+    pub fn set_file_dirty(&mut self, dirty: bool) {
+        self.file_dirty = dirty;
+    }
+
+    pub fn pending_volatile(&self) -> bool {
+        self.pending_volatile
+    }
+
+    pub fn set_pending_volatile(&mut self, v: bool) {
+        self.pending_volatile = v;
+    }
+
+    pub fn set_unreconciled(&mut self, v: bool) {
+        self.unreconciled = v;
     }
 
     pub fn dropped(&self) -> Option<DroppedRec> {
@@ -163,21 +372,7 @@ impl Entry {
     }
 
     pub fn lease(&self) -> LeaseRec {
-        LeaseRec {
-            owner: self.owner.as_str().to_string(),
-            holder: self.has_holder.then(|| self.holder.as_str().to_string()),
-            leased_at: self.leased_at,
-            renewed_at: opt(self.renewed_at),
-            expires_at: self.expires_at,
-            max_retained: opt(self.max_retained),
-            max_inactive: opt(self.max_inactive),
-            max_age: opt(self.max_age),
-            max_xmin_age: opt(self.max_xmin_age),
-            limit_by_superuser: self.limit_by_superuser,
-            adopted: self.adopted,
-            reserved_lsn: opt(self.reserved_lsn).map(|v| v as u64),
-            slot_ino: opt(self.slot_ino).map(|v| v as u64),
-        }
+        self.lease.get()
     }
 
     pub fn seen(&self) -> SeenRec {
@@ -190,25 +385,21 @@ impl Entry {
                 reason: self.intent_reason.as_str().to_string(),
                 at: self.intent_at,
                 xid: (self.intent_xid != 0).then_some(self.intent_xid),
+                slot: identity(self.intent_ino, self.intent_btime),
             }),
+            slot: identity(self.seen_ino, self.seen_btime),
         }
     }
 
-    /// The policy's view of the lease, without the holder (the pass has no use for it).
+    /// The policy's view of the committed lease, without the holder (the pass has no use
+    /// for it).
     pub fn policy_lease(&self) -> crate::policy::Lease {
-        crate::policy::Lease {
-            slot_name: self.name().into(),
-            owner: self.owner.as_str().into(),
-            leased_at: self.leased_at,
-            renewed_at: opt(self.renewed_at),
-            expires_at: self.expires_at,
-            max_retained: opt(self.max_retained),
-            max_inactive: opt(self.max_inactive),
-            max_age: opt(self.max_age),
-            max_xmin_age: opt(self.max_xmin_age),
-            limit_by_superuser: self.limit_by_superuser,
-            adopted: self.adopted,
-        }
+        self.lease.policy(self.name())
+    }
+
+    /// The policy's view of the lease a pending change leaves, if it leaves one.
+    pub fn policy_pending_lease(&self) -> Option<crate::policy::Lease> {
+        (self.has_pending && self.pending_has_lease).then(|| self.pending.policy(self.name()))
     }
 
     pub fn policy_seen(&self) -> crate::policy::Seen {
@@ -230,26 +421,29 @@ impl Entry {
         LIMIT_WORDS.iter().enumerate().filter(|(i, _)| self.warned & (1 << i) != 0).map(|(_, w)| w.to_string()).collect()
     }
 
-    /// Fill the entry from a record (the entry becomes in use).
+    /// Fill the entry from a record (the entry becomes in use). What shared memory alone
+    /// knows of a pending change is kept while the record still holds the same change.
     pub fn set(&mut self, rec: &SlotRecord) {
+        let same_pending = self.in_use && self.name.eq(&rec.name) && self.pending() == rec.pending;
         self.in_use = true;
         self.name.set(&rec.name);
         self.has_lease = rec.lease.is_some();
         if let Some(l) = &rec.lease {
-            self.owner.set(&l.owner);
-            self.has_holder = l.holder.is_some();
-            self.holder.set(l.holder.as_deref().unwrap_or(""));
-            self.leased_at = l.leased_at;
-            self.renewed_at = or_none(l.renewed_at);
-            self.expires_at = l.expires_at;
-            self.max_retained = or_none(l.max_retained);
-            self.max_inactive = or_none(l.max_inactive);
-            self.max_age = or_none(l.max_age);
-            self.max_xmin_age = or_none(l.max_xmin_age);
-            self.limit_by_superuser = l.limit_by_superuser;
-            self.adopted = l.adopted;
-            self.reserved_lsn = or_none(l.reserved_lsn.map(|v| v as i64));
-            self.slot_ino = or_none(l.slot_ino.map(|v| v as i64));
+            self.lease.set(l);
+        }
+        self.has_pending = rec.pending.is_some();
+        let p = rec.pending.clone().unwrap_or_default();
+        self.pending_xid = p.xid.unwrap_or(0);
+        let l = p.local.unwrap_or_default();
+        (self.pending_local_gen, self.pending_local_proc, self.pending_local_lxid) = (l.gen, l.proc, l.lxid);
+        self.pending_has_lease = p.lease.is_some();
+        if let Some(l) = &p.lease {
+            self.pending.set(l);
+        }
+        self.pending_drop_slot = p.drop_slot;
+        self.pending_made_slot = p.made_slot;
+        if !same_pending {
+            self.set_pending_state(PendingState::default());
         }
         self.has_seen = rec.seen.is_some();
         let seen = rec.seen.clone().unwrap_or_default();
@@ -257,6 +451,7 @@ impl Entry {
         self.inactive_since = or_none(seen.inactive_since);
         self.stalled_lsn = or_none(seen.stalled.map(|(l, _)| l as i64));
         self.stalled_since = or_none(seen.stalled.map(|(_, s)| s));
+        (self.seen_ino, self.seen_btime) = id_fields(seen.slot);
         self.has_intent = seen.dropping.is_some();
         if let Some(i) = &seen.dropping {
             self.intent_action.set(&i.action);
@@ -264,6 +459,7 @@ impl Entry {
             self.intent_reason.set(&i.reason);
         }
         self.intent_xid = seen.dropping.as_ref().and_then(|i| i.xid).unwrap_or(0);
+        (self.intent_ino, self.intent_btime) = id_fields(seen.dropping.as_ref().and_then(|i| i.slot));
         self.warned = words_to_bits(&rec.warned);
         self.has_dropped = rec.dropped.is_some();
         let d = rec.dropped.clone().unwrap_or_default();
@@ -282,6 +478,18 @@ pub fn words_to_bits(words: &[String]) -> u32 {
 #[repr(C)]
 pub struct Header {
     pub capacity: u32,
+    /// This life of the store's shared memory (made anew at every start and crash restart):
+    /// what a hot standby's pending changes are tied to (`txid::local_fate`).
+    pub gen: i64,
+    /// The store directory's identity, read at load: what each record is written with.
+    pub node_ino: u64,
+    pub node_btime: i64,
+    /// Records that could not be loaded and that say more than a drop remembered (a
+    /// lease, a change in flight, a drop intent): the store cannot be trusted, and the guard
+    /// does not act until it is loaded whole.
+    pub not_loaded: u32,
+    /// The process running an enforcement pass, 0 for none: one pass at a time per node.
+    pub pass_owner: std::sync::atomic::AtomicI32,
     /// Warnings about the node as a whole (the floor), as limit bits.
     pub node_warned: u32,
     /// One past the last entry in use: entries from here on are all unused, so readers
@@ -369,6 +577,8 @@ unsafe extern "C-unwind" fn startup() {
         if !found {
             std::ptr::write_bytes(header as *mut u8, 0, size_for(capacity));
             (*header).capacity = capacity as u32;
+            // A new life of the store: never 0 (0 marks "no local transaction").
+            (*header).gen = pg_sys::GetCurrentTimestamp().max(1);
         }
         HEADER.store(header, Ordering::Release);
         LOCKS.store(locks, Ordering::Release);
@@ -430,6 +640,47 @@ impl Shared {
             let n = self.used().iter().rposition(|e| e.in_use()).map_or(0, |i| i + 1);
             (*self.header).used_to = n as u32;
         }
+    }
+    /// This life of the store's shared memory.
+    pub fn gen(&self) -> i64 {
+        // SAFETY: set once by the startup hook before any backend runs.
+        unsafe { (*self.header).gen }
+    }
+    /// The store directory's identity, as read at load.
+    pub fn node(&self) -> Option<Identity> {
+        // SAFETY: set once by the startup hook (load) before any backend runs.
+        let h = unsafe { &*self.header };
+        (h.node_ino != 0).then_some(Identity { ino: h.node_ino, btime: h.node_btime })
+    }
+    /// How many records that matter could not be loaded at start.
+    pub fn not_loaded(&self) -> u32 {
+        // SAFETY: set once by the startup hook before any backend runs.
+        unsafe { (*self.header).not_loaded }
+    }
+    /// Take the pass lock for process `pid`: one enforcement pass at a time per node. A
+    /// holder that is gone (killed: its server restarted and shared memory with it; or
+    /// exited without releasing it) does not count. `Err`: the live holder's PID.
+    pub fn try_take_pass(&self, pid: i32) -> Result<(), i32> {
+        // SAFETY: an atomic in shared memory that lives as long as the server.
+        let owner = unsafe { &(*self.header).pass_owner };
+        loop {
+            match owner.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(holder) if holder == pid => return Ok(()),
+                Err(holder) if !crate::txid::process_alive(holder) => {
+                    if owner.compare_exchange(holder, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(holder) => return Err(holder),
+            }
+        }
+    }
+    /// Release the pass lock if `pid` holds it.
+    pub fn release_pass(&self, pid: i32) {
+        // SAFETY: as above.
+        let owner = unsafe { &(*self.header).pass_owner };
+        let _ = owner.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
     }
     /// # Safety
     /// As for [`Shared::entries`].

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use postgres::{Client, NoTls, Row};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,8 +57,30 @@ fn check(out: Output, what: &str) -> Output {
     out
 }
 
+/// A port nothing listens on now. Something else may take it before the server binds it
+/// (another test's client connection gets its local port from the same range):
+/// `Cluster::pg_ctl_start` then starts the cluster on another.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Settings of every session a test opens (`Cluster::client`, `Cluster::connect_as`): a
+/// call that regresses into waiting for a lock the test holds, or into hanging, fails the
+/// test with SQLSTATE 55P03 or 57014 instead of hanging the suite.
+pub const SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=300s";
+
+/// Poll `probe` every `every` until it returns Some; None once `timeout` has passed.
+pub fn poll<T>(timeout: Duration, every: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// A fresh temp directory that postgres owns.
@@ -75,10 +98,28 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 pub struct Cluster {
     pub dir: PathBuf,
     pub data: PathBuf,
-    pub port: u16,
+    /// Changed only by `pg_ctl_start`, when the port was taken meanwhile.
+    port: Cell<u16>,
 }
 
 impl Cluster {
+    /// A cluster whose data directory `data` exists (made by initdb, pg_basebackup, ...),
+    /// on a free port: `port = N` is added to its postgresql.conf, with `conf` lines.
+    pub fn at(dir: PathBuf, data: PathBuf, conf: &str) -> Cluster {
+        let c = Cluster { dir, data, port: Cell::new(free_port()) };
+        c.append_conf(&format!("port = {}\n{conf}", c.port()));
+        c
+    }
+
+    /// The cluster a program other than pg_ctl starts (Patroni), on `port`.
+    pub fn started_by_others(dir: PathBuf, data: PathBuf, port: u16) -> Cluster {
+        Cluster { dir, data, port: Cell::new(port) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.get()
+    }
+
     /// initdb + our settings + `extra` postgresql.conf lines, then start. The extension
     /// is preloaded with pgslotguard.database = 'postgres' and naptime 1s unless `extra`
     /// says otherwise (later lines win).
@@ -102,11 +143,10 @@ impl Cluster {
             initdb.arg("-X").arg(w);
         }
         check(initdb.output().unwrap(), "initdb");
-        let c = Cluster { dir, data, port: free_port() };
+        let socket_dir = dir.display().to_string();
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
-            format!("port = {}", c.port),
-            format!("unix_socket_directories = '{}'", c.dir.display()),
+            format!("unix_socket_directories = '{socket_dir}'"),
             "shared_preload_libraries = 'pgslotguard'".into(),
             "pgslotguard.database = 'postgres'".into(),
             "pgslotguard.naptime = '1s'".into(),
@@ -120,8 +160,7 @@ impl Cluster {
             "log_line_prefix = '%m [%p] %b '".into(),
         ];
         conf.extend(extra.iter().map(|s| s.to_string()));
-        c.append_conf(&conf.join("\n"));
-        c
+        Cluster::at(dir, data, &conf.join("\n"))
     }
 
     pub fn append_conf(&self, text: &str) {
@@ -137,9 +176,12 @@ impl Cluster {
         self.dir.join(format!("server-{}.log", self.data.file_name().unwrap().to_string_lossy()))
     }
 
+    /// pg_ctl start, and wait for it. When the port was taken between `free_port` and the
+    /// start (the server logs "Address already in use"), start again on another port.
     pub fn pg_ctl_start(&self) {
-        check(
-            pg_cmd(&bin("pg_ctl"))
+        for attempt in 1.. {
+            let logged = self.log().len();
+            let out = pg_cmd(&bin("pg_ctl"))
                 .args(["-w", "-t", "60", "-D"])
                 .arg(&self.data)
                 .arg("-l")
@@ -147,9 +189,21 @@ impl Cluster {
                 .arg("start")
                 .stdout(Stdio::null())
                 .output()
-                .unwrap(),
-            "pg_ctl start",
-        );
+                .unwrap();
+            let log = self.log();
+            let taken = log.get(logged..).is_some_and(|new| new.contains("Address already in use"));
+            if !out.status.success() && taken && attempt < 5 {
+                let port = free_port();
+                eprintln!("port {} was taken before the server bound it; starting on {port}", self.port());
+                self.port.set(port);
+                self.append_conf(&format!("port = {port}"));
+                continue;
+            }
+            if !out.status.success() {
+                panic!("pg_ctl start failed ({}): {}\n{}", out.status, String::from_utf8_lossy(&out.stderr), self.log_tail(20));
+            }
+            return;
+        }
     }
 
     /// pg_ctl stop with `mode` (fast, immediate); quiet if already stopped.
@@ -171,21 +225,31 @@ impl Cluster {
     }
 
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port())
+    }
+
+    /// The conninfo of a test's session as `role`, with `SESSION_OPTIONS`.
+    pub fn session_conninfo(&self, db: &str, role: &str) -> String {
+        format!("host=127.0.0.1 port={} user={role} dbname={db} options='{SESSION_OPTIONS}'", self.port())
     }
 
     pub fn client_db(&self, db: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match Client::connect(&self.conninfo(db), NoTls) {
+            match Client::connect(&self.session_conninfo(db, "postgres"), NoTls) {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => panic!("cannot connect to cluster on port {}: {e}\n{}", self.port, self.log_tail(30)),
+                Err(e) => panic!("cannot connect to cluster on port {}: {e}\n{}", self.port(), self.log_tail(30)),
             }
         }
+    }
+
+    /// A session as `role` in database postgres (a role made by the test).
+    pub fn connect_as(&self, role: &str) -> Client {
+        Client::connect(&self.session_conninfo("postgres", role), NoTls).unwrap_or_else(|e| panic!("connect as {role}: {e}"))
     }
 
     pub fn client(&self) -> Client {
@@ -239,7 +303,17 @@ impl Cluster {
             .ok()
             .and_then(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
             .unwrap_or_default();
-        format!("slots: [{slots}]\nevents:\n  {events}\nserver log tail:\n{}", self.log_tail(25))
+        let leases = self
+            .try_sql("SELECT string_agg(format('%s(%s until %s)', slot_name, state, expires_at), ', ') FROM pgslotguard.leases")
+            .ok()
+            .and_then(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
+            .unwrap_or_default();
+        let tracking = self
+            .try_sql("SELECT string_agg(format('%s(drop %s)', slot_name, drop_action), ', ') FROM pgslotguard.tracking WHERE drop_action IS NOT NULL")
+            .ok()
+            .and_then(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
+            .unwrap_or_default();
+        format!("slots: [{slots}]\nleases: [{leases}]\ndrop intents: [{tracking}]\nevents:\n  {events}\nserver log tail:\n{}", self.log_tail(25))
     }
 
     pub fn log(&self) -> String {
@@ -255,16 +329,8 @@ impl Cluster {
     /// Poll `probe` every 100 ms until it returns Some, or panic after `timeout` saying
     /// what we waited for and what we saw.
     pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut probe: impl FnMut(&Cluster) -> Option<T>) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = probe(self) {
-                return v;
-            }
-            if Instant::now() > deadline {
-                panic!("gave up after {timeout:?} waiting for {what}\n{}", self.describe());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(timeout, Duration::from_millis(100), || probe(self))
+            .unwrap_or_else(|| panic!("gave up after {timeout:?} waiting for {what}\n{}", self.describe()))
     }
 
     pub fn worker_pid(&self) -> Option<i32> {
@@ -329,7 +395,7 @@ impl Cluster {
     }
 
     pub fn port_s(&self) -> String {
-        self.port.to_string()
+        self.port().to_string()
     }
 
     /// `pgbench -i -s scale`, quietly.
@@ -372,13 +438,8 @@ impl Cluster {
         }
         let out = cmd.output().unwrap();
         check(out, "pg_basebackup");
-        let c = Cluster { dir, data, port: free_port() };
-        c.append_conf(&format!(
-            "port = {}\nunix_socket_directories = '{}'\nhot_standby = on",
-            c.port,
-            c.dir.display()
-        ));
-        c
+        let socket_dir = dir.display().to_string();
+        Cluster::at(dir, data, &format!("unix_socket_directories = '{socket_dir}'\nhot_standby = on"))
     }
 
     /// Start a trickle of writes: `per_sec` transactions a second, each inserting one small
@@ -413,15 +474,25 @@ impl Cluster {
             "pg_basebackup",
             &["-h", "127.0.0.1", "-p", &self.port_s(), "-U", "postgres", "-R", "-S", slot, "-X", "stream", "-c", "fast", "-D", &target],
         );
-        let c = Cluster { dir, data, port: free_port() };
+        // A primary_conninfo of the caller's (slot sync needs a dbname in it) replaces the
+        // one pg_basebackup -R wrote to postgresql.auto.conf, which would otherwise win.
+        if extra.iter().any(|e| e.trim_start().starts_with("primary_conninfo")) {
+            let auto = data.join("postgresql.auto.conf");
+            let kept: String = std::fs::read_to_string(&auto)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&auto, kept).unwrap();
+        }
         let mut conf = vec![
-            format!("port = {}", c.port),
-            format!("unix_socket_directories = '{}'", c.dir.display()),
+            format!("unix_socket_directories = '{}'", dir.display()),
             "hot_standby_feedback = on".into(),
             "wal_receiver_status_interval = '1s'".into(),
         ];
         conf.extend(extra.iter().map(|s| s.to_string()));
-        c.append_conf(&conf.join("\n"));
+        let c = Cluster::at(dir, data, &conf.join("\n"));
         c.pg_ctl_start();
         c
     }
@@ -598,8 +669,186 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// The PID of the program itself. Run through sudo (`pg_cmd`, as root) the child we
+    /// hold is sudo, which without a terminal relays no SIGSTOP: a signal meant for the
+    /// program goes to this PID.
+    pub fn program_pid(&self) -> u32 {
+        let pid = self.0.id();
+        if running_as_postgres() {
+            return pid;
+        }
+        let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().trim().to_string();
+        poll(Duration::from_secs(10), Duration::from_millis(20), || descendants(pid).into_iter().find(|&p| comm(p) != "sudo"))
+            .unwrap_or_else(|| panic!("sudo (PID {pid}) started no program"))
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Send SIGKILL to a process by its PID: a server process found by its own report (its
+/// pause log line, pg_stat_activity, postmaster.pid), never by name.
+pub fn kill9(pid: i32) {
+    assert!(pid > 0, "no PID to kill");
+    let st = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill -KILL {pid} failed");
+}
+
+/// Whether a process with this PID exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Cluster {
+    /// The size of the server log now: what a later wait reads from.
+    pub fn log_len(&self) -> usize {
+        self.log().len()
+    }
+
+    /// The PID of the process that logged it paused at `point` (src/testhook.rs) after the
+    /// log had `from` bytes, once it has.
+    pub fn paused_at(&self, point: &str, from: usize) -> i32 {
+        let needle = format!("pgslotguard test: pausing at {point} (pid ");
+        self.wait_for(&format!("a process to pause at {point}"), WAIT, |c| {
+            let log = c.log();
+            let tail = log.get(from..).unwrap_or("");
+            let at = tail.find(&needle)?;
+            let rest = &tail[at + needle.len()..];
+            rest[..rest.find(')')?].parse::<i32>().ok()
+        })
+    }
+
+    /// After a server process was killed, the postmaster ends every other one and starts
+    /// again (crash recovery): wait until it accepts connections and the guard has made a
+    /// pass (`from`: the log's size before the kill).
+    pub fn wait_crash_restart(&self, from: usize) {
+        self.wait_for("the server to restart after the crash", WAIT, |c| {
+            c.log().get(from..).unwrap_or("").contains("database system is ready to accept connections").then_some(())
+        });
+        self.wait_for("a connection after the restart", WAIT, |c| c.try_sql("SELECT 1").ok().map(|_| ()));
+        self.wait_for("the guard after the restart", WAIT, |c| {
+            c.try_sql("SELECT passes FROM pgslotguard.status").ok().and_then(|r| r.first().map(|r| r.get::<_, i64>(0))).filter(|p| *p >= 2)
+        });
+    }
+
+    /// The postmaster's PID (postmaster.pid).
+    pub fn postmaster_pid(&self) -> u32 {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap();
+        pid.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    /// SIGKILL the postmaster (no shutdown at all), wait for its children to go, start again.
+    pub fn kill_postmaster_and_start(&self) {
+        let pm = self.postmaster_pid();
+        let children = descendants(pm);
+        kill9(pm as i32);
+        let deadline = Instant::now() + WAIT;
+        while (alive(pm) || children.iter().any(|&p| alive(p))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.pg_ctl_start();
+    }
+
+    /// Run `sql` (several statements) in a session of its own on a thread; joined, it gives
+    /// the statements' error, if any.
+    pub fn session(&self, sql: &str) -> std::thread::JoinHandle<Result<(), String>> {
+        let (conninfo, sql) = (self.conninfo("postgres"), sql.to_string());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&conninfo, NoTls).map_err(|e| e.to_string())?;
+            c.batch_execute(&sql).map_err(|e| e.as_db_error().map(|d| format!("{}: {}", d.code().code(), d.message())).unwrap_or_else(|| e.to_string()))
+        })
+    }
+
+    /// The actions recorded about `slot`, in order, comma-separated.
+    pub fn actions(&self, slot: &str) -> String {
+        self.text(&format!("SELECT coalesce(string_agg(action, ',' ORDER BY id), '') FROM pgslotguard.events WHERE slot_name = '{slot}'"))
+    }
+
+    /// Is `slot` leased (in pgslotguard.leases)?
+    pub fn leased(&self, slot: &str) -> bool {
+        self.count(&format!("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = '{slot}'")) == 1
+    }
+}
+
+/// Send `sig` (STOP, CONT, ...) to `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A process's state as the kernel shows it (`/proc/PID/stat`): 'R', 'S', 'T' (stopped), ...
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // after the command name, in parentheses that may hold spaces
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// SIGSTOP to `pid`, and wait until the kernel shows it stopped.
+pub fn stop_process(pid: u32) {
+    signal(pid, "STOP");
+    poll(Duration::from_secs(10), Duration::from_millis(10), || (process_state(pid) == Some('T')).then_some(()))
+        .unwrap_or_else(|| panic!("PID {pid} did not stop: its state is {:?}", process_state(pid)));
+}
+
+// Hostile operators in a writable `public` (doc/security.md; tests/security.rs, tests/upgrade.rs).
+
+/// Operators a role may make in `public` for the type pairs our SQL uses, each running a
+/// function that tries to make the role a superuser and says so in `public.pwned`: if any
+/// is ever bound into our views or run by our functions, a superuser reading or calling
+/// them runs it.
+pub fn plant_hostile_operators(c: &Cluster) {
+    c.exec(
+        "GRANT CREATE ON SCHEMA public TO PUBLIC;
+         CREATE ROLE attacker LOGIN;
+         CREATE TABLE public.pwned (what text);
+         GRANT INSERT, SELECT ON public.pwned TO PUBLIC;",
+    );
+    let types = [
+        "bigint", "integer", "numeric", "double precision", "real", "timestamptz", "interval", "text", "name", "oid", "pg_lsn", "boolean",
+    ];
+    let mut a = c.connect_as("attacker");
+    let mut n = 0;
+    let mut sql = String::new();
+    for t1 in types.iter() {
+        for t2 in types.iter() {
+            for op in ["=", "<>", "<", ">", "<=", ">=", "+", "-", "*", "/", "||", "~~"] {
+                n += 1;
+                sql.push_str(&format!(
+                    "CREATE FUNCTION public.hijack_{n}(a {t1}, b {t2}) RETURNS boolean LANGUAGE plpgsql AS $f$
+                     BEGIN
+                       BEGIN EXECUTE 'ALTER ROLE attacker SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+                       INSERT INTO public.pwned VALUES ('{op} ({t1}, {t2})');
+                       RETURN NULL;
+                     END $f$;
+                     CREATE OPERATOR public.{op} (LEFTARG = {t1}, RIGHTARG = {t2}, FUNCTION = public.hijack_{n});\n"
+                ));
+            }
+        }
+    }
+    a.batch_execute(&sql).unwrap();
+}
+
+/// Read every view and call every function, as a superuser with the default search_path.
+pub fn use_everything(c: &Cluster) {
+    c.exec(
+        "SELECT * FROM backup_slot_lease('sec_a', '1h', holder => 'x', max_retained => '1GB', max_inactive => '1h', max_age => '2h');
+         SELECT backup_slot_renew('sec_a', '2h');
+         SELECT * FROM backup_slot_lease('sec_b', '1h');
+         SELECT backup_slot_keep('sec_b');
+         SELECT pg_drop_replication_slot('sec_b');
+         SELECT * FROM backup_slot_enforce(dry_run => true);
+         SELECT * FROM backup_slot_enforce();
+         SELECT * FROM pgslotguard.leases; SELECT * FROM pgslotguard.slots; SELECT * FROM pgslotguard.events;
+         SELECT * FROM pgslotguard.status; SELECT * FROM pgslotguard.tracking;
+         SELECT backup_slot_release('sec_a');",
+    );
+}
+
+pub fn assert_not_pwned(c: &Cluster) {
+    assert_eq!(c.text("SELECT rolsuper::text FROM pg_roles WHERE rolname = 'attacker'"), "false", "the attacker became a superuser");
+    assert_eq!(c.text("SELECT coalesce(string_agg(what, '; '), '') FROM public.pwned"), "", "a hostile operator ran");
 }
