@@ -180,13 +180,21 @@ fn core_inactive_since(_slot: &pg_sys::ReplicationSlot) -> i64 {
     0
 }
 
+/// A C bool of the slot's data, which the bindings give as a bool or an i8 depending on the
+/// version, as a bool.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+macro_rules! c_bool {
+    ($v:expr) => {{
+        #[allow(clippy::unnecessary_cast)]
+        let v = $v as i32;
+        v != 0
+    }};
+}
+
 /// Is the slot a standby's copy of a primary's slot (slot synchronisation, 17+)?
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 fn synced(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
-    // a C bool, which the bindings give as a bool or an i8 depending on the version
-    #[allow(clippy::unnecessary_cast)]
-    let v = data.synced as i32;
-    v != 0
+    c_bool!(data.synced)
 }
 
 #[cfg(not(any(feature = "pg17", feature = "pg18")))]
@@ -262,10 +270,7 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
 /// Is the slot synchronized to standbys (`failover`, 17+)?
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 fn failover(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
-    // a C bool, which the bindings give as a bool or an i8 depending on the version
-    #[allow(clippy::unnecessary_cast)]
-    let v = data.failover as i32;
-    v != 0
+    c_bool!(data.failover)
 }
 
 #[cfg(not(any(feature = "pg17", feature = "pg18")))]

@@ -43,7 +43,7 @@ fn a_backend_killed_at_any_point_of_a_lease_call_leaves_no_slot_without_a_lease(
         let victim = c.session(&format!("SET pgslotguard.test_pause_at = '{point}'; {sql}"));
         kill_paused(&c, point, from);
         assert!(victim.join().unwrap().is_err(), "{slot}: the killed session's statements failed");
-        c.wait_for(&format!("{slot} to be gone after the restart"), WAIT, |c| (!c.slot_exists(slot)).then_some(()));
+        c.wait_for(&format!("{slot} to be gone after the restart"), WAIT, |c| (c.dropped(slot)).then_some(()));
         assert!(!c.leased(slot), "{slot}: a lease call that never committed left a lease\n{}", c.describe());
         let actions = c.actions(slot);
         // A slot still there after the restart (persisted) is dropped by the guard, once, and
@@ -88,7 +88,7 @@ fn a_killed_release_keeps_slot_and_lease_and_a_committed_one_is_finished_after_t
     let victim = c.session("SET pgslotguard.test_pause_at = 'commit_release'; SELECT backup_slot_release('r_done')");
     kill_paused(&c, "commit_release", from);
     let _ = victim.join();
-    c.wait_for("the committed release to be finished", WAIT, |c| (!c.slot_exists("r_done")).then_some(()));
+    c.wait_for("the committed release to be finished", WAIT, |c| (c.dropped("r_done")).then_some(()));
     assert!(!c.leased("r_done"), "{}", c.describe());
     assert_eq!(c.actions("r_done"), "lease,release", "{}", c.describe());
     assert!(c.log().contains("was ended by a release that committed before the restart"), "{}", c.log_tail(20));
@@ -109,7 +109,7 @@ fn a_pending_lease_is_settled_after_a_sigkill_of_the_postmaster_and_after_an_imm
             c.restart("immediate");
         }
         let _ = victim.join();
-        c.wait_for(&format!("{slot} to be dropped after the {how}"), WAIT, |c| (!c.slot_exists(slot)).then_some(()));
+        c.wait_for(&format!("{slot} to be dropped after the {how}"), WAIT, |c| (c.dropped(slot)).then_some(()));
         assert!(!c.leased(slot), "{}", c.describe());
         assert_eq!(c.actions(slot), "rollback_drop", "{}", c.describe());
     }
@@ -128,11 +128,9 @@ fn on_a_hot_standby_a_killed_lease_call_leaves_no_slot() {
         let pid = s.paused_at(point, from);
         let before = s.log_len();
         kill9(pid);
-        s.wait_for("the standby to restart after the crash", WAIT, |s| {
-            s.log().get(before..).unwrap_or("").contains("database system is ready to accept read-only connections").then_some(())
-        });
+        s.wait_ready(before);
         let _ = victim.join();
-        s.wait_for(&format!("{slot} to be gone on the standby"), WAIT, |s| (!s.slot_exists(slot)).then_some(()));
+        s.wait_for(&format!("{slot} to be gone on the standby"), WAIT, |s| (s.dropped(slot)).then_some(()));
         s.wait_passes(2);
         assert!(!s.leased(slot), "{}", s.describe());
         let a = s.actions(slot);
@@ -181,7 +179,7 @@ fn a_rolled_back_lease_whose_slot_is_in_use_is_dropped_and_its_consumer_terminat
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'd_active' AND active") == 1).then_some(())
     });
     tx.batch_execute("ROLLBACK").unwrap();
-    c.wait_for("the guard to drop the slot of the rolled-back lease", WAIT, |c| (!c.slot_exists("d_active")).then_some(()));
+    c.wait_for("the guard to drop the slot of the rolled-back lease", WAIT, |c| (c.dropped("d_active")).then_some(()));
     assert_eq!(c.actions("d_active"), "rollback_drop", "{}", c.describe());
     assert!(!c.leased("d_active"));
     recv.stop();
@@ -195,7 +193,7 @@ fn a_rolled_back_lease_whose_slot_is_in_use_is_dropped_and_its_consumer_terminat
     });
     let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     c.exec(&format!("SELECT pg_terminate_backend({pid})"));
-    c.wait_for("both slots of the terminated session to go", WAIT, |c| (!c.slot_exists("d_busy") && !c.slot_exists("d_idle")).then_some(()));
+    c.wait_for("both slots of the terminated session to go", WAIT, |c| (c.dropped("d_busy") && c.dropped("d_idle")).then_some(()));
     assert_eq!(c.actions("d_busy"), "rollback_drop", "{}", c.describe());
     assert!(c.actions("d_idle").is_empty() || c.actions("d_idle") == "rollback_drop", "{}", c.describe());
     recv.stop();
@@ -263,23 +261,26 @@ fn a_release_whose_commit_fails_keeps_its_slot_and_lease() {
     assert_eq!(c.actions("a"), "lease", "{}", c.describe());
 }
 
-/// Make the guard drop `slot` (its lease expired) and kill it after the drop, before its
-/// event committed, with the guard left off after the restart: an interrupted drop.
-fn interrupted_drop(c: &Cluster, slot: &str) {
-    c.exec(&format!("SELECT * FROM backup_slot_lease('{slot}', '1h')"));
-    c.set_policy(&[("pgslotguard.test_pause_at", "guard_dropped")]);
+/// Expire the lease of `slot` with the guard set to pause at `point` of its drop, and
+/// SIGKILL the guard there, the guard left off after the crash restart (the postmaster
+/// reads the settings at the kill: the new guard is off).
+fn kill_guard_at(c: &Cluster, slot: &str, point: &str) {
+    c.set_policy(&[("pgslotguard.test_pause_at", point)]);
     let from = c.log_len();
     c.exec(&format!("SELECT pgslotguard.test_set_lease_times('{slot}', NULL, -1)"));
-    let pid = c.paused_at("guard_dropped", from);
-    // Read by the postmaster now (a crash restart keeps its settings): the new guard is off.
+    let pid = c.paused_at(point, from);
     c.exec("ALTER SYSTEM RESET pgslotguard.test_pause_at");
     c.set_policy(&[("pgslotguard.enabled", "off")]);
     let before = c.log_len();
     kill9(pid);
-    c.wait_for("the server to restart after the crash", WAIT, |c| {
-        c.log().get(before..).unwrap_or("").contains("database system is ready to accept connections").then_some(())
-    });
-    c.wait_for("a connection after the restart", WAIT, |c| c.try_sql("SELECT 1").ok().map(|_| ()));
+    c.wait_ready(before);
+}
+
+/// Make the guard drop `slot` (its lease expired) and kill it after the drop, before its
+/// event committed, with the guard left off after the restart: an interrupted drop.
+fn interrupted_drop(c: &Cluster, slot: &str) {
+    c.exec(&format!("SELECT * FROM backup_slot_lease('{slot}', '1h')"));
+    kill_guard_at(c, slot, "guard_dropped");
     assert!(!c.slot_exists(slot), "the drop happened before the kill");
     assert_eq!(c.actions(slot), "lease", "the drop's event never committed");
 }
@@ -330,17 +331,7 @@ fn a_standbys_drop_recorded_before_a_promotion_is_not_recorded_again() {
     let s = p.standby("promote_s", "sb", &[]);
     s.wait_passes(1);
     s.exec("SELECT * FROM backup_slot_lease('s1', '1h')");
-    s.set_policy(&[("pgslotguard.test_pause_at", "guard_recorded")]);
-    let from = s.log_len();
-    s.exec("SELECT pgslotguard.test_set_lease_times('s1', NULL, -1)");
-    let pid = s.paused_at("guard_recorded", from);
-    s.exec("ALTER SYSTEM RESET pgslotguard.test_pause_at");
-    s.set_policy(&[("pgslotguard.enabled", "off")]);
-    let before = s.log_len();
-    kill9(pid);
-    s.wait_for("the standby to restart", WAIT, |s| {
-        s.log().get(before..).unwrap_or("").contains("database system is ready to accept read-only connections").then_some(())
-    });
+    kill_guard_at(&s, "s1", "guard_recorded");
     s.run_tool("pg_ctl", &["-D", &s.data.display().to_string(), "promote", "-w"]);
     s.wait_for("the promotion", WAIT, |s| (s.text("SELECT pg_is_in_recovery()::text") == "false").then_some(()));
     s.set_policy(&[("pgslotguard.enabled", "on")]);
@@ -506,7 +497,7 @@ fn a_new_lease_that_expires_before_its_commit_is_dropped_and_its_call_fails_with
     let from = c.log_len();
     let victim = c.session("SET pgslotguard.test_pause_at = 'lease_persisted:4000'; BEGIN; SELECT backup_slot_lease('doa', '1 s'); COMMIT");
     c.paused_at("lease_persisted", from);
-    c.wait_for("the guard to drop the slot of the lease not committed", WAIT, |c| (!c.slot_exists("doa")).then_some(()));
+    c.wait_for("the guard to drop the slot of the lease not committed", WAIT, |c| (c.dropped("doa")).then_some(()));
     let err = victim.join().unwrap().expect_err("the lease call's commit must fail");
     assert!(err.starts_with("40001"), "{err}");
     assert!(!c.leased("doa"), "{}", c.describe());

@@ -291,6 +291,17 @@ impl Cluster {
         self.sql(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}'")).len() == 1
     }
 
+    /// Is `name` dropped and its drop settled: the slot gone and no drop intent left for it?
+    /// On a primary the guard drops the slot inside the subtransaction that writes its event,
+    /// so the slot leaves pg_replication_slots a moment before the event commits; the intent
+    /// goes only after that commit. A cluster without the extension has no intents.
+    pub fn dropped(&self, name: &str) -> bool {
+        !self.slot_exists(name)
+            && self
+                .try_sql(&format!("SELECT 1 FROM pgslotguard.tracking WHERE slot_name = '{name}' AND drop_action IS NOT NULL"))
+                .map_or(true, |r| r.is_empty())
+    }
+
     /// Slots and leases as text, for failure messages.
     pub fn describe(&self) -> String {
         let slots = self
@@ -722,14 +733,20 @@ impl Cluster {
         })
     }
 
+    /// Wait for the server to accept connections (read-only ones, on a standby) again, as
+    /// its log says after `from` (a log_len() taken before a crash), and for a connection.
+    pub fn wait_ready(&self, from: usize) {
+        self.wait_for("the server to restart after the crash", WAIT, |c| {
+            c.log().get(from..).unwrap_or("").contains("database system is ready to accept ").then_some(())
+        });
+        self.wait_for("a connection after the restart", WAIT, |c| c.try_sql("SELECT 1").ok().map(|_| ()));
+    }
+
     /// After a server process was killed, the postmaster ends every other one and starts
     /// again (crash recovery): wait until it accepts connections and the guard has made a
     /// pass (`from`: the log's size before the kill).
     pub fn wait_crash_restart(&self, from: usize) {
-        self.wait_for("the server to restart after the crash", WAIT, |c| {
-            c.log().get(from..).unwrap_or("").contains("database system is ready to accept connections").then_some(())
-        });
-        self.wait_for("a connection after the restart", WAIT, |c| c.try_sql("SELECT 1").ok().map(|_| ()));
+        self.wait_ready(from);
         self.wait_for("the guard after the restart", WAIT, |c| {
             c.try_sql("SELECT passes FROM pgslotguard.status").ok().and_then(|r| r.first().map(|r| r.get::<_, i64>(0))).filter(|p| *p >= 2)
         });

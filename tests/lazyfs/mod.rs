@@ -119,6 +119,16 @@ struct State {
 
 type Res<T> = Result<T, Errno>;
 
+/// The names in the directory `dir`, without "." and "..".
+fn entries(dir: BorrowedFd<'_>) -> nix::Result<Vec<OsString>> {
+    let mut d = Dir::openat(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    Ok(d.iter()
+        .filter_map(|e| e.ok())
+        .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect())
+}
+
 fn errno(e: nix::errno::Errno) -> Errno {
     Errno::from_i32(e as i32)
 }
@@ -293,14 +303,7 @@ impl State {
 
     /// Everything under `dir` (node `id`) is durable: the mount's starting point.
     fn walk(&mut self, dir: &OwnedFd, id: u64) -> nix::Result<()> {
-        let mut d = Dir::openat(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
-        let names: Vec<OsString> = d
-            .iter()
-            .filter_map(|e| e.ok())
-            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
-            .filter(|n| n != "." && n != "..")
-            .collect();
-        for name in names {
+        for name in entries(dir.as_fd())? {
             let s = nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
             let child = match self.by_ino.get(&s.st_ino) {
                 Some(&c) => c,
@@ -369,14 +372,7 @@ impl State {
         let mut stats = Vec::new();
         {
             let dfd = self.fd(id)?;
-            let mut d = Dir::openat(dfd, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(errno)?;
-            let names: Vec<OsString> = d
-                .iter()
-                .filter_map(|e| e.ok())
-                .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
-                .filter(|n| n != "." && n != "..")
-                .collect();
-            for name in names {
+            for name in entries(dfd).map_err(errno)? {
                 let s = nix::sys::stat::fstatat(dfd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(errno)?;
                 stats.push((name, s));
             }
