@@ -83,7 +83,7 @@ fn backup_kept_as_standby_slot_is_never_dropped() {
     // limits that both slots break at once, were they in scope
     c.set_policy(&[("pgslotguard.max_retained_wal", "1MB"), ("pgslotguard.max_slot_age", "2s")]);
     c.make_wal(4);
-    c.wait_for("the guard to drop the lease that was not kept", WAIT, |c| (c.dropped("not_kept")).then_some(()));
+    c.wait_for("the guard to drop the lease that was not kept", WAIT, |c| c.dropped("not_kept").then_some(()));
     c.wait_passes(2);
     assert!(c.slot_exists("standby1"), "the guard dropped a kept slot\n{}", c.describe());
     assert!(inactive(&c).is_some(), "the premise: the kept slot stayed inactive\n{}", c.describe());
@@ -121,7 +121,7 @@ fn backup_that_dies_is_cleaned_up_after_expiry() {
     assert_eq!(c.text("SELECT state FROM pgslotguard.leases WHERE slot_name = 'dying'"), "expired_active");
     bb.stop(); // the backup dies half-way
     c.make_wal(48);
-    c.wait_for("the guard to drop the dead backup's slot", WAIT, |c| (c.dropped("dying")).then_some(()));
+    c.wait_for("the guard to drop the dead backup's slot", WAIT, |c| c.dropped("dying").then_some(()));
     assert_eq!(
         c.text("SELECT action || ' by ' || actor FROM pgslotguard.events WHERE slot_name = 'dying' ORDER BY id DESC LIMIT 1"),
         "expire_drop by worker"
@@ -177,7 +177,7 @@ fn long_backup_survives_with_heartbeat_and_without_one_until_it_stops() {
     // dropped it since pg_basebackup let go of it.
     let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'no_heartbeat'");
     assert!(ev == "lease,warn" || ev == "lease,warn,expire_drop", "dropped while streaming? {ev}\n{}", c.describe());
-    c.wait_for("the slot to be dropped once the backup stopped", WAIT, |c| (c.dropped("no_heartbeat")).then_some(()));
+    c.wait_for("the slot to be dropped once the backup stopped", WAIT, |c| c.dropped("no_heartbeat").then_some(()));
 }
 
 #[test]
@@ -190,7 +190,7 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
     };
     load("3");
     c.make_wal(20);
-    c.wait_for("the idle slot to be dropped for retained WAL", WAIT, |c| (c.dropped("idle_slot")).then_some(()));
+    c.wait_for("the idle slot to be dropped for retained WAL", WAIT, |c| c.dropped("idle_slot").then_some(()));
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1"), "retained_drop");
     let retained = c.count("SELECT retained_bytes FROM pgslotguard.events WHERE slot_name = 'idle_slot' ORDER BY id DESC LIMIT 1");
     assert!(retained > 16 << 20, "recorded retained {retained}");
@@ -211,7 +211,7 @@ fn retained_wal_breach_drops_idle_slot_and_terminates_active_consumer() {
     let child = recv.program_pid();
     stop_process(child);
     c.make_wal(24);
-    c.wait_for("the active slot to be terminated and dropped", WAIT, |c| (c.dropped("receiver")).then_some(()));
+    c.wait_for("the active slot to be terminated and dropped", WAIT, |c| c.dropped("receiver").then_some(()));
     signal(child, "CONT");
     let ev = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'receiver'");
     // a walsender stuck on a stalled client may need a second terminate before it exits
@@ -229,7 +229,7 @@ fn leases_events_and_tracking_survive_restarts_and_nothing_is_done_twice() {
     let c = with_extension("bb-restart", &[]);
     c.exec("SELECT * FROM backup_slot_lease('keeps', '1h', 'restart test')");
     c.exec("SELECT * FROM backup_slot_lease('short', '2 s')");
-    c.wait_for("the short lease to be enforced", WAIT, |c| (c.dropped("short")).then_some(()));
+    c.wait_for("the short lease to be enforced", WAIT, |c| c.dropped("short").then_some(()));
     c.wait_passes(1);
     let seen = c.text("SELECT first_seen::text FROM pgslotguard.tracking WHERE slot_name = 'keeps'");
     let events = c.count("SELECT count(*) FROM pgslotguard.events");
@@ -271,5 +271,5 @@ fn a_standby_from_a_leased_backup_starts_without_its_primarys_leases_and_guards_
     s.exec("SELECT pg_promote()");
     s.wait_for("the promotion to end", WAIT, |s| (s.text("SELECT pg_is_in_recovery()::text") == "false").then_some(()));
     s.exec("SELECT * FROM backup_slot_lease('after_promote', '1 s')");
-    s.wait_for("the promoted server's guard to enforce", WAIT, |s| (s.dropped("after_promote")).then_some(()));
+    s.wait_for("the promoted server's guard to enforce", WAIT, |s| s.dropped("after_promote").then_some(()));
 }

@@ -204,7 +204,7 @@ fn barman_down_the_guard_drops_at_the_limit_and_the_runbook_brings_it_back() {
     // A burst past the lease's 64MB: the guard drops the slot within a pass.
     let t0 = Instant::now();
     c.make_wal(100);
-    c.wait_for("the guard to drop Barman's slot", WAIT, |c| (c.dropped("barman")).then_some(()));
+    c.wait_for("the guard to drop Barman's slot", WAIT, |c| c.dropped("barman").then_some(()));
     eprintln!("dropped {:?} after the burst", t0.elapsed());
     let ev = events(&c, "barman");
     let (action, reason) = ev.last().unwrap();
@@ -265,7 +265,7 @@ fn a_recreated_slot_dropped_again_for_the_same_limit_is_a_loop_said_once() {
     let (c, b, mut recv) = primary_with_barman("barman-loop", &[], "1GB");
     recv.stop();
     c.set_policy(&[("pgslotguard.scope", "physical"), ("pgslotguard.max_inactive_time", "2s")]);
-    c.wait_for("the guard to drop Barman's inactive slot", WAIT, |c| (c.dropped("barman")).then_some(()));
+    c.wait_for("the guard to drop Barman's inactive slot", WAIT, |c| c.dropped("barman").then_some(()));
     let drops = |c: &Cluster| c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'barman' AND action = 'inactive_drop'");
     assert_eq!(drops(&c), 1);
     // WAL moves on and the checkpoint removes what Barman had not received.

@@ -98,7 +98,7 @@ fn with_a_floor_the_orphan_is_dropped_the_wal_freed_and_the_primary_survives() {
     // speed on this machine: 20-80 s alone; in a CI run with the next versions building
     // beside the suites, over 240 s was seen, as for the test without a floor.)
     let mut bench = c.pgbench_run(2, 660);
-    c.wait_for("the floor to drop the orphaned slot", Duration::from_secs(600), |c| (c.dropped("orphan")).then_some(()));
+    c.wait_for("the floor to drop the orphaned slot", Duration::from_secs(600), |c| c.dropped("orphan").then_some(()));
     std::thread::sleep(Duration::from_secs(10));
     let still_running = bench.0.try_wait().unwrap().is_none();
     bench.stop();
@@ -239,7 +239,7 @@ fn with_checkpoint_after_drop_off_the_wal_waits_for_the_next_checkpoint() {
     let c = pinned("ckptoff", &["pgslotguard.checkpoint_after_drop = off"]);
     let before = c.pg_wal_bytes();
     c.exec("SELECT pgslotguard.test_set_lease_times('pinning', NULL, 0)");
-    c.wait_for("the drop", WAIT, |c| (c.dropped("pinning")).then_some(()));
+    c.wait_for("the drop", WAIT, |c| c.dropped("pinning").then_some(()));
     c.wait_passes(3);
     assert!(c.pg_wal_bytes() >= before - (32 << 20), "pg_wal shrank without a checkpoint: {} of {before}", c.pg_wal_bytes());
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'checkpoint'"), 0);

@@ -106,7 +106,7 @@ fn worker_killed_with_sigkill_comes_back_and_nothing_is_lost() {
     assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "true");
     assert!(c.slot_exists("survivor"));
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases WHERE slot_name = 'survivor'"), 1);
-    c.wait_for("the expired lease to be enforced after the crash", WAIT, |c| (c.dropped("doomed")).then_some(()));
+    c.wait_for("the expired lease to be enforced after the crash", WAIT, |c| c.dropped("doomed").then_some(()));
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'expire_drop'"), 1);
 }
 
@@ -121,7 +121,7 @@ fn extension_dropped_and_recreated_under_a_running_worker() {
     });
     c.exec("CREATE EXTENSION pgslotguard");
     c.exec("SELECT * FROM backup_slot_lease('again', '1 s')");
-    c.wait_for("enforcement by the same worker after re-creation", WAIT, |c| (c.dropped("again")).then_some(()));
+    c.wait_for("enforcement by the same worker after re-creation", WAIT, |c| c.dropped("again").then_some(()));
     assert_eq!(c.worker_pid(), Some(pid), "the worker restarted");
     assert!(!c.log().contains("enforcement pass failed"), "{}", c.log_tail(20));
 }
@@ -152,7 +152,7 @@ fn missing_guard_database_keeps_the_server_up_and_the_worker_comes_back() {
     c.exec("CREATE DATABASE guard_db");
     let mut g = c.client_db("guard_db");
     g.batch_execute("CREATE EXTENSION pgslotguard; SELECT * FROM backup_slot_lease('late_db', '1 s')").unwrap();
-    c.wait_for("the guard to enforce in the database once it exists", WAIT, |c| (c.dropped("late_db")).then_some(()));
+    c.wait_for("the guard to enforce in the database once it exists", WAIT, |c| c.dropped("late_db").then_some(()));
 }
 
 #[test]

@@ -43,7 +43,7 @@ fn a_backend_killed_at_any_point_of_a_lease_call_leaves_no_slot_without_a_lease(
         let victim = c.session(&format!("SET pgslotguard.test_pause_at = '{point}'; {sql}"));
         kill_paused(&c, point, from);
         assert!(victim.join().unwrap().is_err(), "{slot}: the killed session's statements failed");
-        c.wait_for(&format!("{slot} to be gone after the restart"), WAIT, |c| (c.dropped(slot)).then_some(()));
+        c.wait_for(&format!("{slot} to be gone after the restart"), WAIT, |c| c.dropped(slot).then_some(()));
         assert!(!c.leased(slot), "{slot}: a lease call that never committed left a lease\n{}", c.describe());
         let actions = c.actions(slot);
         // A slot still there after the restart (persisted) is dropped by the guard, once, and
@@ -88,7 +88,7 @@ fn a_killed_release_keeps_slot_and_lease_and_a_committed_one_is_finished_after_t
     let victim = c.session("SET pgslotguard.test_pause_at = 'commit_release'; SELECT backup_slot_release('r_done')");
     kill_paused(&c, "commit_release", from);
     let _ = victim.join();
-    c.wait_for("the committed release to be finished", WAIT, |c| (c.dropped("r_done")).then_some(()));
+    c.wait_for("the committed release to be finished", WAIT, |c| c.dropped("r_done").then_some(()));
     assert!(!c.leased("r_done"), "{}", c.describe());
     assert_eq!(c.actions("r_done"), "lease,release", "{}", c.describe());
     assert!(c.log().contains("was ended by a release that committed before the restart"), "{}", c.log_tail(20));
@@ -109,7 +109,7 @@ fn a_pending_lease_is_settled_after_a_sigkill_of_the_postmaster_and_after_an_imm
             c.restart("immediate");
         }
         let _ = victim.join();
-        c.wait_for(&format!("{slot} to be dropped after the {how}"), WAIT, |c| (c.dropped(slot)).then_some(()));
+        c.wait_for(&format!("{slot} to be dropped after the {how}"), WAIT, |c| c.dropped(slot).then_some(()));
         assert!(!c.leased(slot), "{}", c.describe());
         assert_eq!(c.actions(slot), "rollback_drop", "{}", c.describe());
     }
@@ -130,7 +130,7 @@ fn on_a_hot_standby_a_killed_lease_call_leaves_no_slot() {
         kill9(pid);
         s.wait_ready(before);
         let _ = victim.join();
-        s.wait_for(&format!("{slot} to be gone on the standby"), WAIT, |s| (s.dropped(slot)).then_some(()));
+        s.wait_for(&format!("{slot} to be gone on the standby"), WAIT, |s| s.dropped(slot).then_some(()));
         s.wait_passes(2);
         assert!(!s.leased(slot), "{}", s.describe());
         let a = s.actions(slot);
@@ -179,7 +179,7 @@ fn a_rolled_back_lease_whose_slot_is_in_use_is_dropped_and_its_consumer_terminat
         (c.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'd_active' AND active") == 1).then_some(())
     });
     tx.batch_execute("ROLLBACK").unwrap();
-    c.wait_for("the guard to drop the slot of the rolled-back lease", WAIT, |c| (c.dropped("d_active")).then_some(()));
+    c.wait_for("the guard to drop the slot of the rolled-back lease", WAIT, |c| c.dropped("d_active").then_some(()));
     assert_eq!(c.actions("d_active"), "rollback_drop", "{}", c.describe());
     assert!(!c.leased("d_active"));
     recv.stop();
@@ -497,7 +497,7 @@ fn a_new_lease_that_expires_before_its_commit_is_dropped_and_its_call_fails_with
     let from = c.log_len();
     let victim = c.session("SET pgslotguard.test_pause_at = 'lease_persisted:4000'; BEGIN; SELECT backup_slot_lease('doa', '1 s'); COMMIT");
     c.paused_at("lease_persisted", from);
-    c.wait_for("the guard to drop the slot of the lease not committed", WAIT, |c| (c.dropped("doa")).then_some(()));
+    c.wait_for("the guard to drop the slot of the lease not committed", WAIT, |c| c.dropped("doa").then_some(()));
     let err = victim.join().unwrap().expect_err("the lease call's commit must fail");
     assert!(err.starts_with("40001"), "{err}");
     assert!(!c.leased("doa"), "{}", c.describe());

@@ -132,7 +132,7 @@ fn the_exporter_shows_each_slot_and_the_worker_with_their_values() {
 
     // The guard acts: the lapsed slot is dropped and disappears from the metrics.
     c.set_policy(&[("pgslotguard.dry_run", "off")]);
-    c.wait_for("the lapsed slot to be dropped", WAIT, |c| (c.dropped("lapsed")).then_some(()));
+    c.wait_for("the lapsed slot to be dropped", WAIT, |c| c.dropped("lapsed").then_some(()));
     let after = c.wait_for("a scrape without the dropped slot", Duration::from_secs(30), |_| {
         let s = e.scrape();
         (s.contains("pgslotguard_worker_up") && !s.contains("slot_name=\"lapsed\"")).then_some(s)

@@ -285,7 +285,7 @@ fn a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expir
     // The backup is done early: its term is cut to 3 s, and at expiry the guard drops it.
     m1.pg.exec("SELECT backup_slot_renew('nightly', '3s')");
     let renewed = Instant::now();
-    m1.pg.wait_for("the guard to drop the slot at expiry", Duration::from_secs(60), |c| (c.dropped("nightly")).then_some(()));
+    m1.pg.wait_for("the guard to drop the slot at expiry", Duration::from_secs(60), |c| c.dropped("nightly").then_some(()));
     assert!(renewed.elapsed() >= Duration::from_secs(3), "dropped before expiry: {:?}", renewed.elapsed());
     assert_eq!(actions(&m1.pg, "nightly"), ["lease", "renew", "expire_drop"]);
     eprintln!("a_lease_in_ignore_slots_lives_through_a_restart_and_a_pause_and_ends_at_expiry: {:?}", started.elapsed());
@@ -317,7 +317,7 @@ fn the_guard_never_drops_a_member_slot() {
     m1.pg.wait_for("scope = physical on m1", Duration::from_secs(30), |c| (c.text("SHOW pgslotguard.scope") == "physical").then_some(()));
     assert_eq!(m1.pg.text("SHOW pgslotguard.exclude"), MEMBER_SLOTS);
     m1.pg.exec("SELECT pg_create_physical_replication_slot('orphan', true)");
-    m1.pg.wait_for("the guard to drop the orphan", Duration::from_secs(30), |c| (c.dropped("orphan")).then_some(()));
+    m1.pg.wait_for("the guard to drop the orphan", Duration::from_secs(30), |c| c.dropped("orphan").then_some(()));
     m1.pg.wait_passes(2);
     assert!(m1.pg.slot_exists("m2"), "scope = physical with the exclude: the guard dropped a member's slot\n{}", m1.pg.describe());
     assert_eq!(m1.pg.text("SELECT scope_reason FROM pgslotguard.slots WHERE slot_name = 'm2'"), "excluded by pgslotguard.exclude");

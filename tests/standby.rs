@@ -90,7 +90,7 @@ fn a_dead_backup_on_a_standby_is_dropped_at_expiry_even_with_the_primary_down() 
     // A backup that died: its slot is leased, nothing streams from it. It is dropped at
     // expiry, not before (how soon after is a figure for the bench, B3).
     let expires = s.text("SELECT expires_at::text FROM backup_slot_lease('dies', '2 s')");
-    s.wait_for("the standby's guard to drop the expired slot", WAIT, |s| (s.dropped("dies")).then_some(()));
+    s.wait_for("the standby's guard to drop the expired slot", WAIT, |s| s.dropped("dies").then_some(()));
     let r = s.sql(&format!(
         "SELECT action, extract(epoch FROM at - '{expires}'::timestamptz)::float8 FROM pgslotguard.events
           WHERE slot_name = 'dies' ORDER BY at DESC, id DESC LIMIT 1"
@@ -107,7 +107,7 @@ fn a_dead_backup_on_a_standby_is_dropped_at_expiry_even_with_the_primary_down() 
     s.exec("SELECT backup_slot_release('alone')");
     assert!(!s.slot_exists("alone"));
     s.exec("SELECT * FROM backup_slot_lease('alone_short', '1 s')");
-    s.wait_for("the guard to drop with the primary down", WAIT, |s| (s.dropped("alone_short")).then_some(()));
+    s.wait_for("the guard to drop with the primary down", WAIT, |s| s.dropped("alone_short").then_some(()));
     assert_eq!(s.text("SELECT in_recovery::text FROM pgslotguard.status"), "true");
     assert!(!s.log().contains("ERROR:  pgslotguard") && !s.log().contains("enforcement pass failed"), "{}", s.log_tail(20));
 }
@@ -127,7 +127,7 @@ fn a_promoted_standby_keeps_its_leases_and_records_events_in_the_table_from_then
     assert_eq!(s.text("SELECT in_recovery::text FROM pgslotguard.status"), "false");
     // the lease is enforced, and its drop is recorded in the table now
     s.exec("SELECT pgslotguard.test_set_lease_times('live', NULL, -1)");
-    s.wait_for("the promoted server's guard to drop the expired lease", WAIT, |s| (s.dropped("live")).then_some(()));
+    s.wait_for("the promoted server's guard to drop the expired lease", WAIT, |s| s.dropped("live").then_some(()));
     s.wait_for("the drop's event in the table", WAIT, |s| {
         (s.count("SELECT count(*) FROM pgslotguard.event_log WHERE slot_name = 'live' AND action = 'expire_drop'") == 1).then_some(())
     });
@@ -182,7 +182,7 @@ fn the_floor_keeps_a_standby_replaying_past_an_orphaned_lease() {
     s.wait_for("the guard on the standby", WAIT, |s| s.worker_pid());
     s.exec("SELECT * FROM backup_slot_lease('orphan', '1h')");
     write_steadily(&p, 200);
-    s.wait_for("the floor to drop the orphan on the standby", Duration::from_secs(60), |s| (s.dropped("orphan")).then_some(()));
+    s.wait_for("the floor to drop the orphan on the standby", Duration::from_secs(60), |s| s.dropped("orphan").then_some(()));
     let ev = s.text("SELECT reason FROM pgslotguard.events WHERE slot_name = 'orphan' AND action = 'space_drop'");
     assert!(ev.contains("next restartpoint"), "{ev}");
     let target = p.text("SELECT pg_current_wal_lsn()::text");
@@ -222,7 +222,7 @@ fn on_a_standby_a_drop_frees_its_wal_at_the_primarys_next_checkpoint() {
     // The lease ends: the guard drops the slot and requests a restartpoint, which is
     // skipped: no checkpoint record has come since the last restartpoint.
     s.exec("SELECT pgslotguard.test_set_lease_times('pinning', NULL, 0)");
-    s.wait_for("the standby's guard to drop the slot", WAIT, |s| (s.dropped("pinning")).then_some(()));
+    s.wait_for("the standby's guard to drop the slot", WAIT, |s| s.dropped("pinning").then_some(()));
     s.wait_passes(3);
     assert!(s.pg_wal_bytes() > before - (16 << 20), "pg_wal shrank with no checkpoint record from the primary");
 

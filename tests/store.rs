@@ -25,7 +25,7 @@ fn a_lease_survives_an_immediate_stop_and_a_sigkill_of_the_postmaster() {
 
     // ... and the guard enforces them.
     c.exec("SELECT pgslotguard.test_set_lease_times('killed', NULL, -1)");
-    c.wait_for("the guard to drop the expired lease's slot", WAIT, |c| (c.dropped("killed")).then_some(()));
+    c.wait_for("the guard to drop the expired lease's slot", WAIT, |c| c.dropped("killed").then_some(()));
     assert!(c.slot_exists("kept"));
 }
 
@@ -104,11 +104,11 @@ fn an_open_transaction_on_a_lease_never_holds_up_the_guard() {
     // 'nightly' expires while the other session holds its renewal of 'zzafbjmh9' open: a
     // guard held up by it would wait for its commit, past the poll's deadline.
     c.exec("SELECT pgslotguard.test_set_lease_times('nightly', NULL, -1)");
-    c.wait_for("the guard to drop the expired slot beside an open transaction", WAIT, |c| (c.dropped("nightly")).then_some(()));
+    c.wait_for("the guard to drop the expired slot beside an open transaction", WAIT, |c| c.dropped("nightly").then_some(()));
 
     // 'held' crosses the hard limit while its renewal is open: dropped all the same.
     c.make_wal(40);
-    c.wait_for("the guard to drop the slot over its limit beside an open renewal", WAIT, |c| (c.dropped("held")).then_some(()));
+    c.wait_for("the guard to drop the slot over its limit beside an open renewal", WAIT, |c| c.dropped("held").then_some(()));
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'held' ORDER BY id DESC LIMIT 1"), "retained_drop");
 
     let err = other.batch_execute("COMMIT").unwrap_err();

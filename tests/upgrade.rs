@@ -67,7 +67,7 @@ fn an_update_from_0_1_0_moves_every_lease_into_the_store_and_the_guard_enforces_
     // the old events stay, and the guard goes on from them
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE action = 'lease'"), 2);
     // the guard enforces the moved leases: the short one is dropped at its expiry
-    c.wait_for("the moved short lease to be dropped at expiry", WAIT, |c| (c.dropped("short")).then_some(()));
+    c.wait_for("the moved short lease to be dropped at expiry", WAIT, |c| c.dropped("short").then_some(()));
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'short' ORDER BY id DESC LIMIT 1"), "expire_drop");
     assert!(c.slot_exists("nightly") && c.slot_exists("unleased"), "{}", c.describe());
     // and the lease API works on the updated extension

@@ -9,7 +9,7 @@ use std::time::Duration;
 fn expired_inactive_lease_is_dropped_by_the_worker() {
     let c = with_extension("expire", &[]);
     c.exec("SELECT * FROM backup_slot_lease('short', '1 second')");
-    c.wait_for("the worker to drop the expired slot", WAIT, |c| (c.dropped("short")).then_some(()));
+    c.wait_for("the worker to drop the expired slot", WAIT, |c| c.dropped("short").then_some(()));
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.leases"), 0);
     let ev = c.text("SELECT action || ' by ' || actor FROM pgslotguard.events WHERE slot_name = 'short' ORDER BY id DESC LIMIT 1");
     assert_eq!(ev, "expire_drop by worker", "{}", c.describe());
@@ -31,7 +31,7 @@ fn scope_and_exclude_decide_which_unleased_slots_are_touched() {
 
     // scope = physical, with standby_* excluded: orphan goes, standby_a stays
     c.set_policy(&[("pgslotguard.scope", "physical"), ("pgslotguard.exclude", "^standby_")]);
-    c.wait_for("orphan to be dropped under scope = physical", WAIT, |c| (c.dropped("orphan")).then_some(()));
+    c.wait_for("orphan to be dropped under scope = physical", WAIT, |c| c.dropped("orphan").then_some(()));
     c.wait_passes(2);
     assert!(c.slot_exists("standby_a"), "excluded slot was touched\n{}", c.describe());
     assert_eq!(
@@ -54,7 +54,7 @@ fn dry_run_drops_nothing_and_records_would_drop() {
     assert_eq!(c.text("SELECT next_action FROM pgslotguard.slots WHERE slot_name = 'dry'"), "would_drop");
     // reload with dry_run off: the next pass drops it
     c.set_policy(&[("pgslotguard.dry_run", "off")]);
-    c.wait_for("the slot to be dropped once dry_run is off", WAIT, |c| (c.dropped("dry")).then_some(()));
+    c.wait_for("the slot to be dropped once dry_run is off", WAIT, |c| c.dropped("dry").then_some(()));
 }
 
 /// A bad value that reaches the configuration file (a hand edit) is refused by the guard
@@ -74,7 +74,7 @@ fn bad_policy_is_refused_and_worker_keeps_last_good_policy() {
     c.exec("SELECT pg_create_physical_replication_slot('keep_a', true)");
     c.exec("SELECT pg_create_physical_replication_slot('orphan_1', true)");
     c.make_wal(2);
-    c.wait_for("orphan_1 to be dropped under the good policy", WAIT, |c| (c.dropped("orphan_1")).then_some(()));
+    c.wait_for("orphan_1 to be dropped under the good policy", WAIT, |c| c.dropped("orphan_1").then_some(()));
 
     // A bad value that reaches the file anyway is refused by the worker's own reload.
     c.append_conf("pgslotguard.exclude = '(unclosed'\npgslotguard.naptime = '-7'");
@@ -94,7 +94,7 @@ fn bad_policy_is_refused_and_worker_keeps_last_good_policy() {
     // failed to compile would exclude nothing, and keep_a, over the limit, would go) ...
     c.exec("SELECT pg_create_physical_replication_slot('orphan_2', true)");
     c.make_wal(2);
-    c.wait_for("orphan_2 to be dropped after the bad reload", WAIT, |c| (c.dropped("orphan_2")).then_some(()));
+    c.wait_for("orphan_2 to be dropped after the bad reload", WAIT, |c| c.dropped("orphan_2").then_some(()));
     assert!(c.slot_exists("keep_a"), "the worker dropped a slot the last good exclude covers\n{}", c.describe());
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.events WHERE slot_name = 'keep_a'"), 0, "{}", c.describe());
     // ... and the last good naptime (1 s, not the 10 s default): the next pass it planned,
@@ -137,7 +137,7 @@ fn worker_comes_back_after_sigterm() {
     assert_eq!(c.text("SELECT running::text FROM pgslotguard.status"), "true");
     // and it still enforces
     c.exec("SELECT * FROM backup_slot_lease('after_term', '1 second')");
-    c.wait_for("the restarted worker to drop an expired slot", WAIT, |c| (c.dropped("after_term")).then_some(()));
+    c.wait_for("the restarted worker to drop an expired slot", WAIT, |c| c.dropped("after_term").then_some(()));
 }
 
 #[test]
@@ -155,7 +155,7 @@ fn worker_waits_for_a_missing_extension_and_logs_once() {
     assert!(c.worker_pid().is_some());
     c.exec("CREATE EXTENSION pgslotguard");
     c.exec("SELECT * FROM backup_slot_lease('late', '1 second')");
-    c.wait_for("the worker to enforce once the extension exists", WAIT, |c| (c.dropped("late")).then_some(()));
+    c.wait_for("the worker to enforce once the extension exists", WAIT, |c| c.dropped("late").then_some(()));
 }
 
 #[test]
@@ -186,7 +186,7 @@ fn inactivity_is_tracked_across_restart_and_enforced() {
     let after = c.text("SELECT inactive_since::text FROM pgslotguard.tracking WHERE slot_name = 'idle'");
     assert_eq!(before, after, "inactive_since was reset by the restart");
     c.set_policy(&[("pgslotguard.max_inactive_time", "2s")]);
-    c.wait_for("the inactive slot to be dropped", WAIT, |c| (c.dropped("idle")).then_some(()));
+    c.wait_for("the inactive slot to be dropped", WAIT, |c| c.dropped("idle").then_some(()));
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'idle' ORDER BY id DESC LIMIT 1"), "inactive_drop");
 }
 
@@ -198,7 +198,7 @@ fn enabled_off_makes_the_worker_idle() {
     std::thread::sleep(Duration::from_secs(3)); // three naptimes with nothing to see
     assert!(c.slot_exists("kept"), "a disabled guard dropped a slot");
     c.set_policy(&[("pgslotguard.enabled", "on")]);
-    c.wait_for("enforcement after enabling", WAIT, |c| (c.dropped("kept")).then_some(()));
+    c.wait_for("enforcement after enabling", WAIT, |c| c.dropped("kept").then_some(()));
 }
 
 #[test]
@@ -227,7 +227,7 @@ fn a_lease_is_dropped_at_its_expiry_not_at_the_next_naptime() {
     let c = with_extension("deadline", &["pgslotguard.naptime = '1h'"]);
     c.wait_for("the guard's first pass", WAIT, |c| (c.count("SELECT passes FROM pgslotguard.status") >= 1).then_some(()));
     let expires = c.text("SELECT expires_at::text FROM backup_slot_lease('two_seconds', '2 s')");
-    c.wait_for("the 2 s lease to be dropped under a 1 h naptime", WAIT, |c| (c.dropped("two_seconds")).then_some(()));
+    c.wait_for("the 2 s lease to be dropped under a 1 h naptime", WAIT, |c| c.dropped("two_seconds").then_some(()));
     let r = c.sql(&format!(
         "SELECT action, extract(epoch FROM at - '{expires}'::timestamptz)::float8 FROM pgslotguard.events
           WHERE slot_name = 'two_seconds' ORDER BY id DESC LIMIT 1"
@@ -293,7 +293,7 @@ fn a_slot_crossing_its_wal_limit_is_dropped_without_waiting_for_naptime() {
         c.exec("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000)");
         written += 1;
     }
-    c.wait_for("the slot to be dropped for its retained WAL", WAIT, |c| (c.dropped("orphan")).then_some(()));
+    c.wait_for("the slot to be dropped for its retained WAL", WAIT, |c| c.dropped("orphan").then_some(()));
     let (action, retained) = {
         let r = c.sql("SELECT action, retained_bytes FROM pgslotguard.events WHERE slot_name = 'orphan' ORDER BY id DESC LIMIT 1");
         (r[0].get::<_, String>(0), r[0].get::<_, Option<i64>>(1))
@@ -345,7 +345,7 @@ fn a_lease_with_its_own_inactivity_limit_is_dropped_when_it_passes() {
     c.exec("SELECT backup_slot_lease('own_idle', '1h', max_inactive => '2s')");
     assert_eq!(c.text("SELECT max_inactive::text FROM pgslotguard.leases WHERE slot_name = 'own_idle'"), "00:00:02");
     let t0 = std::time::Instant::now();
-    c.wait_for("the idle leased slot to be dropped", WAIT, |c| (c.dropped("own_idle")).then_some(()));
+    c.wait_for("the idle leased slot to be dropped", WAIT, |c| c.dropped("own_idle").then_some(()));
     assert!(t0.elapsed() >= Duration::from_secs(1), "dropped after {:?}, before its limit", t0.elapsed());
     assert_eq!(c.text("SELECT action FROM pgslotguard.events WHERE slot_name = 'own_idle' ORDER BY id DESC LIMIT 1"), "inactive_drop");
 }
@@ -430,7 +430,7 @@ fn a_stalled_consumer_is_warned_of_then_terminated_and_dropped_with_terminate_ac
     assert_eq!(c.count("SELECT count(*) FROM pgslotguard.tracking WHERE slot_name = 'stuck' AND stalled_since IS NOT NULL"), 1);
 
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
-    c.wait_for("the stalled slot to be dropped", WAIT, |c| (c.dropped("stuck")).then_some(()));
+    c.wait_for("the stalled slot to be dropped", WAIT, |c| c.dropped("stuck").then_some(()));
     let actions = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'stuck'");
     assert!(actions.ends_with("terminate,stalled_drop"), "{actions}");
     signal("-CONT");

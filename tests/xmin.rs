@@ -67,7 +67,7 @@ fn a_stopped_hot_standbys_slot_is_dropped_at_the_xmin_limit_and_vacuum_then_remo
     let limit = 5_000;
     p.set_policy(&[("pgslotguard.max_xmin_age", &limit.to_string()), ("pgslotguard.naptime", "1h")]);
     let _burn = p.burn_xids(2, Some(5_000));
-    p.wait_for("the guard to drop the standby's slot at the xmin limit", WAIT, |c| (c.dropped("standby1")).then_some(()));
+    p.wait_for("the guard to drop the standby's slot at the xmin limit", WAIT, |c| c.dropped("standby1").then_some(()));
     let reason = p.wait_for("the xmin_drop event", WAIT, |c| event(c, "standby1", "xmin_drop"));
     assert!(reason.contains(&format!("above pgslotguard.max_xmin_age ({limit})")), "{reason}");
     let age = age_in(&reason);
@@ -92,7 +92,7 @@ fn an_idle_logical_slot_holding_catalog_xmin_is_dropped_at_the_limit_under_scope
         c.describe()
     );
     let _burn = c.burn_xids(2, None);
-    c.wait_for("the guard to drop the logical slot at the xmin limit", WAIT, |c| (c.dropped("idle_sub")).then_some(()));
+    c.wait_for("the guard to drop the logical slot at the xmin limit", WAIT, |c| c.dropped("idle_sub").then_some(()));
     let reason = c.wait_for("the xmin_drop event", WAIT, |c| event(c, "idle_sub", "xmin_drop"));
     assert!(age_in(&reason) > 3000, "{reason}");
 }
@@ -167,7 +167,7 @@ fn an_active_slot_over_the_xmin_limit_is_terminated_only_with_terminate_active()
     assert_eq!(process_state(pid), Some('T'), "pg_recvlogical (PID {pid}) is no longer stopped");
 
     c.set_policy(&[("pgslotguard.terminate_active", "on")]);
-    c.wait_for("the guard to terminate the walsender and drop the slot", WAIT, |c| (c.dropped("busy")).then_some(()));
+    c.wait_for("the guard to terminate the walsender and drop the slot", WAIT, |c| c.dropped("busy").then_some(()));
     let actions = c.text("SELECT string_agg(action, ',' ORDER BY id) FROM pgslotguard.events WHERE slot_name = 'busy'");
     assert!(actions.ends_with("terminate,xmin_drop"), "{actions}\n{}", c.describe());
     signal(pid, "CONT");
@@ -189,6 +189,6 @@ fn a_slot_named_in_synchronized_standby_slots_is_warned_about_and_never_dropped(
     // What the README tells the DBA: take it out of the list, and the guard drops it.
     c.exec("ALTER SYSTEM RESET synchronized_standby_slots");
     c.reload();
-    c.wait_for("the slot to be dropped once no longer named", WAIT, |c| (c.dropped("sb_slot")).then_some(()));
+    c.wait_for("the slot to be dropped once no longer named", WAIT, |c| c.dropped("sb_slot").then_some(()));
     assert!(event(&c, "sb_slot", "expire_drop").is_some(), "{}", c.describe());
 }

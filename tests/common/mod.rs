@@ -294,12 +294,17 @@ impl Cluster {
     /// Is `name` dropped and its drop settled: the slot gone and no drop intent left for it?
     /// On a primary the guard drops the slot inside the subtransaction that writes its event,
     /// so the slot leaves pg_replication_slots a moment before the event commits; the intent
-    /// goes only after that commit. A cluster without the extension has no intents.
+    /// goes only after that commit. One query per look (each opens a connection); a cluster
+    /// without the extension (no pgslotguard.tracking) has no intents.
     pub fn dropped(&self, name: &str) -> bool {
-        !self.slot_exists(name)
-            && self
-                .try_sql(&format!("SELECT 1 FROM pgslotguard.tracking WHERE slot_name = '{name}' AND drop_action IS NOT NULL"))
-                .map_or(true, |r| r.is_empty())
+        let both = format!(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}'
+             UNION ALL SELECT 1 FROM pgslotguard.tracking WHERE slot_name = '{name}' AND drop_action IS NOT NULL"
+        );
+        match self.try_sql(&both) {
+            Ok(rows) => rows.is_empty(),
+            Err(_) => !self.slot_exists(name),
+        }
     }
 
     /// Slots and leases as text, for failure messages.
