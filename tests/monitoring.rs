@@ -5,8 +5,9 @@
 
 mod common;
 use common::*;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The tools scripts/monitoring-tools unpacked (scripts/test runs it first).
 fn tool(name: &str) -> String {
@@ -27,32 +28,80 @@ fn value(scrape: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
 struct Exporter {
     child: std::process::Child,
     port: u16,
+    /// Its stderr (its log), appended by every start, in the cluster's directory.
+    log: PathBuf,
 }
 
 impl Exporter {
     fn start(c: &Cluster) -> Exporter {
-        let port = free_port();
-        let child = Command::new(tool("prometheus-postgres-exporter"))
-            .env("DATA_SOURCE_NAME", format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", c.port()))
-            .args([
-                &format!("--web.listen-address=127.0.0.1:{port}"),
-                &format!("--extend.query-path={}/contrib/prometheus/pgslotguard-queries.yaml", env!("CARGO_MANIFEST_DIR")),
-                "--disable-default-metrics",
-                "--disable-settings-metrics",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus-postgres-exporter");
-        Exporter { child, port }
+        Exporter::start_on(c, free_port())
     }
 
-    fn scrape(&self) -> String {
+    /// The exporter on 127.0.0.1:`first`, or on another port when that one was taken before
+    /// the exporter bound it (`start_on_free_ports`). Returns once it serves /metrics.
+    fn start_on(c: &Cluster, first: u16) -> Exporter {
+        let log = c.dir.join("exporter.log");
+        start_on_free_ports("prometheus-postgres-exporter", [first], |[port]| {
+            let from = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
+            let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+            let child = Command::new(tool("prometheus-postgres-exporter"))
+                .env("DATA_SOURCE_NAME", format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", c.port()))
+                .args([
+                    &format!("--web.listen-address=127.0.0.1:{port}"),
+                    &format!("--extend.query-path={}/contrib/prometheus/pgslotguard-queries.yaml", env!("CARGO_MANIFEST_DIR")),
+                    "--disable-default-metrics",
+                    "--disable-settings-metrics",
+                ])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("start prometheus-postgres-exporter");
+            // Dropped on Err: killed by its PID.
+            let mut e = Exporter { child, port, log: log.clone() };
+            e.wait_serving(from)?;
+            Ok(e)
+        })
+    }
+
+    /// Wait until this exporter serves /metrics: it logged that it listens on its port (so
+    /// the answer is its own, not from whatever took the port) and a GET of /metrics
+    /// succeeds. Err(its log since `from`) when the port was taken; a panic when it exits
+    /// for another reason or is not serving after 30 s.
+    fn wait_serving(&mut self, from: usize) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let exited = self.child.try_wait().expect("wait for the exporter");
+            let said = self.log().get(from..).unwrap_or("").to_string();
+            if address_in_use(&said) {
+                return Err(said);
+            }
+            if let Some(status) = exited {
+                panic!("the exporter exited ({status}) before it served on {}:\n{said}", self.port);
+            }
+            let listening = said.contains(&format!("address=127.0.0.1:{}", self.port)) && said.contains("Listening on");
+            if listening && self.get_metrics().is_some() {
+                return Ok(());
+            }
+            assert!(Instant::now() < deadline, "the exporter did not serve /metrics on {} within 30 s:\n{said}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET /metrics: the body, or None when the request fails or is not answered with 2xx.
+    fn get_metrics(&self) -> Option<String> {
         let out = Command::new("curl")
             .args(["-sf", "--max-time", "10", &format!("http://127.0.0.1:{}/metrics", self.port)])
             .output()
             .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn scrape(&self) -> String {
+        self.get_metrics().unwrap_or_default()
     }
 }
 
@@ -139,4 +188,20 @@ fn the_exporter_shows_each_slot_and_the_worker_with_their_values() {
     });
     assert_eq!(value(&after, "pgslotguard_worker_drops_total", &[]), Some(1.0), "{after}");
     assert!(value(&after, "pgslotguard_slot_leased", &[("slot_name", "live")]).is_some());
+}
+
+/// `free_port` hands out a port nothing listens on, and another process (another test's
+/// server or client connection) can take it before the exporter binds it: the exporter then
+/// starts on another port, as a cluster does (tests/faults.rs), instead of the test failing.
+#[test]
+fn an_exporter_whose_port_was_taken_meanwhile_starts_on_another() {
+    let c = with_extension("exportertaken", &[]);
+    let taken = free_port();
+    let _meanwhile = std::net::TcpListener::bind(("127.0.0.1", taken)).expect("the port free_port chose is free");
+    let e = Exporter::start_on(&c, taken);
+    assert_ne!(e.port, taken);
+    assert!(address_in_use(&e.log()), "the first start did not fail on the taken port:\n{}", e.log());
+    c.wait_for("the exporter on its second port to serve pgslotguard's series", WAIT, |_| {
+        e.scrape().contains("pgslotguard_worker_up").then_some(())
+    });
 }

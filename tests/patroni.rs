@@ -9,13 +9,14 @@
 //!   leader has none, and the old leader's guard enforces it there.
 //!
 //! etcd runs as root, each Patroni as `postgres`; every daemon listens on 127.0.0.1 on a
-//! free port, keeps its files in a temp dir of its own and is stopped by its PID.
+//! free port (on another when that one was taken before it bound it), keeps its files in a
+//! temp dir of its own and is stopped by its PID.
 //! PostgreSQL 15 only: the roots where 17 and 18 are tested have no Patroni.
 #![cfg(feature = "pg15")]
 
 mod common;
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,28 +30,59 @@ struct Etcd {
 }
 
 impl Etcd {
+    /// etcd on fresh client and peer ports, started again on others when one was taken
+    /// before it bound it; returns once /health says it is healthy.
     fn start() -> Etcd {
         let dir = temp_dir("etcd");
-        let (port, peer) = (free_port(), free_port());
-        let child = Command::new("etcd")
-            .args(["--name", "e1", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{port}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("e1=http://127.0.0.1:{peer}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let e = Etcd { proc: Proc(child), dir, port };
+        let log = dir.join("etcd.log");
+        start_on_free_ports("etcd", free_ports(), |[port, peer]| {
+            let from = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
+            let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+            // etcd binds its ports before it makes its data directory; each try starts empty anyway.
+            let _ = std::fs::remove_dir_all(dir.join("data"));
+            let child = Command::new("etcd")
+                .args(["--name", "e1", "--data-dir"])
+                .arg(dir.join("data"))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{port}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &format!("e1=http://127.0.0.1:{peer}")])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap();
+            // Dropped on Err: stopped by its PID.
+            let mut proc = Proc(child);
+            Etcd::wait_healthy(&mut proc, port, &log, from)?;
+            Ok(Etcd { proc, dir: dir.clone(), port })
+        })
+    }
+
+    /// Wait until this etcd serves: it logged that it serves clients on its port (so the
+    /// answer is its own) and GET /health says healthy. Err(its log since `from`) when a port
+    /// was taken; a panic when it exits for another reason or is not healthy after 30 s.
+    fn wait_healthy(proc: &mut Proc, port: u16, log: &Path, from: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not listen on {port}");
+        let serving = format!("serving insecure client requests on 127.0.0.1:{port},");
+        loop {
+            let exited = proc.0.try_wait().expect("wait for etcd");
+            let said = std::fs::read_to_string(log).unwrap_or_default().get(from..).unwrap_or("").to_string();
+            if address_in_use(&said) {
+                return Err(said);
+            }
+            if let Some(status) = exited {
+                panic!("etcd exited ({status}) before it served on {port}:\n{said}");
+            }
+            if said.contains(&serving) {
+                let out = Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:{port}/health")]).output().unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains(r#""health":"true""#) {
+                    return Ok(());
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd was not healthy on {port} within 30 s:\n{said}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        e
     }
 }
 
@@ -66,6 +98,10 @@ impl Drop for Etcd {
 /// One Patroni member: its process, and its PostgreSQL as a `Cluster` (for SQL, the log,
 /// and a last stop by data directory).
 struct Member {
+    name: String,
+    scope: String,
+    /// etcd's client port.
+    etcd: u16,
     conf: PathBuf,
     rest: u16,
     proc: Option<Proc>,
@@ -75,9 +111,17 @@ struct Member {
 impl Member {
     fn new(name: &str, etcd: &Etcd, scope: &str) -> Member {
         let dir = temp_dir(&format!("patroni-{name}"));
-        let (port, rest) = (free_port(), free_port());
+        let [port, rest] = free_ports();
         let data = dir.join("data");
         let conf = dir.join("patroni.yml");
+        let pg = Cluster::started_by_others(dir, data, port);
+        let mut m = Member { name: name.into(), scope: scope.into(), etcd: etcd.port, conf, rest, proc: None, pg };
+        m.start();
+        m
+    }
+
+    /// patroni.yml for PostgreSQL on `port` and the REST API on `rest`.
+    fn write_conf(&self, port: u16, rest: u16) {
         let yml = format!(
             r#"scope: {scope}
 name: {name}
@@ -140,30 +184,89 @@ postgresql:
     - host all all 127.0.0.1/32 trust
     - host replication all 127.0.0.1/32 trust
 "#,
-            dir = dir.display(),
-            etcd = etcd.port,
-            data = data.display(),
+            name = self.name,
+            scope = self.scope,
+            dir = self.pg.dir.display(),
+            etcd = self.etcd,
+            data = self.pg.data.display(),
             bin = BIN,
         );
-        std::fs::write(&conf, yml).unwrap();
-        let pg = Cluster::started_by_others(dir, data, port);
-        let mut m = Member { conf, rest, proc: None, pg };
-        m.start();
-        m
+        std::fs::write(&self.conf, yml).unwrap();
     }
 
-    /// Start Patroni (as postgres); its stdout and stderr go to patroni.out in the member's
-    /// dir, its log to patroni.log there (`log: dir:`), PostgreSQL's own log to the file
-    /// `Cluster::log` reads.
+    /// Start Patroni on the member's ports, or on new ones when one was taken before Patroni
+    /// or its PostgreSQL bound it (`start_on_free_ports`); returns once both serve.
     fn start(&mut self) {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(self.pg.dir.join("patroni.out")).unwrap();
+        let what = format!("Patroni member {}", self.name);
+        start_on_free_ports(&what, [self.pg.port(), self.rest], |[port, rest]| self.start_on(port, rest));
+    }
+
+    /// Write patroni.yml with `port` and `rest`, start Patroni (as postgres) and wait until
+    /// its REST API answers for this cluster and its PostgreSQL accepts connections on `port`
+    /// (from this member's data directory, not from whatever took the port). When its logs
+    /// say a port was taken, stop it (by its PID) and return Err(what they said); a panic
+    /// when it exits for another reason or does not serve within 90 s. Its stdout and
+    /// stderr go to patroni.out in the member's dir (so does its PostgreSQL's stderr before
+    /// the logging collector starts), its log to patroni.log there (`log: dir:`),
+    /// PostgreSQL's own log to the file `Cluster::log` reads.
+    fn start_on(&mut self, port: u16, rest: u16) -> Result<(), String> {
+        if port != self.pg.port() {
+            // The same directories on a new port. The old value is forgotten, not dropped:
+            // its drop would stop this member's PostgreSQL and remove the directory.
+            let moved = Cluster::started_by_others(self.pg.dir.clone(), self.pg.data.clone(), port);
+            std::mem::forget(std::mem::replace(&mut self.pg, moved));
+        }
+        self.rest = rest;
+        self.write_conf(port, rest);
+        let logs = ["patroni.out", "patroni.log", "server-data.log"].map(|f| self.pg.dir.join(f));
+        let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let from = logs.clone().map(|p| read(&p).len());
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&logs[0]).unwrap();
         let child = pg_cmd("patroni").arg(&self.conf).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
         self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let exited = self.proc.as_mut().unwrap().0.try_wait().expect("wait for Patroni");
+            let said: String = logs.iter().zip(from).map(|(p, n)| read(p).get(n..).unwrap_or("").to_string()).collect();
+            if address_in_use(&said) {
+                self.stop();
+                return Err(said);
+            }
+            if let Some(status) = exited {
+                panic!("Patroni {} exited ({status}) before it served:\n{said}", self.name);
+            }
+            if self.serves() {
+                return Ok(());
+            }
+            assert!(Instant::now() < deadline, "Patroni {} did not serve on {port} (REST {rest}) within 90 s:\n{said}", self.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Its REST API answers for this cluster (scope), and its PostgreSQL accepts a
+    /// connection and runs from this member's data directory (one try each, 2 s at most:
+    /// libpq's connect_timeout bounds the whole connection, also the wait for an answer from
+    /// a port whatever took it never answers on).
+    fn serves(&self) -> bool {
+        let rest_ok = self.rest_status().is_some_and(|v| v["patroni"]["scope"].as_str() == Some(self.scope.as_str()));
+        rest_ok && {
+            let conninfo = format!("{} connect_timeout=2", self.pg.conninfo("postgres"));
+            let out = Command::new(bin("psql"))
+                .args(["-X", "-Atq", "-d", &conninfo, "-c", "SELECT current_setting('data_directory')"])
+                .stderr(Stdio::null())
+                .output()
+                .unwrap();
+            out.status.success() && Path::new(String::from_utf8_lossy(&out.stdout).trim()) == self.pg.data
+        }
     }
 
     /// SIGTERM to Patroni (it stops its PostgreSQL, fast), by PID; wait for it to exit.
     fn stop(&mut self) {
         let Some(mut p) = self.proc.take() else { return };
+        // Already exited (and reaped): its PID may be another process's by now.
+        if let Ok(Some(_)) = p.0.try_wait() {
+            return;
+        }
         // sudo relays the signal to Patroni.
         let _ = Command::new("kill").arg("-TERM").arg(p.0.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -206,11 +309,15 @@ postgresql:
     /// The member's role as its REST API says (`GET /patroni`): "master"/"primary",
     /// "replica", or "" while it does not answer.
     fn role(&self) -> String {
-        let out = Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:{}/patroni", self.rest)]).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
+        self.rest_status()
             .map(|v| format!("{}/{}", v["role"].as_str().unwrap_or(""), v["state"].as_str().unwrap_or("")))
             .unwrap_or_default()
+    }
+
+    /// `GET /patroni`, when it answers with JSON.
+    fn rest_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:{}/patroni", self.rest)]).output().unwrap();
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     fn is_leader(&self) -> bool {

@@ -64,6 +64,45 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `N` different free ports (each held until all are chosen, so no two are the same).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held = [(); N].map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
+}
+
+/// How many times a server is started before a taken port fails the test.
+pub const PORT_TRIES: u32 = 5;
+
+/// Does `log` say a bind failed because the port was taken? PostgreSQL and Python say
+/// "Address already in use", Go programs (etcd, the exporter) "address already in use".
+pub fn address_in_use(log: &str) -> bool {
+    log.to_ascii_lowercase().contains("address already in use")
+}
+
+/// Start a server that listens on `N` ports chosen with `free_port`, which another process
+/// may take before the server binds them. `start` starts it on `ports` and waits until it
+/// serves, and returns Ok(server); or, when the server's log says a port was taken, it
+/// stops what it started (by PID) and returns Err(that log), and the server is started
+/// again on fresh ports, up to `PORT_TRIES` times in all. Any other failure panics inside
+/// `start`. `first`: the ports of the first try (`free_ports()`, or a port a test holds
+/// taken on purpose).
+pub fn start_on_free_ports<T, const N: usize>(what: &str, first: [u16; N], mut start: impl FnMut([u16; N]) -> Result<T, String>) -> T {
+    let mut ports = first;
+    for attempt in 1..=PORT_TRIES {
+        match start(ports) {
+            Ok(server) => return server,
+            Err(said) if attempt < PORT_TRIES => {
+                let next = free_ports();
+                let lines: Vec<&str> = said.lines().filter(|l| address_in_use(l)).collect();
+                eprintln!("{what}: port(s) {ports:?} were taken before it bound them; starting on {next:?}\n{}", lines.join("\n"));
+                ports = next;
+            }
+            Err(said) => panic!("{what}: a port was taken on each of {PORT_TRIES} tries, the last {ports:?}:\n{said}"),
+        }
+    }
+    unreachable!("the last try returns or panics")
+}
+
 /// Settings of every session a test opens (`Cluster::client`, `Cluster::connect_as`): a
 /// call that regresses into waiting for a lock the test holds, or into hanging, fails the
 /// test with SQLSTATE 55P03 or 57014 instead of hanging the suite.
