@@ -345,7 +345,11 @@ fn lease(
         let slot = state::slot(name)?;
         // Core's own slots (19) first: whether or not one exists now under that name.
         if let Some(what) = slot.as_ref().and_then(|s| s.system).or(crate::slots::system_slot(name, false)) {
-            return Err(GuardError::CoreSlot { slot: name.into(), what });
+            return Err(GuardError::CoreSlot {
+                slot: name.into(),
+                what: what.description(),
+                reserved_name: what == crate::policy::SystemSlot::ConflictDetection,
+            });
         }
         match (slot, adopt) {
             (Some(_), false) => return Err(GuardError::SlotExists(name.into())),

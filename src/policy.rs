@@ -238,17 +238,15 @@ pub enum SystemSlot {
     ConflictDetection,
 }
 
-impl std::fmt::Display for SystemSlot {
+impl SystemSlot {
     /// What it is, as an ERROR says it ("... is PostgreSQL's own: the {}").
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+    pub fn description(self) -> &'static str {
+        match self {
             SystemSlot::Repack => "slot of a running REPACK (CONCURRENTLY)",
             SystemSlot::ConflictDetection => "conflict detection slot that retain_dead_tuples keeps",
-        })
+        }
     }
-}
 
-impl SystemSlot {
     /// Why it is out of scope, as slot_decisions says it.
     pub fn reason(self) -> &'static str {
         match self {
