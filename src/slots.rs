@@ -12,7 +12,7 @@ use pgrx::pg_sys;
 
 /// `ReplicationSlotControlLock` is `MainLWLockArray[37]` (src/include/storage/
 /// lwlocknames.h). Core never renumbers the individual LWLocks (lwlocknames.txt keeps a
-/// retired number unused), and 37 holds on every version from 13 to 18.
+/// retired number unused), and 37 holds on every version from 13 to 19.
 const REPLICATION_SLOT_CONTROL_LOCK: usize = 37;
 
 /// Every slot in use.
