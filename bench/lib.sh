@@ -45,6 +45,7 @@ bench_build() {
   if [ "$PG_MAJOR" != 15 ]; then export CARGO_TARGET_DIR=$PWD/target/pg$PG_MAJOR; fi
   bash scripts/pgrx-init "$PG_MAJOR" >&2
   log=$(mktemp /tmp/pgslotguard-build.XXXXXX)
+  . "$(dirname "${BASH_SOURCE[0]}")/../scripts/rust-env"
   if ! cargo pgrx install --release --pg-config "/usr/lib/postgresql/$PG_MAJOR/bin/pg_config" >"$log" 2>&1; then
     tail -30 "$log" >&2; rm -f "$log"
     echo "bench: the release build for PostgreSQL $PG_MAJOR failed" >&2

@@ -342,7 +342,16 @@ fn lease(
             Some(_) => return Err(GuardError::LeasedByAnother(name.into())),
             None => {}
         }
-        match (state::slot(name)?, adopt) {
+        let slot = state::slot(name)?;
+        // Core's own slots (19) first: whether or not one exists now under that name.
+        if let Some(what) = slot.as_ref().and_then(|s| s.system).or(crate::slots::system_slot(name, false)) {
+            return Err(GuardError::CoreSlot {
+                slot: name.into(),
+                what: what.description(),
+                reserved_name: what == crate::policy::SystemSlot::ConflictDetection,
+            });
+        }
+        match (slot, adopt) {
             (Some(_), false) => return Err(GuardError::SlotExists(name.into())),
             (None, true) => return Err(GuardError::NoSlot(name.into())),
             (Some(s), true) => {
@@ -448,7 +457,8 @@ fn reserved_slots() -> Result<()> {
     let reserved = crate::guc::reserved_slots();
     // SAFETY: a PGC_POSTMASTER setting, fixed while the server runs.
     let max = unsafe { pg_sys::max_replication_slots };
-    let free = max - crate::slots::all().len() as i32;
+    // REPACK's slots (19) come from a pool of their own.
+    let free = max - crate::slots::all().iter().filter(|s| s.system != Some(crate::policy::SystemSlot::Repack)).count() as i32;
     if free <= reserved {
         return Err(GuardError::SlotsReserved { free: free.max(0), reserved });
     }

@@ -48,6 +48,10 @@ pub enum GuardError {
     LogicalSlot(String),
     #[error("replication slot \"{0}\" is temporary")]
     TemporarySlot(String),
+    /// One of core's own slots (19): `what` it is; `reserved_name` for the conflict
+    /// detection slot, whose name core reserves.
+    #[error("replication slot \"{slot}\" is PostgreSQL's own: the {what}")]
+    CoreSlot { slot: String, what: &'static str, reserved_name: bool },
     #[error("replication slot \"{slot}\" is active for PID {pid}")]
     SlotActive { slot: String, pid: i32, action: &'static str },
     #[error("permission denied to {what}")]
@@ -112,6 +116,9 @@ impl GuardError {
             SlotExists(_) | AlreadyLeased { .. } | LeasedByAnother(_) => ERRCODE_DUPLICATE_OBJECT,
             NoLease(_) | NoSlot(_) | LeasedSlotGone { .. } => ERRCODE_UNDEFINED_OBJECT,
             LogicalSlot(_) | TemporarySlot(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            // As core's own refusal of the reserved name (ReplicationSlotValidateName).
+            CoreSlot { reserved_name: true, .. } => ERRCODE_RESERVED_NAME,
+            CoreSlot { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             ExcludedName { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             SlotActive { .. } => ERRCODE_OBJECT_IN_USE,
             PermissionDenied { .. } | LimitRaise { .. } | MayNotTerminate { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -156,6 +163,8 @@ impl GuardError {
             LogicalSlot(_) => "Give plugin => ... to lease a new logical slot, or adopt => true to lease an existing one.".into(),
             ExcludedName { .. } => "Choose a name that pgslotguard.exclude does not match, or narrow pgslotguard.exclude (SELECT current_setting('pgslotguard.exclude')).".into(),
             TemporarySlot(_) => "A temporary slot ends with its session; it cannot be leased.".into(),
+            CoreSlot { reserved_name: true, .. } => "PostgreSQL makes and keeps this slot while a subscription has retain_dead_tuples = true; it holds back xmin on purpose. Turn retain_dead_tuples off on the subscriptions (ALTER SUBSCRIPTION ... SET (retain_dead_tuples = false)) to have it dropped; pgslotguard never touches it.".into(),
+            CoreSlot { .. } => "REPACK (CONCURRENTLY) holds this slot while it runs and drops it when it ends; pgslotguard never touches it.".into(),
             SlotActive { action, .. } => format!("Stop the client that streams from it before you {action} the slot, or call backup_slot_keep() to keep the slot and end the lease."),
             PermissionDenied { hint, .. } => (*hint).into(),
             LimitRaise { guc, .. } => format!("Only a superuser may give a lease a limit above {guc}; leave it NULL for the global limit."),

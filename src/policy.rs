@@ -214,6 +214,8 @@ pub struct SlotInfo {
     /// A standby's copy of a primary's slot, kept in step by slot synchronisation
     /// (`sync_replication_slots`, 17+): the primary's, never the guard's to touch.
     pub synced: bool,
+    /// One of core's own slots (PostgreSQL 19): never in scope, never leased or adopted.
+    pub system: Option<SystemSlot>,
     /// The walsender that holds the slot, when a walsender does (`pg_stat_replication`).
     pub sender: Option<Sender>,
     /// The transaction horizon the slot holds back: `xmin` (a standby's, through
@@ -222,6 +224,36 @@ pub struct SlotInfo {
     pub catalog_xmin: Option<u32>,
     /// A logical slot's own facts (`None` for a physical slot).
     pub logical: Option<LogicalInfo>,
+}
+
+/// Core's own slots on PostgreSQL 19, which the guard never drops, terminates or warns
+/// about, whatever the scope and limits (doc/internals.md, "PostgreSQL 19").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemSlot {
+    /// A slot of REPACK (CONCURRENTLY), from its own pool (`max_repack_replication_slots`):
+    /// temporary, held for the length of one REPACK.
+    Repack,
+    /// `pg_conflict_detection`, which a subscriber with `retain_dead_tuples` keeps to hold
+    /// back xmin on purpose (the dead rows conflict detection needs).
+    ConflictDetection,
+}
+
+impl SystemSlot {
+    /// What it is, as an ERROR says it ("... is PostgreSQL's own: the {}").
+    pub fn description(self) -> &'static str {
+        match self {
+            SystemSlot::Repack => "slot of a running REPACK (CONCURRENTLY)",
+            SystemSlot::ConflictDetection => "conflict detection slot that retain_dead_tuples keeps",
+        }
+    }
+
+    /// Why it is out of scope, as slot_decisions says it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            SystemSlot::Repack => "REPACK (CONCURRENTLY)'s own slot (core's)",
+            SystemSlot::ConflictDetection => "conflict detection slot of retain_dead_tuples (core's)",
+        }
+    }
 }
 
 /// What a logical slot has beyond a physical one (`pg_replication_slots`).
@@ -1009,7 +1041,11 @@ pub fn judge(policy: &Policy, snap: &Snapshot) -> Verdict {
                 fmt_bytes(*extra),
                 crate::validate::format_lsn(wal.unarchived.unwrap_or(0))
             ));
-        } else if let Some((name, not_why, extra)) = &p.blocker {
+        } else if let Some((name, not_why, extra)) =
+            // Core's own slot (19) is named by nothing of ours: in its way, the pass says
+            // only that no slot it may drop holds back more (below).
+            p.blocker.as_ref().filter(|(name, ..)| !snap.slots.iter().any(|s| s.name == name.as_str() && s.system.is_some()))
+        {
             if let Some(d) = index.get(name.as_str()).map(|&i| &mut decisions[i]).filter(|d| d.action == Action::None) {
                 d.action = Action::Wait {
                     breach: Breach::Space,
@@ -1154,6 +1190,11 @@ fn missing_slot(snap: &Snapshot, lease: &Lease) -> Decision {
 }
 
 fn scope_of(policy: &Policy, slot: &SlotInfo, leased: bool) -> (bool, &'static str) {
+    // First of all: core's own slots are out of every scope, leased (a lease taken on 18 of
+    // a slot that 19 reserves) or not.
+    if let Some(system) = slot.system {
+        return (false, system.reason());
+    }
     if let Some(re) = &policy.exclude {
         if re.is_match(&slot.name) {
             return (false, "excluded by pgslotguard.exclude");
@@ -1256,7 +1297,11 @@ fn decide_slot(
         time_due: None,
     };
     if !in_scope {
-        horizon::name_out_of_scope_slot(policy, lease, &mut d);
+        // Core's own slots (19) hold the horizon back by design (retain_dead_tuples,
+        // REPACK): named by nothing of ours, as they are touched by nothing.
+        if slot.system.is_none() {
+            horizon::name_out_of_scope_slot(policy, lease, &mut d);
+        }
         return d;
     }
 
@@ -1414,6 +1459,7 @@ mod tests {
     fn slot(name: &str) -> SlotInfo {
         SlotInfo {
             synced: false,
+            system: None,
             name: name.into(),
             physical: true,
             temporary: false,
@@ -2052,6 +2098,44 @@ mod tests {
             assert!(!d.in_scope, "{scope:?}");
             assert_eq!(d.scope_reason, "synchronized from the primary (synced)");
             assert_eq!(d.action, Action::None);
+        }
+    }
+
+    #[test]
+    fn core_s_own_slots_are_never_in_scope_whatever_the_scope_limits_or_lease() {
+        // PostgreSQL 19's conflict detection slot (physical, xmin held back on purpose,
+        // inactive) and a REPACK slot (logical, temporary, active), far past every limit.
+        let mut cd = slot("pg_conflict_detection");
+        cd.system = Some(SystemSlot::ConflictDetection);
+        cd.xmin = Some(10);
+        let mut rp = slot("pg_repack_4242");
+        rp.system = Some(SystemSlot::Repack);
+        rp.physical = false;
+        rp.active_pid = Some(4242);
+        rp.catalog_xmin = Some(10);
+        for scope in [Scope::Leased, Scope::Physical, Scope::All] {
+            let p = Policy {
+                max_retained_wal: Some(0),
+                max_slot_age_us: Some(1),
+                max_inactive_us: Some(1),
+                max_xmin_age: Some(1),
+                terminate_active: true,
+                scope,
+                ..Policy::default()
+            };
+            // Leased too: a lease taken on 18 of a slot of that name, before an upgrade. (A
+            // REPACK slot is never leased: its name is new, and a lease's own slot of that
+            // name lives in the other pool.)
+            for leases in [vec![], vec![lease("pg_conflict_detection", S, -S)]] {
+                // Their horizons 10,000 transactions back: an ordinary slot out of scope is
+                // named for it (horizon::name_out_of_scope_slot); core's are not.
+                let d = decide(&p, &Snapshot { next_xid: 10_010, ..snap(vec![cd.clone(), rp.clone()], leases) });
+                for (d, why) in d.iter().zip(["conflict detection slot of retain_dead_tuples (core's)", "REPACK (CONCURRENTLY)'s own slot (core's)"]) {
+                    assert!(!d.in_scope, "{scope:?} {}", d.slot_name);
+                    assert_eq!(d.scope_reason, why);
+                    assert_eq!(d.action, Action::None, "{scope:?} {}", d.slot_name);
+                }
+            }
         }
     }
 

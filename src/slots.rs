@@ -7,12 +7,12 @@
 //! that holds an active slot is read the way `pg_stat_get_wal_senders()` reads it (what
 //! `pg_stat_replication` shows): how far it has sent, and its client written and flushed.
 
-use crate::policy::{Sender, SlotInfo};
+use crate::policy::{Sender, SlotInfo, SystemSlot};
 use pgrx::pg_sys;
 
 /// `ReplicationSlotControlLock` is `MainLWLockArray[37]` (src/include/storage/
 /// lwlocknames.h). Core never renumbers the individual LWLocks (lwlocknames.txt keeps a
-/// retired number unused), and 37 holds on every version from 13 to 18.
+/// retired number unused), and 37 holds on every version from 13 to 19.
 const REPLICATION_SLOT_CONTROL_LOCK: usize = 37;
 
 /// Every slot in use.
@@ -62,23 +62,26 @@ fn slots(want: impl Fn(&[u8]) -> bool) -> Vec<SlotInfo> {
     unsafe {
         let ctl = pg_sys::ReplicationSlotCtl;
         let max = pg_sys::max_replication_slots;
-        if ctl.is_null() || max <= 0 {
+        let all = max + repack_slots();
+        if ctl.is_null() || all <= 0 {
             return out;
         }
         let lock = &raw mut (*pg_sys::MainLWLockArray.add(REPLICATION_SLOT_CONTROL_LOCK)).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED);
         let base = (&raw mut (*ctl).replication_slots).cast::<pg_sys::ReplicationSlot>();
-        for i in 0..max as usize {
+        for i in 0..all as usize {
             let slot = base.add(i);
             if !(*slot).in_use || !want(name_bytes(&(*slot).data.name)) {
                 continue;
             }
             spin_acquire(&raw mut (*slot).mutex);
-            let active_pid = (*slot).active_pid;
+            let active = active_of(&*slot);
             let data = (*slot).data;
             let inactive_since = core_inactive_since(&*slot);
             spin_release(&raw mut (*slot).mutex);
-            out.push(info(&data, active_pid, inactive_since));
+            let mut slot_info = info(&data, pid_of(active), inactive_since);
+            slot_info.system = system_slot(&slot_info.name, i >= max as usize);
+            out.push(slot_info);
         }
         pg_sys::LWLockRelease(lock);
     }
@@ -169,20 +172,89 @@ unsafe fn spin_release(lock: *mut pg_sys::slock_t) {
     }
 }
 
+/// The slots of REPACK (CONCURRENTLY) (PostgreSQL 19): a pool of their own,
+/// `max_repack_replication_slots` entries after the `max_replication_slots` of the slot
+/// array (both PGC_POSTMASTER settings). Before 19 there is none.
+#[cfg(feature = "pg19")]
+fn repack_slots() -> i32 {
+    // SAFETY: a PGC_POSTMASTER setting, fixed while the server runs.
+    unsafe { pg_sys::max_repack_replication_slots }.max(0)
+}
+
+#[cfg(not(feature = "pg19"))]
+fn repack_slots() -> i32 {
+    0
+}
+
+/// The name core reserves for the slot a subscriber's `retain_dead_tuples` makes
+/// (CONFLICT_DETECTION_SLOT, PostgreSQL 19: it holds back xmin on purpose).
+pub const CONFLICT_DETECTION_SLOT: &str = "pg_conflict_detection";
+
+/// Is this one of core's own slots, which no scope, limit or lease of ours may touch? On
+/// 19: a slot in REPACK's pool (`in_repack_pool`), and the conflict detection slot, whose
+/// name core reserves (no user can make a slot of that name). Before 19 neither exists,
+/// and that name is an ordinary one.
+pub fn system_slot(name: &str, in_repack_pool: bool) -> Option<SystemSlot> {
+    if !cfg!(feature = "pg19") {
+        return None;
+    }
+    if in_repack_pool {
+        Some(SystemSlot::Repack)
+    } else if name == CONFLICT_DETECTION_SLOT {
+        Some(SystemSlot::ConflictDetection)
+    } else {
+        None
+    }
+}
+
+/// Who holds the slot: a PID before 19, a process number on 19 (`active_proc`).
+#[cfg(not(feature = "pg19"))]
+fn active_of(slot: &pg_sys::ReplicationSlot) -> pg_sys::pid_t {
+    slot.active_pid
+}
+
+#[cfg(not(feature = "pg19"))]
+fn pid_of(active_pid: pg_sys::pid_t) -> pg_sys::pid_t {
+    active_pid
+}
+
+#[cfg(feature = "pg19")]
+fn active_of(slot: &pg_sys::ReplicationSlot) -> pg_sys::ProcNumber {
+    slot.active_proc
+}
+
+/// The PID of the process numbered `proc` (INVALID_PROC_NUMBER: none, 0), as
+/// pg_get_replication_slots() shows `active_pid` on 19: its PGPROC's pid.
+#[cfg(feature = "pg19")]
+fn pid_of(proc: pg_sys::ProcNumber) -> pg_sys::pid_t {
+    if proc < 0 {
+        return 0;
+    }
+    // SAFETY: ProcGlobal->allProcs has allProcCount entries, fixed at start; a slot's
+    // active_proc is one of them. The pid is an int read whole.
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || proc as u32 >= (*global).allProcCount {
+            return 0;
+        }
+        (*(*global).allProcs.add(proc as usize)).pid
+    }
+}
+
 /// Core's `inactive_since` (PostgreSQL 17 and later), 0 when unset.
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 fn core_inactive_since(slot: &pg_sys::ReplicationSlot) -> i64 {
     slot.inactive_since
 }
 
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+#[cfg(not(any(feature = "pg17", feature = "pg18", feature = "pg19")))]
 fn core_inactive_since(_slot: &pg_sys::ReplicationSlot) -> i64 {
     0
 }
 
 /// A C bool of the slot's data, which the bindings give as a bool or an i8 depending on the
 /// version, as a bool.
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 macro_rules! c_bool {
     ($v:expr) => {{
         #[allow(clippy::unnecessary_cast)]
@@ -192,18 +264,18 @@ macro_rules! c_bool {
 }
 
 /// Is the slot a standby's copy of a primary's slot (slot synchronisation, 17+)?
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 fn synced(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
     c_bool!(data.synced)
 }
 
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+#[cfg(not(any(feature = "pg17", feature = "pg18", feature = "pg19")))]
 fn synced(_data: &pg_sys::ReplicationSlotPersistentData) -> bool {
     false
 }
 
 /// Why core invalidated the slot, in the words of `pg_replication_slots.invalidation_reason`.
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static str> {
     use pg_sys::ReplicationSlotInvalidationCause as Cause;
     match data.invalidated {
@@ -211,7 +283,7 @@ fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static
         Cause::RS_INVAL_WAL_REMOVED => Some("wal_removed"),
         Cause::RS_INVAL_HORIZON => Some("rows_removed"),
         Cause::RS_INVAL_WAL_LEVEL => Some("wal_level_insufficient"),
-        #[cfg(feature = "pg18")]
+        #[cfg(any(feature = "pg18", feature = "pg19"))]
         Cause::RS_INVAL_IDLE_TIMEOUT => Some("idle_timeout"),
         _ => Some("unknown"),
     }
@@ -220,7 +292,7 @@ fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static
 /// PostgreSQL 15 says only that a slot was invalidated (its restart LSN cleared, the LSN of
 /// the invalidation kept), and the one cause it has is WAL removed by
 /// max_slot_wal_keep_size (it shows the slot as `wal_status = 'lost'`).
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+#[cfg(not(any(feature = "pg17", feature = "pg18", feature = "pg19")))]
 fn invalidation(data: &pg_sys::ReplicationSlotPersistentData) -> Option<&'static str> {
     (data.restart_lsn == 0 && data.invalidated_at != 0).then_some("wal_removed")
 }
@@ -254,6 +326,7 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
         // The flag means something only on a standby: a promoted standby's slots keep it,
         // and are its own (core's documentation of pg_replication_slots.synced).
         synced: synced(data) && unsafe { pg_sys::RecoveryInProgress() },
+        system: None,
         sender: None,
         // What pg_replication_slots shows as xmin and catalog_xmin (InvalidTransactionId: unset).
         xmin: (data.xmin != pg_sys::InvalidTransactionId).then_some(data.xmin.into_inner()),
@@ -268,12 +341,12 @@ fn info(data: &pg_sys::ReplicationSlotPersistentData, active_pid: pg_sys::pid_t,
 }
 
 /// Is the slot synchronized to standbys (`failover`, 17+)?
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 fn failover(data: &pg_sys::ReplicationSlotPersistentData) -> bool {
     c_bool!(data.failover)
 }
 
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+#[cfg(not(any(feature = "pg17", feature = "pg18", feature = "pg19")))]
 fn failover(_data: &pg_sys::ReplicationSlotPersistentData) -> bool {
     false
 }
@@ -319,10 +392,7 @@ pub fn create_ephemeral(name: &str) -> Result<Identity, GuardError> {
     // checks max_replication_slots and wal_level; ReplicationSlotCreate raises ERROR on a
     // name in use or no free slot, and leaves the new slot acquired (MyReplicationSlot);
     // ReplicationSlotReserveWal reserves WAL for MyReplicationSlot.
-    unsafe {
-        pg_sys::CheckSlotRequirements();
-        create(&c);
-    }
+    unsafe { create(&c) };
     // SAFETY: reserves WAL for the slot just made and acquired.
     release_on_error(|| unsafe { pg_sys::ReplicationSlotReserveWal() });
     match identity(name) {
@@ -337,13 +407,25 @@ pub fn create_ephemeral(name: &str) -> Result<Identity, GuardError> {
 #[cfg(feature = "pg15")]
 unsafe fn create(c: &std::ffi::CStr) {
     // SAFETY: as in create_ephemeral.
-    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false) }
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false)
+    }
 }
 
-#[cfg(not(feature = "pg15"))]
+#[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn create(c: &std::ffi::CStr) {
     // SAFETY: as in create_ephemeral (no two-phase, no failover, not synced).
     unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false, false, false) }
+}
+
+#[cfg(feature = "pg19")]
+unsafe fn create(c: &std::ffi::CStr) {
+    // SAFETY: as in create_ephemeral (no two-phase, not REPACK's, no failover, not synced).
+    unsafe {
+        pg_sys::CheckSlotRequirements(false);
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false, false, false, false)
+    }
 }
 
 /// The options of a new logical slot (`backup_slot_lease(..., plugin => ...)`).
@@ -369,11 +451,7 @@ pub fn create_ephemeral_logical(name: &str, opt: &LogicalOptions) -> Result<Iden
     // ERROR if it does not exist), reserves WAL and the catalog horizon for the slot;
     // DecodingContextFindStartpoint reads WAL up to a consistent point; the context is
     // freed after. The reader callbacks are core's own functions (raw, below).
-    unsafe {
-        pg_sys::CheckSlotRequirements();
-        pg_sys::CheckLogicalDecodingRequirements();
-        create_logical(&c, opt.two_phase, opt.failover);
-    }
+    unsafe { create_logical(&c, opt.two_phase, opt.failover) };
     // An ERROR from here on (no such plugin, a transaction that has written, a cancel while
     // it waits for a consistent point) must not leave the slot acquired: released, the
     // ephemeral slot is dropped (also where a savepoint or PL/pgSQL block catches the ERROR).
@@ -383,7 +461,7 @@ pub fn create_ephemeral_logical(name: &str, opt: &LogicalOptions) -> Result<Iden
             segment_open: Some(raw::wal_segment_open),
             segment_close: Some(raw::wal_segment_close),
         };
-        let ctx = pg_sys::CreateInitDecodingContext(plugin.as_ptr(), std::ptr::null_mut(), false, 0, &mut routine, None, None, None);
+        let ctx = init_decoding_context(&plugin, &mut routine);
         pg_sys::DecodingContextFindStartpoint(ctx);
         pg_sys::FreeDecodingContext(ctx);
     });
@@ -396,20 +474,56 @@ pub fn create_ephemeral_logical(name: &str, opt: &LogicalOptions) -> Result<Iden
     }
 }
 
+/// core's CreateInitDecodingContext for a new slot of ours: no full snapshot, the restart
+/// point found by core (and on 19, not REPACK's).
+#[cfg(not(feature = "pg19"))]
+unsafe fn init_decoding_context(plugin: &std::ffi::CStr, routine: &mut pg_sys::XLogReaderRoutine) -> *mut pg_sys::LogicalDecodingContext {
+    // SAFETY: see create_ephemeral_logical.
+    unsafe { pg_sys::CreateInitDecodingContext(plugin.as_ptr(), std::ptr::null_mut(), false, 0, routine, None, None, None) }
+}
+
+#[cfg(feature = "pg19")]
+unsafe fn init_decoding_context(plugin: &std::ffi::CStr, routine: &mut pg_sys::XLogReaderRoutine) -> *mut pg_sys::LogicalDecodingContext {
+    // SAFETY: see create_ephemeral_logical.
+    unsafe { pg_sys::CreateInitDecodingContext(plugin.as_ptr(), std::ptr::null_mut(), false, false, 0, routine, None, None, None) }
+}
+
 #[cfg(feature = "pg15")]
 unsafe fn create_logical(c: &std::ffi::CStr, two_phase: bool, _failover: bool) {
     // SAFETY: as in create_ephemeral_logical (failover is refused on 15 before this).
-    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase) }
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        pg_sys::CheckLogicalDecodingRequirements();
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase)
+    }
 }
 
-#[cfg(not(feature = "pg15"))]
+#[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn create_logical(c: &std::ffi::CStr, two_phase: bool, failover: bool) {
     // SAFETY: as in create_ephemeral_logical.
-    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase, failover, false) }
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        pg_sys::CheckLogicalDecodingRequirements();
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase, failover, false)
+    }
+}
+
+/// On 19 logical decoding needs only `wal_level = replica`: the first logical slot turns
+/// it on (`effective_wal_level` becomes `logical`), as core's
+/// pg_create_logical_replication_slot does before it builds the decoding context.
+#[cfg(feature = "pg19")]
+unsafe fn create_logical(c: &std::ffi::CStr, two_phase: bool, failover: bool) {
+    // SAFETY: as in create_ephemeral_logical (not REPACK's, not synced).
+    unsafe {
+        pg_sys::CheckSlotRequirements(false);
+        pg_sys::CheckLogicalDecodingRequirements(false);
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, two_phase, false, failover, false);
+    }
+    release_on_error(|| unsafe { pg_sys::EnsureLogicalDecodingEnabled() });
 }
 
 /// Does this server make failover slots (17+)?
-pub const FAILOVER_SLOTS: bool = cfg!(any(feature = "pg17", feature = "pg18"));
+pub const FAILOVER_SLOTS: bool = cfg!(any(feature = "pg17", feature = "pg18", feature = "pg19"));
 
 /// The slot this backend holds now: its consistent point (a logical slot's
 /// `confirmed_flush`), read before it is released.
@@ -487,7 +601,8 @@ pub fn release_acquired() {
 pub enum NotDropped {
     /// No slot of the name exists.
     Gone,
-    /// The slot of the name is another one (made since), or synchronized from the primary.
+    /// The slot of the name is another one (made since), synchronized from the primary, or
+    /// core's own (19).
     NotTheSame,
     /// A process holds it.
     Active(i32),
@@ -503,7 +618,9 @@ pub fn drop_if_same(name: &str, expected: Option<Identity>) -> Result<Result<(),
     if let Some(pid) = now.active_pid {
         return Ok(Err(NotDropped::Active(pid)));
     }
-    if now.synced {
+    // A standby's copy of the primary's slot, or core's own (19): never ours to drop, whatever
+    // asked (the pass never does: both are out of every scope).
+    if now.synced || now.system.is_some() {
         return Ok(Err(NotDropped::NotTheSame));
     }
     let c = c_name(name)?;
@@ -524,23 +641,32 @@ pub fn drop_if_same(name: &str, expected: Option<Identity>) -> Result<Result<(),
     Ok(Ok(()))
 }
 
-#[cfg(feature = "pg18")]
+#[cfg(any(feature = "pg18", feature = "pg19"))]
 unsafe fn acquire(c: &std::ffi::CStr) {
     // SAFETY: see drop_if_same. An invalidated slot may be dropped (error_if_invalid off).
     unsafe { pg_sys::ReplicationSlotAcquire(c.as_ptr(), true, false) }
 }
 
-#[cfg(not(feature = "pg18"))]
+#[cfg(not(any(feature = "pg18", feature = "pg19")))]
 unsafe fn acquire(c: &std::ffi::CStr) {
     // SAFETY: see drop_if_same.
     unsafe { pg_sys::ReplicationSlotAcquire(c.as_ptr(), true) }
 }
 
-#[cfg(not(feature = "pg15"))]
+#[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn drop_acquired() {
     // SAFETY: MyReplicationSlot is acquired; this is the second half of core's
     // ReplicationSlotDrop.
     unsafe { pg_sys::ReplicationSlotDropAcquired() }
+}
+
+/// On 19 a drop also asks for logical decoding to be turned off when the slot was the
+/// last logical one and `wal_level` is `replica` (`effective_wal_level`), as core's own
+/// ReplicationSlotDrop asks (try_disable).
+#[cfg(feature = "pg19")]
+unsafe fn drop_acquired() {
+    // SAFETY: as above.
+    unsafe { pg_sys::ReplicationSlotDropAcquired(true) }
 }
 
 /// PostgreSQL 15 does not export ReplicationSlotDropAcquired. Its ReplicationSlotRelease

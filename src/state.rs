@@ -563,6 +563,13 @@ unsafe extern "C-unwind" {
     fn RequestCheckpoint(flags: std::ffi::c_int);
 }
 
+/// "Do it without delays": CHECKPOINT_IMMEDIATE until 18, renamed CHECKPOINT_FAST in 19
+/// (the same bit).
+#[cfg(not(feature = "pg19"))]
+const CHECKPOINT_FAST: u32 = pg_sys::CHECKPOINT_IMMEDIATE;
+#[cfg(feature = "pg19")]
+const CHECKPOINT_FAST: u32 = pg_sys::CHECKPOINT_FAST;
+
 /// Ask the checkpointer for a checkpoint and return at once (no CHECKPOINT_WAIT: the
 /// pass does not wait for it). FORCE makes it run even on a primary that wrote nothing
 /// since the last one; fast adds IMMEDIATE (no spreading of the writes).
@@ -570,7 +577,7 @@ pub fn request_checkpoint(mode: CheckpointMode) {
     let flags = match mode {
         CheckpointMode::Off => return,
         CheckpointMode::Spread => pg_sys::CHECKPOINT_FORCE,
-        CheckpointMode::Fast => pg_sys::CHECKPOINT_FORCE | pg_sys::CHECKPOINT_IMMEDIATE,
+        CheckpointMode::Fast => pg_sys::CHECKPOINT_FORCE | CHECKPOINT_FAST,
     };
     // SAFETY: RequestCheckpoint(int) is exported by the server and callable from any
     // backend; pg_guard_ffi_boundary turns an ERROR raised inside it into a Rust panic

@@ -241,7 +241,7 @@ fn on_a_standby_a_drop_frees_its_wal_at_the_primarys_next_checkpoint() {
 
 /// 17+: a slot synchronized from the primary (sync_replication_slots) is the primary's,
 /// whatever the scope: never dropped on the standby.
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 #[test]
 fn a_slot_synchronized_from_the_primary_is_never_dropped_even_with_scope_all() {
     let p = with_extension("sb-sync", &[]);

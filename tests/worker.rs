@@ -352,7 +352,7 @@ fn a_lease_with_its_own_inactivity_limit_is_dropped_when_it_passes() {
 
 /// PostgreSQL 18 invalidates a slot idle for idle_replication_slot_timeout at a checkpoint;
 /// the guard's views say so in core's words.
-#[cfg(feature = "pg18")]
+#[cfg(any(feature = "pg18", feature = "pg19"))]
 #[test]
 fn a_slot_core_invalidated_for_idling_shows_idle_timeout() {
     let c = with_extension("idletimeout", &["idle_replication_slot_timeout = '1s'"]);

@@ -174,7 +174,7 @@ fn an_active_slot_over_the_xmin_limit_is_terminated_only_with_terminate_active()
     recv.stop();
 }
 
-#[cfg(any(feature = "pg17", feature = "pg18"))]
+#[cfg(any(feature = "pg17", feature = "pg18", feature = "pg19"))]
 #[test]
 fn a_slot_named_in_synchronized_standby_slots_is_warned_about_and_never_dropped() {
     let c = with_extension("xmin_syncsb", &[]);

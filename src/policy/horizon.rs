@@ -127,6 +127,7 @@ mod tests {
     fn slot(name: &str, xmin: Option<u32>, catalog_xmin: Option<u32>) -> SlotInfo {
         SlotInfo {
             synced: false,
+            system: None,
             sender: None,
             name: name.into(),
             physical: catalog_xmin.is_none(),

@@ -96,6 +96,7 @@ mod tests {
             invalidation: None,
             core_inactive_since: None,
             synced: false,
+            system: None,
             sender: None,
             xmin: None,
             catalog_xmin: None,

@@ -312,6 +312,7 @@ mod tests {
     fn slot(name: &str, restart: u64) -> SlotInfo {
         SlotInfo {
             synced: false,
+            system: None,
             name: name.into(),
             physical: true,
             temporary: false,

@@ -11,9 +11,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The server binaries of the version the suite is built for (Debian's layout; 17 and 18
-/// run inside a Debian root of their own, see scripts/test).
-pub const BIN: &str = if cfg!(feature = "pg18") {
+/// The server binaries of the version the suite is built for (Debian's layout; 17, 18
+/// and 19 run inside a Debian root of their own, see scripts/test).
+pub const BIN: &str = if cfg!(feature = "pg19") {
+    "/usr/lib/postgresql/19/bin"
+} else if cfg!(feature = "pg18") {
     "/usr/lib/postgresql/18/bin"
 } else if cfg!(feature = "pg17") {
     "/usr/lib/postgresql/17/bin"
