@@ -227,7 +227,7 @@ pub struct SlotInfo {
 }
 
 /// Core's own slots on PostgreSQL 19, which the guard never drops, terminates or warns
-/// about, whatever the scope and limits (doc/internals.md, "PostgreSQL 19").
+/// about, whatever the scope and limits (doc/install.md, "PostgreSQL 19").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemSlot {
     /// A slot of REPACK (CONCURRENTLY), from its own pool (`max_repack_replication_slots`):
