@@ -416,7 +416,10 @@ unsafe fn create(c: &std::ffi::CStr) {
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn create(c: &std::ffi::CStr) {
     // SAFETY: as in create_ephemeral (no two-phase, no failover, not synced).
-    unsafe { pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false, false, false) }
+    unsafe {
+        pg_sys::CheckSlotRequirements();
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false, false, false)
+    }
 }
 
 #[cfg(feature = "pg19")]
